@@ -1,0 +1,329 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) in Flax linen, BF16 or FP8 by recipe.
+
+    from models import llama
+    cfg = llama.CONFIGS["llama3.1-8b"]
+    model = llama.Llama(cfg, recipe=jfp8.Recipe.block128())   # recipe=None: plain BF16
+    params = llama.init_params(model, jax.random.PRNGKey(0))  # or llama.load(dir)
+    logits = llama.forward(model, params, tokens)              # (B, T, V) f32, full sequence
+
+Architecture: token embedding -> L x [RMSNorm -> GQA attention with RoPE (Llama-3 frequency
+scaling, `rope_theta`) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head
+(tied to the embedding or not). Qwen2 adds q/k/v biases.
+
+One code path serves BF16 and FP8: every linear layer is `jfp8.nn.FP8Dense` when a recipe is
+given (its params hold a `jfp8.QArray` kernel of layout (N, K) once quantized) and
+`flax.linen.Dense` when `recipe` is None. Norms, the embedding and the lm_head stay BF16.
+
+Parameter tree (the `params` collection, names mirror HF so checkpoint mapping is one rule):
+    embed_tokens/embedding (V, d)
+    layers_{i}/input_layernorm/weight (d,), layers_{i}/post_attention_layernorm/weight (d,)
+    layers_{i}/self_attn/{q,k,v,o}_proj/kernel (K, N) BF16 or QArray (N, K); bias (N,) when used
+    layers_{i}/mlp/{gate,up,down}_proj/kernel
+    norm/weight (d,), lm_head/kernel (d, V) (absent when tied)
+Layers are separate submodules with separate arrays (no scan over a stacked weight: notes/h100.md
+measured 1.6-2.8x slower decode steps when a scan slices a weight stack).
+
+Three call modes share the weights:
+  * full forward (`cache=None`): causal attention over the given tokens in XLA, for perplexity;
+  * `mode="prefill"`: writes K/V of a right-padded prompt into a `jfp8.KVCache`;
+  * `mode="decode"`: T new tokens per sequence appended at `cache.lengths`, attending the cache.
+`generate` (models/generate.py) drives the last two.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.configs import CONFIGS, LlamaConfig, get_config, rope_inv_freq
+
+__all__ = ["CONFIGS", "LlamaConfig", "get_config", "Llama", "init_params", "forward", "load",
+           "generate", "rope_tables", "param_bytes"]
+
+Params = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm as HF Llama computes it: normalise in f32, cast to `dtype`, times the weight.
+
+    Attributes:
+      eps: added to the mean square.
+      dtype: output dtype.
+      param_dtype: dtype of `weight` (d,).
+    """
+    eps: float = 1e-5
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * w.astype(self.dtype)
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of RoPE angles: positions (B, T) int -> two (B, T, D/2) f32 arrays."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate halves (HF `rotate_half` convention): x (B, T, H, D), cos/sin (B, T, D/2)."""
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _dense(features: int, use_bias: bool, recipe, dtype, param_dtype, name: str):
+    """A linear layer: FP8Dense under a recipe, flax Dense without one (same param names)."""
+    init = nn.initializers.normal(0.02)
+    if recipe is None:
+        return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                        kernel_init=init, name=name)
+    from jfp8.nn import FP8Dense
+    return FP8Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=init, recipe=recipe, name=name)
+
+
+def causal_attention(q, k, v, lengths=None):
+    """Plain XLA causal GQA attention over a whole sequence (the full-forward path).
+
+    q: (B, T, Hq, D); k, v: (B, T, Hkv, D); lengths: optional (B,) int, keys at or past a
+    sequence's length are masked (right padding). Softmax in f32. Returns (B, T, Hq, D) in q.dtype.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    qg = q.reshape(B, T, Hkv, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / np.sqrt(D))
+    mask = jnp.tril(jnp.ones((T, T), bool))[None, None, None]
+    if lengths is not None:
+        mask = mask & (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, None, :]
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(jnp.isnan(p), 0.0, p)  # fully masked rows (padding queries) give 0, not NaN
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, T, Hq, D).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE; full-sequence, prefill-into-cache or decode-from-cache."""
+    cfg: LlamaConfig
+    layer: int
+    recipe: Any = None
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x, cos, sin, cache=None, lengths=None, mode="forward"):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        mk = functools.partial(_dense, recipe=self.recipe, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = mk(Hq * D, cfg.qkv_bias, name="q_proj")(x).reshape(B, T, Hq, D)
+        k = mk(Hkv * D, cfg.qkv_bias, name="k_proj")(x).reshape(B, T, Hkv, D)
+        v = mk(Hkv * D, cfg.qkv_bias, name="v_proj")(x).reshape(B, T, Hkv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            o = causal_attention(q, k, v, lengths)
+        elif mode == "prefill":
+            from jfp8 import attention
+            o, cache = attention.prefill(q, k, v, cache, layer=self.layer, lengths=lengths)
+        elif mode == "decode":
+            from jfp8 import attention
+            o, cache = attention.decode(q, k, v, cache, layer=self.layer)
+        else:
+            raise ValueError(f"mode: expected 'forward', 'prefill' or 'decode', got {mode!r}")
+        out = mk(cfg.hidden_size, cfg.o_bias, name="o_proj")(o.astype(self.dtype).reshape(B, T, Hq * D))
+        return out, cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    cfg: LlamaConfig
+    recipe: Any = None
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        mk = functools.partial(_dense, recipe=self.recipe, dtype=self.dtype, param_dtype=self.param_dtype)
+        g = mk(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
+        u = mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
+        return mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj")(nn.silu(g) * u)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    layer: int
+    recipe: Any = None
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, h, cos, sin, cache=None, lengths=None, mode="forward"):
+        cfg = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        a = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h)
+        a, cache = Attention(cfg, self.layer, self.recipe, name="self_attn", **kw)(
+            a, cos, sin, cache, lengths, mode)
+        h = h + a
+        m = MLP(cfg, self.recipe, name="mlp", **kw)(
+            RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
+        return h + m, cache
+
+
+class Llama(nn.Module):
+    """The decoder. Hashable (a frozen dataclass), so it is a static argument of jitted functions.
+
+    Attributes:
+      cfg: LlamaConfig (shapes, RoPE, biases, tying).
+      recipe: jfp8.Recipe for the linear layers, or None for BF16 `flax.linen.Dense`.
+      dtype: compute / activation dtype (bf16; f32 for reference tests).
+      param_dtype: dtype of freshly initialised high-precision params.
+
+    __call__(tokens (B, T) int, positions (B, T) int, cache=None, lengths=None, mode="forward",
+             last_only=False) -> (logits f32, cache)
+      logits: (B, T, V), or (B, V) at position lengths-1 (prefill) / T-1 (decode) when last_only.
+    """
+    cfg: LlamaConfig
+    recipe: Any = None
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache=None, lengths=None, mode="forward", last_only=False):
+        cfg = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
+                         name="embed_tokens", **kw)
+        h = embed(tokens)
+        cos, sin = rope_tables(cfg, positions)
+        for i in range(cfg.num_layers):  # unrolled: each layer reads its own weight arrays in place
+            h, cache = DecoderLayer(cfg, i, self.recipe, name=f"layers_{i}", **kw)(
+                h, cos, sin, cache, lengths, mode)
+        if last_only:
+            if mode == "prefill" and lengths is not None:
+                h = jnp.take_along_axis(h, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+            else:
+                h = h[:, -1]
+        h = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(0.02),
+                              name="lm_head", **kw)(h)
+        return logits.astype(jnp.float32), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# functional entry points
+# ---------------------------------------------------------------------------------------------
+def init_params(model: Llama, key: jax.Array, *, quantize: bool = True) -> Params:
+    """Random params for `model`: normal(0.02) kernels and embedding, unit norms, zero biases.
+
+    Leaves are drawn one by one on the default device (no forward pass traced, no host copy), so
+    8B-shaped random models for benchmarks build quickly. With a recipe and `quantize=True`,
+    linear kernels are quantized with `jfp8.quantize_params` (QArray (N, K)), the way a loaded
+    checkpoint looks. Returns the `params` collection.
+    """
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.clone(recipe=None).init, key, tokens, tokens)["params"]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(key, len(flat))
+    # small models: numpy draws (no per-shape compiles); large ones: on device, leaf by leaf
+    small = sum(int(np.prod(s.shape)) for _, s in flat) < 50_000_000
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist()) if small else None
+    leaves = []
+    for (kp, sds), k in zip(flat, keys):
+        last = kp[-1].key
+        kind = "ones" if last == "weight" else "zeros" if last == "bias" else "normal"
+        if small:
+            a = (np.ones(sds.shape, np.float32) if kind == "ones" else np.zeros(sds.shape, np.float32)
+                 if kind == "zeros" else rng.standard_normal(sds.shape, np.float32) * 0.02)
+            leaves.append(jnp.asarray(a, sds.dtype))
+        else:
+            leaves.append(_random_leaf(k, sds.shape, sds.dtype, kind))
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    if model.recipe is not None and quantize:
+        params = quantize_params(params, model.recipe)
+    return params
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_leaf(key, shape, dtype, kind):
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+
+def quantize_params(params: Params, recipe) -> Params:
+    """Quantize every linear kernel (K, N) of a BF16 param tree to a QArray (N, K) by `recipe`."""
+    import jfp8
+    return jfp8.quantize_params(params, recipe)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _forward(model, params, tokens, lengths):
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _ = model.apply({"params": params}, tokens, positions, None, lengths, "forward")
+    return logits
+
+
+def forward(model, params: Params, tokens, *, lengths=None, recipe=None, dtype=jnp.bfloat16) -> jax.Array:
+    """Full-sequence causal forward (no cache) -> logits (B, T, V) f32.
+
+    model: a `Llama` module, or a `LlamaConfig` (then `recipe` and `dtype` build the module;
+      the recipe must match the params: QArray kernels need the recipe they were quantized by).
+    tokens: (B, T) int32, right-padded; lengths: optional (B,) int32 true lengths (keys past a
+    sequence's length are masked; logits there are meaningless). Usable for perplexity.
+    """
+    if isinstance(model, LlamaConfig):
+        model = Llama(model, recipe=recipe, dtype=dtype)
+    elif not isinstance(model, Llama):
+        raise TypeError(f"model: expected a Llama module or a LlamaConfig, got {type(model).__name__}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens: expected (B, T) int, got shape {tokens.shape}")
+    if lengths is not None:
+        lengths = jnp.asarray(lengths, jnp.int32)
+    return _forward(model, params, tokens, lengths)
+
+
+def param_bytes(params: Params) -> int:
+    """Bytes of all arrays in a param tree (QArray data + scales counted)."""
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))
+
+
+def load(path: str, quantize=None, *, dtype=jnp.bfloat16, progress: bool = True):
+    """Load an HF-layout checkpoint dir (BF16/FP16/F32, FP8 block or per-channel, or a jfp8 save).
+
+    quantize: a jfp8.Recipe (or preset name) to quantize BF16 weights while loading; None keeps
+    the checkpoint's own precision (FP8 checkpoints load as QArrays with their recipe).
+    Returns (model, params). See models/checkpoint.py.
+    """
+    from models import checkpoint
+    return checkpoint.load(path, quantize=quantize, dtype=dtype, progress=progress)
+
+
+def generate(model: Llama, params: Params, prompts, **kw):
+    """Generate tokens; see `models.generate.generate` for the arguments."""
+    from models import generate as gen
+    return gen.generate(model, params, prompts, **kw)

@@ -1,0 +1,206 @@
+"""models/llama.py against an independent plain-jax.numpy Llama written here.
+
+The reference below shares no code with models/: it reads HF-named weights (out, in) directly,
+computes RoPE frequencies the way Meta's reference `apply_scaling` loop does, rotates halves with
+complex numbers, repeats KV heads explicitly and runs attention one head at a time.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import checkpoint, llama
+from models.configs import CONFIGS, LlamaConfig
+
+HI = jax.lax.Precision.HIGHEST
+
+
+# ------------------------------------------------------------------------------- reference
+def ref_inv_freq(head_dim, theta, scaling):
+    freqs = [1.0 / theta ** (i / head_dim) for i in range(0, head_dim, 2)]
+    if not scaling:
+        return np.array(freqs)
+    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(f)
+        elif wavelen > old / lo:
+            out.append(f / factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def ref_rope(x, pos, inv_freq):
+    """x (T, H, D): pairs (i, i + D/2) rotated by pos * inv_freq[i], as a complex product."""
+    half = x.shape[-1] // 2
+    z = x[..., :half] + 1j * x[..., half:]
+    ang = pos[:, None].astype(np.float64) * inv_freq[None, :]
+    z = z * jnp.exp(1j * jnp.asarray(ang, jnp.float32))[:, None, :]
+    return jnp.concatenate([z.real, z.imag], axis=-1).astype(jnp.float32)
+
+
+def ref_rmsnorm(x, w, eps):
+    return x / jnp.sqrt(jnp.mean(x ** 2, axis=-1, keepdims=True) + eps) * w
+
+
+def ref_llama(hf: dict, c: dict, tokens):
+    """Logits (T, V) of one unpadded sequence. hf: name -> float32 array (HF layout); c: config.json."""
+    W = {k: jnp.asarray(v, jnp.float32) for k, v in hf.items()}
+    lin = lambda x, name: jnp.matmul(x, W[name + ".weight"].T, precision=HI) + (
+        W[name + ".bias"] if name + ".bias" in W else 0.0)
+    Hq, Hkv, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    T = len(tokens)
+    inv = ref_inv_freq(D, c["rope_theta"], c.get("rope_scaling"))
+    pos = np.arange(T)
+    x = W["model.embed_tokens.weight"][np.asarray(tokens)]
+    causal = np.tril(np.ones((T, T), bool))
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = ref_rmsnorm(x, W[p + "input_layernorm.weight"], c["rms_norm_eps"])
+        q = ref_rope(lin(a, p + "self_attn.q_proj").reshape(T, Hq, D), pos, inv)
+        k = ref_rope(lin(a, p + "self_attn.k_proj").reshape(T, Hkv, D), pos, inv)
+        v = lin(a, p + "self_attn.v_proj").reshape(T, Hkv, D)
+        k = jnp.repeat(k, Hq // Hkv, axis=1)
+        v = jnp.repeat(v, Hq // Hkv, axis=1)
+        heads = []
+        for h in range(Hq):
+            s = jnp.matmul(q[:, h], k[:, h].T, precision=HI) / math.sqrt(D)
+            s = jnp.where(causal, s, -1e30)
+            s = jnp.exp(s - s.max(-1, keepdims=True))
+            heads.append(jnp.matmul(s / s.sum(-1, keepdims=True), v[:, h], precision=HI))
+        x = x + lin(jnp.concatenate(heads, axis=-1), p + "self_attn.o_proj")
+        m = ref_rmsnorm(x, W[p + "post_attention_layernorm.weight"], c["rms_norm_eps"])
+        g = lin(m, p + "mlp.gate_proj")
+        x = x + lin(g / (1 + jnp.exp(-g)) * lin(m, p + "mlp.up_proj"), p + "mlp.down_proj")
+    x = ref_rmsnorm(x, W["model.norm.weight"], c["rms_norm_eps"])
+    head = W["model.embed_tokens.weight"] if c["tie_word_embeddings"] else W["lm_head.weight"]
+    return jnp.matmul(x, head.T, precision=HI)
+
+
+def random_hf_state(c: dict, seed: int) -> dict:
+    """Random HF-layout float32 tensors for a config.json dict (norm weights near 1)."""
+    rng = np.random.default_rng(seed)
+    d, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    Hq, Hkv, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (V, d)),
+         "model.norm.weight": 1 + rng.normal(0, 0.1, (d,))}
+    if not c["tie_word_embeddings"]:
+        t["lm_head.weight"] = rng.normal(0, 0.05, (V, d))
+    bias = c["model_type"] == "qwen2"
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = 1 + rng.normal(0, 0.1, (d,))
+        t[p + "post_attention_layernorm.weight"] = 1 + rng.normal(0, 0.1, (d,))
+        for name, (n, k) in {"q_proj": (Hq * D, d), "k_proj": (Hkv * D, d), "v_proj": (Hkv * D, d),
+                             "o_proj": (d, Hq * D)}.items():
+            t[p + f"self_attn.{name}.weight"] = rng.normal(0, 1 / math.sqrt(k), (n, k))
+            if bias and name != "o_proj":
+                t[p + f"self_attn.{name}.bias"] = rng.normal(0, 0.1, (n,))
+        for name, (n, k) in {"gate_proj": (F, d), "up_proj": (F, d), "down_proj": (d, F)}.items():
+            t[p + f"mlp.{name}.weight"] = rng.normal(0, 1 / math.sqrt(k), (n, k))
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+TINY = CONFIGS["tiny"]
+SMALL = dataclasses.replace(TINY, num_layers=2, vocab_size=320)
+VARIANTS = {
+    "llama": SMALL,
+    "llama3_scaling": dataclasses.replace(
+        SMALL, rope_theta=500000.0, rope_scaling=(("rope_type", "llama3"), ("factor", 8.0),
+                                                  ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                                  ("original_max_position_embeddings", 64))),
+    "qwen2_tied": dataclasses.replace(SMALL, model_type="qwen2", qkv_bias=True, tie_word_embeddings=True,
+                                      rms_norm_eps=1e-6, rope_theta=1e6, num_kv_heads=1),
+}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forward_matches_reference(variant):
+    cfg = VARIANTS[variant]
+    c = cfg.to_hf()
+    hf = random_hf_state(c, seed=np.random.SeedSequence().entropy % 2**31)
+    model = llama.Llama(cfg, dtype=jnp.float32)
+    params = checkpoint.params_from_hf(cfg, hf, dtype=jnp.float32)
+    rng = np.random.default_rng()
+    T = 37  # odd on purpose
+    tokens = rng.integers(0, cfg.vocab_size, (2, T))
+    got = llama.forward(model, params, tokens)
+    for b in range(2):
+        want = ref_llama(hf, c, tokens[b])
+        # f32 end to end; the two implementations differ only in summation order
+        assert rel_err(got[b], want) < 2e-5, variant
+
+
+def test_forward_padding_mask_and_config_entry():
+    """Right-padded rows with `lengths` give the logits of each row alone (valid positions)."""
+    cfg = VARIANTS["llama"]
+    hf = random_hf_state(cfg.to_hf(), seed=3)
+    params = checkpoint.params_from_hf(cfg, hf, dtype=jnp.float32)
+    rng = np.random.default_rng()
+    lens = [5, 12]
+    tokens = np.zeros((2, 12), np.int32)
+    for b, n in enumerate(lens):
+        tokens[b, :n] = rng.integers(0, cfg.vocab_size, n)
+    got = llama.forward(cfg, params, tokens, lengths=np.array(lens), dtype=jnp.float32)
+    for b, n in enumerate(lens):
+        alone = llama.forward(cfg, params, tokens[b:b + 1, :n], dtype=jnp.float32)[0]
+        assert rel_err(got[b, :n], alone) < 1e-5
+
+
+def test_bf16_forward_close_to_f32():
+    cfg = VARIANTS["llama"]
+    hf = random_hf_state(cfg.to_hf(), seed=4)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 16))
+    p32 = checkpoint.params_from_hf(cfg, hf, dtype=jnp.float32)
+    p16 = checkpoint.params_from_hf(cfg, hf, dtype=jnp.bfloat16)
+    l32 = llama.forward(llama.Llama(cfg, dtype=jnp.float32), p32, tokens)
+    l16 = llama.forward(llama.Llama(cfg), p16, tokens)
+    assert l16.dtype == jnp.float32
+    # bf16 weights and activations: 8 mantissa bits, 2 layers -> a few 2^-8 of relative error
+    assert rel_err(l16, l32) < 0.03
+
+
+def test_init_params_tree_names_and_bytes():
+    model = llama.Llama(VARIANTS["qwen2_tied"])
+    params = llama.init_params(model, jax.random.PRNGKey(0))
+    assert "lm_head" not in params
+    attn = params["layers_1"]["self_attn"]
+    assert attn["q_proj"]["kernel"].shape == (256, 256)
+    assert attn["k_proj"]["bias"].shape == (64,)
+    assert "bias" not in attn["o_proj"]
+    assert params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    assert llama.param_bytes(params) == 2 * VARIANTS["qwen2_tied"].num_params()
+
+
+def test_config_from_hf_roundtrip_and_errors():
+    for name in ("tiny", "llama3.2-1b", "llama3.1-8b", "qwen2.5-0.5b", "qwen2.5-7b", "mistral-7b",
+                 "smollm2-135m"):
+        cfg = CONFIGS[name]
+        assert LlamaConfig.from_hf(cfg.to_hf()) == cfg, name
+    c = CONFIGS["tiny"].to_hf()
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaConfig.from_hf({**c, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_hf({**c, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        dataclasses.replace(CONFIGS["tiny"], num_kv_heads=3)
+    with pytest.raises(ValueError, match="config name"):
+        llama.get_config("llama-99b")
+    # published shape figures
+    assert abs(CONFIGS["llama3.1-8b"].num_params() / 1e9 - 8.03) < 0.01
+    assert abs(CONFIGS["llama3.2-1b"].num_params() / 1e9 - 1.236) < 0.01
+    assert abs(CONFIGS["qwen2.5-0.5b"].num_params() / 1e9 - 0.494) < 0.01
