@@ -1,0 +1,289 @@
+"""FP8 GEMM with per-tensor, per-row or block scales, Pallas lowered through Mosaic GPU (Hopper).
+
+Same contract as `pallas_kernels.fp8_gemm` (Triton): `C = (A * a_scale) @ (B * b_scale)^T + bias`,
+`a: (M, K) float8_e4m3fn`, `b: (N, K) float8_e4m3fn`, scales (1,1)/(1,1), (M,1)/(N,1) or
+(M, ceil(K/128)) / (ceil(N/128), ceil(K/128)) f32 for layout "tensor" / "row" / "block", optional
+(N,) bias, bf16/f16/f32 output. Reference: `fp8_gemm_reference` (the Triton module's).
+
+Technique (notes/h100.md, probe mosaic_gpu_fp8_matmul.py): persistent grid of one CTA per SM
+walking output tiles in planar-snake order; per CTA a TMA producer warpgroup and two wgmma
+consumer warpgroups (`emit_pipeline_warp_specialized`), K step 128 so one FP8 row is one
+128-byte swizzle, B stored (N, K) and fed to wgmma as a transposed SMEM view. Every K block's
+wgmma goes into a fresh f32 accumulator that is scaled and added to the running f32 tile
+(DeepGEMM promotion): `acc += acc_k * a_scale[m, k] * b_scale[n, k]`. All three layouts take this
+path: per-tensor and per-row scales are broadcast to per-K-block rows by the wrapper, so every
+layout has the same numerics (promotion every 128 K, as the Triton kernel with
+max_num_imprecise_acc=128). Scale rows travel through the same TMA pipeline as the operands
+((K/128, M) and (K/128, N) f32 arrays, one row per K step). Bias is TMA-loaded per tile into SMEM
+and added in the epilogue; the output goes registers -> SMEM -> TMA in 64-row tiles.
+
+Runs only on Hopper with jax >= 0.10 (developed on jax 0.11.2); importing this module never fails
+(guarded imports), `available()` says whether it can run here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.fp8_gemm import LAYOUTS, SCALE_BLOCK, _check_inputs, _pad_to, _round_up
+from pallas_kernels.fp8_gemm import fp8_gemm_reference  # noqa: F401  (same reference)
+
+try:
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax.extend import backend as _backend
+  _IMPORT_ERROR = None
+  for _name in ("emit_pipeline_warp_specialized", "kernel", "wgmma", "ACC", "nd_loop",
+                "planar_snake", "find_swizzle", "layout_cast", "load", "LoweringSemantics"):
+    if not hasattr(plgpu, _name):
+      _IMPORT_ERROR = f"jax.experimental.pallas.mosaic_gpu has no {_name}"
+except Exception as e:  # jax without Mosaic GPU Pallas
+  pl = plgpu = _backend = None
+  _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+TILE_K = 128  # one 128-byte swizzled FP8 row per K step; equals the scale block
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+  """Tile and schedule parameters of the Mosaic GPU FP8 GEMM.
+
+  Attributes:
+    tile_m, tile_n: output tile of ONE consumer warpgroup (64 x 128: two f32 register tiles, the
+      running sum and the K block's partial product, fit the register budget).
+    wg_dim: "m" or "n": the axis along which the two consumer warpgroups split the CTA tile.
+    max_concurrent_steps: TMA pipeline depth (SMEM stages).
+    grid_minor: "m" or "n": minor axis of the planar-snake tile order; grid_tile_width: its width.
+    epi_m: rows per epilogue SMEM tile.
+  """
+  tile_m: int = 64
+  tile_n: int = 128
+  wg_dim: str = "m"
+  max_concurrent_steps: int = 4
+  grid_minor: str = "n"
+  grid_tile_width: int = 8
+  epi_m: int = 64
+
+  def __post_init__(self):
+    if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
+      raise ValueError(f"MgpuConfig: wg_dim/grid_minor must be 'm' or 'n', got {self}")
+    if self.tile_m % 64 or self.tile_n % 64 or self.tile_m % self.epi_m:
+      raise ValueError(f"MgpuConfig: tile_m, tile_n multiples of 64 (wgmma), epi_m | tile_m: {self}")
+
+  @property
+  def cta_m(self) -> int:
+    return self.tile_m * (2 if self.wg_dim == "m" else 1)
+
+  @property
+  def cta_n(self) -> int:
+    return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+
+# Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep.json, H100).
+TUNING: dict[str, MgpuConfig] = {
+    "small": MgpuConfig(64, 128, "m", 4, "n", 8),
+    "medium": MgpuConfig(64, 128, "m", 4, "n", 8),
+    "large": MgpuConfig(64, 128, "m", 4, "n", 8),
+}
+
+
+def config_for(m: int, n: int, k: int, layout: str) -> MgpuConfig:
+  del k, layout
+  cls = "small" if m <= 64 else ("medium" if m <= 1024 else "large")
+  cfg = TUNING[cls]
+  if n % cfg.cta_n and cfg.wg_dim == "n":  # avoid padding the weight when an M split fits
+    cfg = dataclasses.replace(cfg, wg_dim="m")
+  return cfg
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernel can run here, else why not."""
+  if _IMPORT_ERROR is not None:
+    return _IMPORT_ERROR
+  try:
+    device = jax.devices()[0]
+  except RuntimeError as e:
+    return str(e)
+  if device.platform != "gpu":
+    return f"needs a Hopper GPU, default device is {device.platform}"
+  cc = getattr(device, "compute_capability", "")
+  if not str(cc).startswith("9"):
+    return f"needs compute capability 9.x (wgmma), got {cc}"
+  return None
+
+
+def available() -> bool:
+  return unavailable_reason() is None
+
+
+def supports(m: int, n: int, k: int, layout: str) -> bool:
+  """Whether this kernel takes the shape without copying the weight (no N or K padding)."""
+  if layout not in LAYOUTS or not available():
+    return False
+  cfg = config_for(m, n, k, layout)
+  return k % TILE_K == 0 and n % cfg.cta_n == 0
+
+
+def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, has_bias):
+  if has_bias:
+    bias_g, o_g = rest
+  else:
+    bias_g = None
+    (o_g,) = rest
+  tile_m, tile_n, cta_m, cta_n = cfg.tile_m, cfg.tile_n, cfg.cta_m, cfg.cta_n
+  fp8 = jnp.float8_e4m3fn
+  swizzle = plgpu.find_swizzle(TILE_K * jnp.dtype(fp8).itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(fp8).itemsize)),
+                plgpu.SwizzleTransform(swizzle))
+  out_itemsize = jnp.dtype(out_dtype).itemsize
+  epi_m = cfg.epi_m
+  epi_n = min(tile_n, 128 // out_itemsize)  # one 128-byte swizzled row per epilogue tile row
+  out_swizzle = plgpu.find_swizzle(epi_n * out_itemsize * 8)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_itemsize)),
+                    plgpu.SwizzleTransform(out_swizzle))
+
+  def get_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(num_k,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((cta_m, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
+                            memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((cta_n, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
+                            memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((1, cta_m), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((1, cta_n), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.max_concurrent_steps,
+        compute_context=compute_context,
+    )
+
+  ignore = lambda *_, **__: None
+  scoped = dict(
+      allocs=get_pipeline(ignore, ignore).get_allocations(a_g, b_g, as_g, bs_g),
+      out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
+  )
+  if has_bias:
+    scoped["bias_smem"] = plgpu.SMEM((2, tile_n), jnp.float32)
+    scoped["bias_barrier"] = plgpu.Barrier(num_barriers=2)
+
+  @functools.partial(pl.run_scoped, collective_axes="wg", **scoped)
+  def _scope(allocs, out_smem, bias_smem=None, bias_barrier=None):
+    wg = lax.axis_index("wg")
+    minor = 0 if cfg.grid_minor == "m" else 1
+
+    @plgpu.nd_loop((num_m * num_n,), collective_axes="cluster_grid")
+    def _tile_loop(info):
+      (lin,) = info.index
+      i_m, i_n = plgpu.planar_snake(lin, (num_m, num_n), minor, cfg.grid_tile_width)
+      ms = pl.ds(i_m * cta_m, cta_m)
+      ns = pl.ds(i_n * cta_n, cta_n)
+      wm = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else slice(None)
+      wn = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else slice(None)
+
+      def compute_context(eval_pipeline):
+        acc = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+        acc = eval_pipeline(acc)
+        if has_bias:
+          plgpu.copy_gmem_to_smem(bias_g.at[ns].at[wn], bias_smem.at[wg], bias_barrier.at[wg])
+          plgpu.barrier_wait(bias_barrier.at[wg])
+          bias = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
+          acc = acc + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
+        out = acc.astype(out_dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for e_m in range(tile_m // epi_m):
+          for e_n in range(tile_n // epi_n):
+            slot = (e_m * (tile_n // epi_n) + e_n) % 2
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            out_smem[wg, slot] = out[e_m * epi_m:(e_m + 1) * epi_m, e_n * epi_n:(e_n + 1) * epi_n]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                out_smem.at[wg, slot],
+                o_g.at[ms, ns].at[wm, wn].at[pl.ds(e_m * epi_m, epi_m),
+                                             pl.ds(e_n * epi_n, epi_n)])
+
+      def body(idxs, a_s, b_s, as_s, bs_s, acc):
+        def mma(acc_ref):
+          plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[wn].T)
+          plgpu.wgmma_wait(0)
+          return acc_ref[...]
+        part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
+        a_scale = plgpu.load(as_s.at[0], (wm,), layout=plgpu.Layout.WGMMA.reduce(1))
+        b_scale = plgpu.load(bs_s.at[0], (wn,), layout=plgpu.Layout.WGMMA.reduce(0))
+        scale = (lax.broadcast_in_dim(a_scale, (tile_m, tile_n), [0])
+                 * lax.broadcast_in_dim(b_scale, (tile_m, tile_n), [1]))
+        return acc + part * scale
+
+      get_pipeline(body, compute_context)(
+          a_g.at[ms, :], b_g.at[ns, :], as_g.at[:, ms], bs_g.at[:, ns], allocations=allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def fp8_gemm(a, b, a_scale, b_scale, *, layout, bias=None, out_dtype=jnp.bfloat16, config=None,
+             interpret=False):
+  """Mosaic GPU version of `pallas_kernels.fp8_gemm.fp8_gemm` (same arguments and result).
+
+  `interpret=True` runs the reference instead: Mosaic GPU has no CPU interpreter for wgmma/TMA.
+  """
+  m, n, k = _check_inputs(a, b, a_scale, b_scale, layout, bias, out_dtype)
+  if interpret:
+    return fp8_gemm_reference(a, b, a_scale, b_scale, layout=layout, bias=bias,
+                              out_dtype=out_dtype)
+  reason = unavailable_reason()
+  if reason is not None:
+    raise RuntimeError(f"fp8_gemm_mgpu: cannot run here: {reason}")
+  cfg = config or config_for(m, n, k, layout)
+  num_sms = _backend.get_default_device().core_count
+  return _fp8_gemm_jit(a, b, a_scale, b_scale, bias, layout=layout,
+                       out_dtype=jnp.dtype(out_dtype), cfg=cfg, num_sms=num_sms)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "out_dtype", "cfg", "num_sms"))
+def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_sms):
+  m, k = a.shape
+  n = b.shape[0]
+  m_pad, n_pad, k_pad = _round_up(m, cfg.cta_m), _round_up(n, cfg.cta_n), _round_up(k, TILE_K)
+  num_k = k_pad // TILE_K
+  f32 = jnp.float32
+  a = _pad_to(a, (m_pad, k_pad))
+  b = _pad_to(b, (n_pad, k_pad))
+  # Scale rows, one per K step: (num_k, M) and (num_k, N), f32, so TMA brings each step's row.
+  if layout == "tensor":
+    a_rows = jnp.broadcast_to((a_scale * b_scale).astype(f32).reshape(1, 1), (num_k, m_pad))
+    b_rows = jnp.ones((num_k, n_pad), f32)
+  elif layout == "row":
+    a_rows = jnp.broadcast_to(_pad_to(a_scale.astype(f32), (m_pad, 1)).T, (num_k, m_pad))
+    b_rows = jnp.broadcast_to(_pad_to(b_scale.astype(f32), (n_pad, 1)).T, (num_k, n_pad))
+  else:
+    a_rows = _pad_to(a_scale.astype(f32), (m_pad, num_k)).T
+    b_rows = _pad_to(jnp.repeat(b_scale.astype(f32), SCALE_BLOCK, axis=0)[:n], (n_pad, num_k)).T
+  operands = [a, b, a_rows, b_rows]
+  has_bias = bias is not None
+  if has_bias:
+    operands.append(_pad_to(bias.astype(f32), (n_pad,)))
+  kernel = functools.partial(_kernel, cfg=cfg, out_dtype=out_dtype, num_m=m_pad // cfg.cta_m,
+                             num_n=n_pad // cfg.cta_n, num_k=num_k, has_bias=has_bias)
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+      grid=(num_sms,),
+      grid_names=("cluster_grid",),
+      cluster=(1,),
+      cluster_names=("cluster",),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  out = call(*operands)
+  if (m_pad, n_pad) != (m, n):
+    out = out[:m, :n]
+  return out
