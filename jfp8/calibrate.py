@@ -1,0 +1,187 @@
+"""Calibrated FP8 weight rounding: GPTQ / OBQ-style error feedback with fixed FP8 scales.
+
+Round-to-nearest FP8 rounds each weight alone. For a linear layer y = x W^T the loss that matters
+is the output error over real inputs, E||x (W - Q)^T||^2 = sum_rows (w - q) H (w - q)^T with
+H = E[x^T x] (K, K), the input's second moment. GPTQ (Frantar et al. 2022, after OBQ) quantizes
+the columns of W one by one and spreads each column's rounding error over the columns not yet
+quantized, in the direction H says is cheapest:
+
+    for k in 0..K-1:   q_k = fp8_round(w_k / s_k) * s_k
+                       e = (w_k - q_k) / U[k, k]
+                       w_j -= e * U[k, j]        for j > k      (U: upper Cholesky of H^-1)
+
+The FP8 scales are fixed first from the original weights (amax / fmax per channel or block, the
+same rule as `jfp8.quantize`), so the result is an ordinary `QArray` that the same kernels run;
+an updated weight that outgrows its block's range saturates at ±fmax (the saturating cast).
+
+    h = jfp8.calibrate.hessian(x)                          # x: (tokens, K) inputs of the layer
+    q = jfp8.calibrate.gptq_quantize(w, h, jfp8.E4M3, jfp8.PerChannel(0))   # QArray (N, K)
+
+Runs in numpy on the host (one weight at a time; the layer's statistics come from a decoder in
+`models.calibration`).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jfp8.formats import Format, as_format
+from jfp8.qarray import QArray, from_parts
+from jfp8.scaling import Granularity, as_granularity, scale_from_amax, scale_shape
+
+__all__ = ["hessian", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "output_error"]
+
+
+def hessian(x) -> np.ndarray:
+    """Second moment of a layer's inputs: x (..., K) -> H = X^T X / n, (K, K) float64."""
+    x = np.asarray(x, np.float64)
+    if x.ndim < 1:
+        raise ValueError(f"x: expected inputs of shape (..., K), got a scalar")
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] == 0:
+        raise ValueError("x: expected at least one input row, got 0")
+    return x.T @ x / x.shape[0]
+
+
+class HessianAccumulator:
+    """Running H = E[x^T x] over batches of inputs (..., K), in float64."""
+
+    def __init__(self, k: int):
+        if int(k) < 1:
+            raise ValueError(f"k: expected a positive input size, got {k}")
+        self.sum = np.zeros((int(k), int(k)), np.float64)
+        self.count = 0
+
+    def add(self, x) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, self.sum.shape[0])
+        self.sum += x.T @ x
+        self.count += x.shape[0]
+
+    @property
+    def value(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("HessianAccumulator: no inputs added")
+        return self.sum / self.count
+
+
+def _round_fp8(v: np.ndarray, s: np.ndarray, fmt: Format) -> np.ndarray:
+    """FP8 codes of v / s: true f32 division, clip to ±fmax, RNE (as `jfp8.cast`)."""
+    r = (v.astype(np.float32) / s.astype(np.float32))
+    return np.clip(r, -fmt.max, fmt.max).astype(fmt.dtype)
+
+
+def _block_scale(w: np.ndarray, fmt: Format, granularity: Granularity) -> np.ndarray:
+    """`jfp8.compute_scale` with the block amax taken in numpy (host arrays, no per-shape compile)."""
+    block = granularity.block_shape(w.shape)
+    a = np.abs(w.astype(np.float32))
+    a = np.where(np.isfinite(a), a, 0.0)
+    pads = [(0, (-d) % b) for d, b in zip(a.shape, block)]
+    a = np.pad(a, pads)
+    split = [x for d, b in zip(a.shape, block) for x in (d // b, b)]
+    amax = a.reshape(split).max(axis=tuple(range(1, 2 * a.ndim, 2))).astype(np.float32)
+    return np.asarray(scale_from_amax(amax, fmt), np.float32)  # the one scale rule
+
+
+def _expand(scale: np.ndarray, shape, granularity: Granularity) -> np.ndarray:
+    block = granularity.block_shape(shape)
+    out = scale
+    for axis, b in enumerate(block):
+        out = np.repeat(out, b, axis=axis)
+    return np.ascontiguousarray(out[tuple(slice(0, d) for d in shape)])
+
+
+def _checked(w, h, fmt, granularity):
+    fmt = as_format(fmt)
+    granularity = as_granularity(granularity)
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"w: expected a 2-D weight (N, K) = (out, in), got shape {w.shape}")
+    if h is not None:
+        h = np.asarray(h, np.float64)
+        if h.shape != (w.shape[1], w.shape[1]):
+            raise ValueError(f"h: expected ({w.shape[1]}, {w.shape[1]}) = (K, K) for w {w.shape}, "
+                             f"got {h.shape}")
+        if not np.all(np.isfinite(h)):
+            raise ValueError("h: contains inf or NaN")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("w: contains inf or NaN; calibrated rounding needs finite weights")
+    return w, h, fmt, granularity
+
+
+def rtn_quantize(w, fmt, granularity: Granularity, *, scale=None) -> QArray:
+    """Round-to-nearest with the same fixed scales `gptq_quantize` uses (the baseline)."""
+    w, _, fmt, granularity = _checked(w, None, fmt, granularity)
+    scale = _block_scale(w, fmt, granularity) if scale is None else np.broadcast_to(
+        np.asarray(scale, np.float32), scale_shape(w.shape, granularity))
+    full = _expand(scale, w.shape, granularity)
+    return from_parts(_round_fp8(w, full, fmt), scale, fmt, granularity)
+
+
+def gptq_quantize(w, h, fmt, granularity: Granularity, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, scale=None) -> QArray:
+    """Hessian-aware FP8 rounding of one weight (GPTQ with fixed scales).
+
+    Args:
+      w: (N, K) = (out, in) float weight.
+      h: (K, K) second moment of the layer's inputs (`hessian` / `HessianAccumulator`).
+      fmt: FP8 format (jfp8.E4M3 / E5M2).
+      granularity: PerTensor, PerChannel(0) or PerBlock((bn, bk)) over (N, K).
+      damp: added to the diagonal, as a fraction of its mean (numerical safety of the inverse).
+      block_size: columns updated eagerly before the lazy update of the rest (speed only).
+      act_order: quantize columns in order of decreasing H diagonal (largest inputs first).
+      scale: optional fixed scale of `scale_shape(w.shape, granularity)`; default amax / fmax
+        of the original weights per block.
+    Returns: QArray (N, K) with exactly `scale` and FP8 data; dequantize() gives the rounded
+    weight. With H diagonal the result equals round-to-nearest.
+    """
+    w, h, fmt, granularity = _checked(w, h, fmt, granularity)
+    if damp < 0:
+        raise ValueError(f"damp: expected >= 0, got {damp}")
+    if int(block_size) < 1:
+        raise ValueError(f"block_size: expected >= 1, got {block_size}")
+    n, k = w.shape
+    scale = _block_scale(w, fmt, granularity) if scale is None else np.broadcast_to(
+        np.asarray(scale, np.float32), scale_shape(w.shape, granularity))
+    full_scale = _expand(scale, w.shape, granularity)
+
+    h = h.copy()
+    dead = np.diag(h) <= 0  # inputs that are always zero: their weights never matter
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[perm][:, perm]
+    W = w[:, perm].astype(np.float32)
+    S = full_scale[:, perm]
+    # U: upper Cholesky factor of H^-1 (H^-1 = U^T U); row k holds the error-feedback weights.
+    try:
+        h_inv = np.linalg.inv(np.linalg.cholesky(h))
+        h_inv = h_inv.T @ h_inv
+        U = np.linalg.cholesky(h_inv).T.astype(np.float32)
+    except np.linalg.LinAlgError:
+        raise ValueError("h: not positive definite even after damping; raise `damp`") from None
+
+    codes = np.empty((n, k), fmt.dtype)
+    for i1 in range(0, k, int(block_size)):
+        i2 = min(i1 + int(block_size), k)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            c = _round_fp8(col, S[:, i1 + i], fmt)
+            codes[:, i1 + i] = c
+            err = (col - c.astype(np.float32) * S[:, i1 + i]) / U1[i, i]
+            W1[:, i + 1:] -= np.outer(err, U1[i, i + 1:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    inv = np.argsort(perm)
+    return from_parts(codes[:, inv], scale, fmt, granularity)
+
+
+def output_error(w, q, h) -> float:
+    """Relative output error of a rounded weight: tr((W-Q) H (W-Q)^T) / tr(W H W^T)."""
+    w = np.asarray(w, np.float64)
+    qd = np.asarray(q.dequantize(jnp.float32) if isinstance(q, QArray) else q, np.float64)
+    h = np.asarray(h, np.float64)
+    d = w - qd
+    return float(np.einsum("nk,kl,nl->", d, h, d) / np.einsum("nk,kl,nl->", w, h, w))
