@@ -10,7 +10,8 @@ shape ceil(data.shape / block):
     PerBlock((128, 128))   weights, DeepSeek-V3 / DeepGEMM   (N, K) -> (ceil(N/128), ceil(K/128))
     PerBlock((1, 32))      MX-style groups
 
-Scale convention (one, everywhere): x ≈ data.astype(f32) * scale, scale = amax / fmax in f32.
+Scale convention (one, everywhere): x ≈ data.astype(f32) * scale, scale = amax / fmax in f32
+(computed as amax * f32(1 / fmax)).
 amax == 0 gives scale 1. Non-finite values are left out of the amax, so one inf or NaN only
 saturates (inf) or stays NaN itself and never poisons the scale of its block or of others.
 
@@ -126,10 +127,14 @@ def block_amax(x: jax.Array, granularity: Granularity) -> jax.Array:
 
 
 def scale_from_amax(amax: jax.Array, fmt: Format, margin: int | float = 0) -> jax.Array:
-    """scale = amax * 2**margin / fmax in f32; amax 0 (or non-finite) gives 1."""
+    """scale = amax * 2**margin / fmax in f32; amax 0 (or non-finite) gives 1.
+
+    Computed as amax * f32(2**margin / fmax), one f32 multiply, so every backend (XLA folds a
+    division by a constant into this multiply anyway, kernels, numpy) gets the same bits.
+    """
     fmt = as_format(fmt)
     amax = jnp.asarray(amax, jnp.float32)
-    scale = amax * jnp.float32(2.0 ** margin) / jnp.float32(fmt.max)
+    scale = amax * jnp.float32(2.0 ** margin / fmt.max)
     ok = jnp.isfinite(amax) & (amax > 0)
     return jnp.where(ok, jnp.maximum(scale, _MIN_SCALE), jnp.float32(1.0))
 
