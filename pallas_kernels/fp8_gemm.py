@@ -58,6 +58,8 @@ class GemmConfig:
     num_warps, num_stages: Triton launch / software-pipelining depth.
     group_m: grouped program order (rows of tiles walked together for L2 reuse); 0 = plain 2-D grid.
     max_num_imprecise_acc: FP8 `tt.dot` attribute set through the shim (None = Triton default).
+    k_per_iter: K blocks per loop iteration (2: two independent dots before the scaled adds,
+      fewer wgmma wait points; used when the number of K blocks is even).
   """
   block_m: int = 128
   block_n: int = 128
@@ -66,8 +68,11 @@ class GemmConfig:
   num_stages: int = 3
   group_m: int = 8
   max_num_imprecise_acc: int | None = 128
+  k_per_iter: int = 1
 
   def __post_init__(self):
+    if self.k_per_iter not in (1, 2):
+      raise ValueError(f"GemmConfig.k_per_iter: expected 1 or 2, got {self.k_per_iter}")
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
@@ -78,8 +83,8 @@ class GemmConfig:
 # M class from `_m_class`. Filled from benchmarks/results/gemm_sweep.json (H100, jax 0.11.2).
 TUNING: dict[tuple[str, str], GemmConfig] = {
     ("plain", "small"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
-    ("plain", "medium"): GemmConfig(128, 128, 128, num_warps=8, num_stages=3, group_m=8),
-    ("plain", "large"): GemmConfig(128, 128, 128, num_warps=8, num_stages=3, group_m=8),
+    ("plain", "medium"): GemmConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8),
+    ("plain", "large"): GemmConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8),
     ("block", "small"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
     ("block", "medium"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
     ("block", "large"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
@@ -139,7 +144,7 @@ def _program_ids(pid, num_m: int, num_n: int, group_m: int):
 
 
 def _fp8_gemm_kernel(a_ref, b_ref, a_scale_ref, b_scale_ref, *rest, layout, block_k, num_k,
-                     has_bias):
+                     k_per_iter, has_bias):
   if has_bias:
     bias_ref, o_ref = rest
   else:
@@ -147,16 +152,22 @@ def _fp8_gemm_kernel(a_ref, b_ref, a_scale_ref, b_scale_ref, *rest, layout, bloc
   block_m, block_n = o_ref.shape
   dims = (((1,), (1,)), ((), ()))
 
-  def body(i_k, acc):
+  def block_product(i_k):
     a = a_ref[:, pl.ds(i_k * block_k, block_k)]
     b = b_ref[:, pl.ds(i_k * block_k, block_k)]
     part = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
     if layout == "block":
       # DeepGEMM promotion: scale this K block's f32 partial product, then accumulate.
       part = part * (a_scale_ref[:, pl.ds(i_k, 1)] * b_scale_ref[:, pl.ds(i_k, 1)])
-    return acc + part
+    return part
 
-  acc = lax.fori_loop(0, num_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+  def body(i, acc):
+    parts = [block_product(i * k_per_iter + j) for j in range(k_per_iter)]
+    for part in parts:
+      acc = acc + part
+    return acc
+
+  acc = lax.fori_loop(0, num_k // k_per_iter, body, jnp.zeros((block_m, block_n), jnp.float32))
   if layout == "tensor":
     acc = acc * a_scale_ref[...]  # (1, 1): a_scale * b_scale, combined in the wrapper
   elif layout == "row":
@@ -303,8 +314,9 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, inter
     operands.append(_pad_to(bias.astype(f32).reshape(1, n), (1, n_pad)))
     in_specs.append(pl.BlockSpec((1, block_n), im(lambda i_m, i_n: (0, i_n))))
 
+  k_per_iter = cfg.k_per_iter if num_k % cfg.k_per_iter == 0 else 1
   kernel = functools.partial(_fp8_gemm_kernel, layout=layout, block_k=block_k, num_k=num_k,
-                             has_bias=has_bias)
+                             k_per_iter=k_per_iter, has_bias=has_bias)
   params = {}
   if _TritonParams is not None and not interpret:
     params["compiler_params"] = _TritonParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

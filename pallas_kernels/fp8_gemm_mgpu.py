@@ -59,6 +59,8 @@ class MgpuConfig:
     max_concurrent_steps: TMA pipeline depth (SMEM stages).
     grid_minor: "m" or "n": minor axis of the planar-snake tile order; grid_tile_width: its width.
     epi_m: rows per epilogue SMEM tile.
+    overlap: fold the previous K block's scaled partial product into the running sum while this
+      K block's wgmma runs (one more register tile; hides the promotion behind the tensor core).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -67,6 +69,7 @@ class MgpuConfig:
   grid_minor: str = "n"
   grid_tile_width: int = 8
   epi_m: int = 64
+  overlap: bool = False
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -86,8 +89,8 @@ class MgpuConfig:
 # Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep.json, H100).
 TUNING: dict[str, MgpuConfig] = {
     "small": MgpuConfig(64, 128, "m", 4, "n", 8),
-    "medium": MgpuConfig(64, 128, "m", 4, "n", 8),
-    "large": MgpuConfig(64, 128, "m", 4, "n", 8),
+    "medium": MgpuConfig(64, 128, "m", 4, "m", 8),
+    "large": MgpuConfig(64, 128, "m", 4, "m", 8),
 }
 
 
@@ -188,9 +191,27 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
       wm = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else slice(None)
       wn = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else slice(None)
 
+      def scale_tile(a_vec, b_vec):
+        return (lax.broadcast_in_dim(a_vec, (tile_m, tile_n), [0])
+                * lax.broadcast_in_dim(b_vec, (tile_m, tile_n), [1]))
+
+      def load_scales(as_s, bs_s):
+        # (ref, index) form: the form checked on jax 0.11.2 (it warns that ref.at[idx] is preferred).
+        a_vec = plgpu.load(as_s.at[0], (wm,), layout=plgpu.Layout.WGMMA.reduce(1))
+        b_vec = plgpu.load(bs_s.at[0], (wn,), layout=plgpu.Layout.WGMMA.reduce(0))
+        return a_vec, b_vec
+
+      def zeros_tile():
+        return plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+
       def compute_context(eval_pipeline):
-        acc = plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
-        acc = eval_pipeline(acc)
+        if cfg.overlap:
+          a0 = plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+          b0 = plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
+          acc, prev, a_vec, b_vec = eval_pipeline((zeros_tile(), zeros_tile(), a0, b0))
+          acc = acc + prev * scale_tile(a_vec, b_vec)
+        else:
+          acc = eval_pipeline(zeros_tile())
         if has_bias:
           plgpu.copy_gmem_to_smem(bias_g.at[ns].at[wn], bias_smem.at[wg], bias_barrier.at[wg])
           plgpu.barrier_wait(bias_barrier.at[wg])
@@ -209,17 +230,25 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
                 o_g.at[ms, ns].at[wm, wn].at[pl.ds(e_m * epi_m, epi_m),
                                              pl.ds(e_n * epi_n, epi_n)])
 
-      def body(idxs, a_s, b_s, as_s, bs_s, acc):
+      def body(idxs, a_s, b_s, as_s, bs_s, carry):
+        if cfg.overlap:
+          acc, prev, prev_a, prev_b = carry
+
+          def mma(acc_ref):
+            plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[wn].T)
+            # Promotion of the previous K block runs while this block's wgmma is in flight.
+            new_acc = acc + prev * scale_tile(prev_a, prev_b)
+            plgpu.wgmma_wait(0)
+            return new_acc, acc_ref[...]
+          acc, part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
+          return (acc, part, *load_scales(as_s, bs_s))
+
         def mma(acc_ref):
           plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[wn].T)
           plgpu.wgmma_wait(0)
           return acc_ref[...]
         part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
-        a_scale = plgpu.load(as_s.at[0], (wm,), layout=plgpu.Layout.WGMMA.reduce(1))
-        b_scale = plgpu.load(bs_s.at[0], (wn,), layout=plgpu.Layout.WGMMA.reduce(0))
-        scale = (lax.broadcast_in_dim(a_scale, (tile_m, tile_n), [0])
-                 * lax.broadcast_in_dim(b_scale, (tile_m, tile_n), [1]))
-        return acc + part * scale
+        return carry + part * scale_tile(*load_scales(as_s, bs_s))
 
       get_pipeline(body, compute_context)(
           a_g.at[ms, :], b_g.at[ns, :], as_g.at[:, ms], bs_g.at[:, ns], allocations=allocs)

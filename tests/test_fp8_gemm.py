@@ -86,11 +86,12 @@ def test_k_not_multiple_of_128(layout):
 
 
 def test_default_config_and_block_n_64():
-  # Tuning-table config (no override) and a block_n that splits one 128-wide weight scale block.
+  # Tuning-table config (no override); a block_n that splits one 128-wide weight scale block,
+  # with two K blocks per loop iteration.
   m, n, k = 16, 136, 256
   a, b, sa, sb, bias = make_inputs(3, "block", m, n, k)
   ref = G.fp8_gemm_reference(a, b, sa, sb, layout="block", bias=bias, out_dtype=jnp.float32)
-  for cfg in (None, G.GemmConfig(32, 64, 128, num_warps=4, num_stages=2, group_m=0)):
+  for cfg in (None, G.GemmConfig(32, 64, 128, num_warps=4, num_stages=2, group_m=0, k_per_iter=2)):
     out = G.fp8_gemm(a, b, sa, sb, layout="block", bias=bias, out_dtype=jnp.float32, config=cfg,
                      interpret=True)
     assert rel_err(out, ref) < TOL[jnp.dtype(jnp.float32)]
@@ -164,6 +165,8 @@ def test_k_not_multiple_of_16_refused():
 def test_bad_config():
   with pytest.raises(ValueError, match="GemmConfig.block_m"):
     G.GemmConfig(block_m=48)
+  with pytest.raises(ValueError, match="GemmConfig.k_per_iter"):
+    G.GemmConfig(k_per_iter=3)
   kwargs = _good()
   with pytest.raises(ValueError, match="block_k == 128"):
     G.fp8_gemm(config=G.GemmConfig(64, 128, 64), interpret=True, **kwargs)
@@ -252,6 +255,21 @@ def test_mosaic_gpu_matches_reference(layout, m, n, k):
     out = MG.fp8_gemm(a, b, sa, sb, layout=layout, bias=bias, out_dtype=out_dtype)
     assert out.shape == (m, n)
     assert rel_err(out, ref) < GPU_TOL[jnp.dtype(out_dtype)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", G.LAYOUTS)
+def test_mosaic_gpu_overlap_variant(layout):
+  # The promotion-overlapped schedule must compute the same function as the plain one.
+  from pallas_kernels import fp8_gemm_mgpu as MG
+  if not MG.available():
+    pytest.skip(f"Mosaic GPU FP8 GEMM unavailable: {MG.unavailable_reason()}")
+  m, n, k = 384, 512, 1152
+  a, b, sa, sb, bias = make_inputs(17, layout, m, n, k)
+  ref = G.fp8_gemm_reference(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32)
+  cfg = MG.MgpuConfig(64, 128, "m", 3, "m", 8, overlap=True)
+  out = MG.fp8_gemm(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32, config=cfg)
+  assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
 
 
 def test_mgpu_module_imports_and_validates():
