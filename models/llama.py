@@ -275,8 +275,8 @@ def _random_leaf(key, shape, dtype, kind):
 
 def quantize_params(params: Params, recipe) -> Params:
     """Quantize every linear kernel (K, N) of a BF16 param tree to a QArray (N, K) by `recipe`."""
-    import jfp8
-    return jfp8.quantize_params(params, recipe)
+    from jfp8.params import quantize_params as _quantize_params
+    return _quantize_params(params, recipe)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
