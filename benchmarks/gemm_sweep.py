@@ -48,7 +48,8 @@ MOSAIC = [
     MC(64, 128, "m", 4, "n", 4), MC(128, 128, "n", 3, "n", 8), MC(128, 128, "m", 3, "n", 8),
 ]
 # Round 2: the round-1 winners again (same-run baselines) and new variants: two K blocks per
-# Triton loop iteration, Mosaic promotion overlapped with the next wgmma.
+# Triton loop iteration; Mosaic promotion overlapped with the next wgmma, and one combined row
+# scale per K step (tile_b_scale) instead of row x column scales.
 ROUNDS = {
     1: dict(triton_block=TRITON_BLOCK, triton_plain=TRITON_PLAIN, mosaic=MOSAIC),
     2: dict(
@@ -58,9 +59,11 @@ ROUNDS = {
                       GC(128, 128, 128, 8, 3, 8, 128, 2)],
         triton_plain=[GC(128, 128, 128, 8, 4, 8, 128), GC(128, 128, 128, 8, 5, 8, 128),
                       GC(128, 128, 128, 8, 4, 0, 128)],
-        mosaic=[MC(64, 128, "m", 4, "m", 8), MC(64, 128, "m", 4, "n", 8),
+        mosaic=[MC(64, 128, "m", 4, "m", 8, tile_b_scale=False), MC(64, 128, "m", 4, "m", 8),
+                MC(64, 128, "m", 4, "n", 8), MC(64, 128, "n", 4, "n", 8),
                 MC(64, 128, "m", 4, "m", 8, overlap=True), MC(64, 128, "m", 3, "m", 8, overlap=True),
-                MC(64, 128, "m", 5, "m", 8, overlap=True), MC(64, 128, "n", 4, "n", 8, overlap=True)]),
+                MC(64, 128, "m", 5, "m", 8, overlap=True), MC(64, 128, "n", 4, "n", 8, overlap=True),
+                MC(64, 128, "m", 4, "m", 8, overlap=True, tile_b_scale=False)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

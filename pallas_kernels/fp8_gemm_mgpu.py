@@ -61,6 +61,10 @@ class MgpuConfig:
     epi_m: rows per epilogue SMEM tile.
     overlap: fold the previous K block's scaled partial product into the running sum while this
       K block's wgmma runs (one more register tile; hides the promotion behind the tensor core).
+    tile_b_scale: when one weight scale covers a warpgroup's whole tile (block layout with
+      tile_n == 128, per-tensor), combine it with the activation row scales into one row vector
+      (one FFMA per element per K step instead of FMUL + FFMA). The row layout always takes
+      per-column weight scales.
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -70,6 +74,7 @@ class MgpuConfig:
   grid_tile_width: int = 8
   epi_m: int = 64
   overlap: bool = False
+  tile_b_scale: bool = True
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -131,7 +136,14 @@ def supports(m: int, n: int, k: int, layout: str) -> bool:
   return k % TILE_K == 0 and n % cfg.cta_n == 0
 
 
-def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, has_bias):
+def _uses_tile_b_scale(cfg: MgpuConfig, layout: str) -> bool:
+  if not cfg.tile_b_scale or layout == "row":
+    return False
+  return layout == "tensor" or cfg.tile_n == SCALE_BLOCK
+
+
+def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, has_bias,
+            tile_b):
   if has_bias:
     bias_g, o_g = rest
   else:
@@ -149,6 +161,10 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
 
+  # Weight-scale row per K step: per column (cta_n wide), or per warpgroup tile repeated
+  # tile_m times so it loads in the same row layout as the activation scales.
+  b_width = (cta_n // tile_n) * tile_m if tile_b else cta_n
+
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body,
@@ -160,7 +176,7 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
             plgpu.BlockSpec((cta_n, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
                             memory_space=plgpu.SMEM),
             plgpu.BlockSpec((1, cta_m), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
-            plgpu.BlockSpec((1, cta_n), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((1, b_width), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -191,25 +207,36 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
       wm = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else slice(None)
       wn = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else slice(None)
 
-      def scale_tile(a_vec, b_vec):
-        return (lax.broadcast_in_dim(a_vec, (tile_m, tile_n), [0])
-                * lax.broadcast_in_dim(b_vec, (tile_m, tile_n), [1]))
+      wb = (pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "n" else slice(None)) if tile_b else wn
 
       def load_scales(as_s, bs_s):
         # (ref, index) form: the form checked on jax 0.11.2 (it warns that ref.at[idx] is preferred).
         a_vec = plgpu.load(as_s.at[0], (wm,), layout=plgpu.Layout.WGMMA.reduce(1))
-        b_vec = plgpu.load(bs_s.at[0], (wn,), layout=plgpu.Layout.WGMMA.reduce(0))
-        return a_vec, b_vec
+        if tile_b:
+          b_vec = plgpu.load(bs_s.at[0], (wb,), layout=plgpu.Layout.WGMMA.reduce(1))
+          return (a_vec * b_vec,)
+        return a_vec, plgpu.load(bs_s.at[0], (wb,), layout=plgpu.Layout.WGMMA.reduce(0))
+
+      def zero_scales():
+        row = plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        if tile_b:
+          return (row,)
+        return row, plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32),
+                                      plgpu.Layout.WGMMA.reduce(0))
+
+      def scale_tile(*scales):
+        tile = lax.broadcast_in_dim(scales[0], (tile_m, tile_n), [0])
+        if len(scales) == 2:
+          tile = tile * lax.broadcast_in_dim(scales[1], (tile_m, tile_n), [1])
+        return tile
 
       def zeros_tile():
         return plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
 
       def compute_context(eval_pipeline):
         if cfg.overlap:
-          a0 = plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-          b0 = plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32), plgpu.Layout.WGMMA.reduce(0))
-          acc, prev, a_vec, b_vec = eval_pipeline((zeros_tile(), zeros_tile(), a0, b0))
-          acc = acc + prev * scale_tile(a_vec, b_vec)
+          acc, prev, scales = eval_pipeline((zeros_tile(), zeros_tile(), zero_scales()))
+          acc = acc + prev * scale_tile(*scales)
         else:
           acc = eval_pipeline(zeros_tile())
         if has_bias:
@@ -232,16 +259,16 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
 
       def body(idxs, a_s, b_s, as_s, bs_s, carry):
         if cfg.overlap:
-          acc, prev, prev_a, prev_b = carry
+          acc, prev, prev_scales = carry
 
           def mma(acc_ref):
             plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[wn].T)
             # Promotion of the previous K block runs while this block's wgmma is in flight.
-            new_acc = acc + prev * scale_tile(prev_a, prev_b)
+            new_acc = acc + prev * scale_tile(*prev_scales)
             plgpu.wgmma_wait(0)
             return new_acc, acc_ref[...]
           acc, part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
-          return (acc, part, *load_scales(as_s, bs_s))
+          return acc, part, load_scales(as_s, bs_s)
 
         def mma(acc_ref):
           plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[wn].T)
@@ -251,7 +278,8 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
         return carry + part * scale_tile(*load_scales(as_s, bs_s))
 
       get_pipeline(body, compute_context)(
-          a_g.at[ms, :], b_g.at[ns, :], as_g.at[:, ms], bs_g.at[:, ns], allocations=allocs)
+          a_g.at[ms, :], b_g.at[ns, :], as_g.at[:, ms], bs_g.at[:, pl.ds(i_n * b_width, b_width)],
+          allocations=allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -284,13 +312,19 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_s
   f32 = jnp.float32
   a = _pad_to(a, (m_pad, k_pad))
   b = _pad_to(b, (n_pad, k_pad))
-  # Scale rows, one per K step: (num_k, M) and (num_k, N), f32, so TMA brings each step's row.
+  # Scale rows, one per K step, f32, so TMA brings each step's row: (num_k, M) for A; for B
+  # (num_k, N) per column, or per warpgroup tile repeated tile_m times (see MgpuConfig).
+  tile_b = _uses_tile_b_scale(cfg, layout)
   if layout == "tensor":
     a_rows = jnp.broadcast_to((a_scale * b_scale).astype(f32).reshape(1, 1), (num_k, m_pad))
-    b_rows = jnp.ones((num_k, n_pad), f32)
+    b_rows = jnp.ones((num_k, (n_pad // cfg.tile_n) * cfg.tile_m if tile_b else n_pad), f32)
   elif layout == "row":
     a_rows = jnp.broadcast_to(_pad_to(a_scale.astype(f32), (m_pad, 1)).T, (num_k, m_pad))
     b_rows = jnp.broadcast_to(_pad_to(b_scale.astype(f32), (n_pad, 1)).T, (num_k, n_pad))
+  elif tile_b:  # block layout, tile_n == 128: one weight scale per warpgroup tile
+    a_rows = _pad_to(a_scale.astype(f32), (m_pad, num_k)).T
+    b_rows = jnp.repeat(_pad_to(b_scale.astype(f32), (n_pad // SCALE_BLOCK, num_k)).T,
+                        cfg.tile_m, axis=1)
   else:
     a_rows = _pad_to(a_scale.astype(f32), (m_pad, num_k)).T
     b_rows = _pad_to(jnp.repeat(b_scale.astype(f32), SCALE_BLOCK, axis=0)[:n], (n_pad, num_k)).T
@@ -299,7 +333,8 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_s
   if has_bias:
     operands.append(_pad_to(bias.astype(f32), (n_pad,)))
   kernel = functools.partial(_kernel, cfg=cfg, out_dtype=out_dtype, num_m=m_pad // cfg.cta_m,
-                             num_n=n_pad // cfg.cta_n, num_k=num_k, has_bias=has_bias)
+                             num_n=n_pad // cfg.cta_n, num_k=num_k, has_bias=has_bias,
+                             tile_b=tile_b)
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
