@@ -1,0 +1,400 @@
+"""Flash-decoding attention over an FP8 (or bf16) KV cache, for T <= 16 query tokens per sequence.
+
+Computes, for each sequence b, query token t and query head n (KV head h = n // G):
+
+        o[b, t, n] = softmax_j(q[b, t, n] . K[b, j, h] * sm_scale) @ V[b, j, h],
+        j < lengths[b] - T + t + 1   (ragged lengths; causal inside the T new tokens)
+
+where K = k.astype(f32) * k_scale and V = v.astype(f32) * v_scale (scale convention x ~ data *
+scale). Scales are per tensor (one scalar, or one per layer) or per (token, head).
+
+Layout: k, v are (B, S, Hkv, D) or stacked over layers (L, B, S, Hkv, D) with a `layer` index
+(the stacked array is read in place: slicing a layer out would copy it, see notes/h100.md on
+`lax.scan` over stacked weights). q is (B, T, Hq, D) with query head n = h * G + g (the GQA grouping
+of HF Llama and `jax.nn.dot_product_attention`).
+
+Kernel (Triton-lowered Pallas): grid (Hkv, splits, B), Hkv fastest so the programs that run together
+read neighbouring 128-byte head rows of the same tokens (and share the sectors of the per-token
+scales in L2). One program holds the T*G query rows of one KV head (padded to >= 16 rows for the
+MMA), walks its S-split in `block_k` steps with an online softmax in f32 (base 2), upcasts FP8 to
+f16 in registers (exact for E4M3 and E5M2, and a cheaper conversion than to bf16), applies the
+scales after the QK dot (per-token K scales on the logits columns, per-token V scales folded into
+P), skips blocks past the sequence's length, and writes an unnormalised partial (acc, m, l). An XLA
+epilogue combines the splits by log-sum-exp and writes bf16.
+
+Block sizes, warps, stages and the split count come from `DecodeAttentionConfig` and the
+`CONFIGS` table keyed by shape class (`config_for`); an explicit `config=` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # concrete values are checked eagerly; tracers (under jit) are not
+    _Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
+try:  # The Triton backend module; its names moved between jax releases.
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+__all__ = ["DecodeAttentionConfig", "CONFIGS", "config_for", "decode_attention",
+           "decode_attention_reference"]
+
+_LOG2E = math.log2(math.e)
+MAX_QUERY_TOKENS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Static tiling of the decode-attention kernel.
+
+    block_k: KV tokens per inner step (power of 2, >= 16).
+    target_programs: the split count is chosen so that about this many programs (Hkv * splits * B)
+        run, enough to fill 132 SMs several programs deep; each split holds >= min_blocks_per_split
+        blocks.
+    num_warps, num_stages: Triton launch parameters (stages = software-pipelining depth of the K/V
+        loads).
+    dot_dtype: operand dtype of the two MMAs for an FP8 cache ("float16" is an exact upcast of E4M3
+        and E5M2; a bf16 cache always uses bf16).
+    """
+    block_k: int = 128
+    target_programs: int = 1024
+    min_blocks_per_split: int = 2
+    num_warps: int = 4
+    num_stages: int = 3
+    dot_dtype: str = "float16"
+
+    def num_splits(self, batch: int, kv_heads: int, max_len: int) -> int:
+        blocks = pl.cdiv(max_len, self.block_k)
+        want = max(1, self.target_programs // (batch * kv_heads))
+        blocks_per_split = max(self.min_blocks_per_split, pl.cdiv(blocks, want))
+        return pl.cdiv(blocks, blocks_per_split)
+
+
+# Keyed by (batch class, max_len class); see benchmarks/results/decode_attention.md for the sweep
+# these come from. Classes: batch "1" (B == 1), "small" (B <= 8), "large" (B > 8); max_len
+# "short" (<= 4096) or "long".
+CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
+    ("1", "short"): DecodeAttentionConfig(block_k=64, target_programs=512, min_blocks_per_split=1),
+    ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=1024),
+    ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512, min_blocks_per_split=1),
+    ("small", "long"): DecodeAttentionConfig(block_k=128, target_programs=1024),
+    ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024),
+    ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=2048),
+}
+
+
+def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
+    """The tuned config for a shape class (see CONFIGS)."""
+    b = "1" if batch == 1 else ("small" if batch <= 8 else "large")
+    s = "short" if max_len <= 4096 else "long"
+    return CONFIGS[(b, s)]
+
+
+def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
+                             block_k: int, blocks_per_split: int, num_queries: int, group: int,
+                             rows: int, max_len: int, per_token_scales: bool, dot_dtype,
+                             v_boost: float):
+    if per_token_scales:
+        ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
+    else:
+        ks_ref = vs_ref = None
+        o_ref, m_ref, l_ref = rest
+    i_split = pl.program_id(1)
+    layer = layer_ref[0]
+    kv_len = lengths_ref[0]
+    qk_scale = qk_scale_ref[0]                       # log2(e) (* per-tensor k_scale)
+    num_rows = num_queries * group
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    q = _load(q_ref, mask=(row_ids < num_rows)[:, None], other=0.0).astype(dot_dtype)  # (R, D)
+    # Query row r = t * G + g sits at position kv_len - T + t and sees positions <= that one.
+    last_pos = kv_len - num_queries + jnp.minimum(row_ids // group, num_queries - 1)   # (R,)
+
+    split_len = blocks_per_split * block_k
+    start = i_split * split_len
+    end = jnp.minimum(start + split_len, kv_len)
+    n_blocks = jnp.maximum(pl.cdiv(end - start, block_k), 0)
+    # Blocks every query row sees in full need no mask (all but the last one or two).
+    n_full = jnp.clip((kv_len - num_queries + 1 - start) // block_k, 0, n_blocks)
+    needs_bounds = max_len % block_k != 0             # the last block may run past S_max
+    cols = jnp.arange(block_k, dtype=jnp.int32)
+
+    def load_kv(ref, off, bounded):
+        kv_ref = ref.at[layer, pl.ds(off, block_k), :]
+        if bounded:
+            return _load(kv_ref, mask=((off + cols) < max_len)[:, None], other=0)
+        return kv_ref[...]
+
+    def step(j, carry, masked):
+        m, l, acc = carry
+        off = start + j * block_k
+        bounded = masked and needs_bounds
+        k = load_kv(k_ref, off, bounded).astype(dot_dtype)                     # (bk, D)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)                # (R, bk)
+        if per_token_scales:
+            ks = ks_ref[layer, pl.ds(off, block_k)] if not bounded else _load(
+                ks_ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
+            s = s * (ks * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
+        if masked:
+            visible = (off + cols)[None, :] <= last_pos[:, None]
+            s = jnp.where(visible, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        # A row may see nothing yet (m_new = -inf): exponentiate against 0 so no inf - inf appears.
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        l = l * alpha + p.sum(axis=1)
+        if per_token_scales:
+            vs = vs_ref[layer, pl.ds(off, block_k)] if not bounded else _load(
+                vs_ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
+            # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone in the
+            # combine.
+            p = p * (vs * v_boost)[None, :]
+        v = load_kv(v_ref, off, bounded).astype(dot_dtype)                     # (bk, D)
+        acc = acc * alpha[:, None] + lax.dot_general(
+            p.astype(dot_dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    D = q.shape[1]
+    carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows, D), jnp.float32))
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    m, l, acc = lax.fori_loop(n_full, n_blocks, functools.partial(step, masked=True), carry)
+    row_mask = row_ids < num_rows
+    _store(o_ref, acc, mask=row_mask[:, None])
+    _store(m_ref, m, mask=row_mask)
+    _store(l_ref, l, mask=row_mask)
+
+
+def _load(ref, *, mask, other):
+    if plgpu is not None and hasattr(plgpu, "load"):
+        return plgpu.load(ref, mask=mask, other=other)
+    return jnp.where(mask, ref[...], other)  # pragma: no cover
+
+
+def _store(ref, val, *, mask):
+    if plgpu is not None and hasattr(plgpu, "store"):
+        plgpu.store(ref, val.astype(ref.dtype), mask=mask)
+    else:  # pragma: no cover
+        ref[...] = val.astype(ref.dtype)
+
+
+def _compiler_params(config: DecodeAttentionConfig):
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _scale_mode(name, scale, k_shape, stacked):
+    """'none', 'tensor' or 'token' for a k_scale / v_scale argument; raises on a bad shape."""
+    if scale is None:
+        return "none"
+    shape = tuple(jnp.shape(scale))
+    L = k_shape[0] if stacked else None
+    if shape in ((), (1,)) or (stacked and shape == (L,)):
+        return "tensor"
+    if shape == tuple(k_shape[:-1]):
+        return "token"
+    per_tensor = "(), (1,)" + (f" or (L,)=({L},)" if stacked else "")
+    raise ValueError(f"{name}: expected a per-tensor scale of shape {per_tensor}, or a per-(token, "
+                     f"head) scale of shape {tuple(k_shape[:-1])}, got {shape}")
+
+
+def _validate(q, k, v, lengths, k_scale, v_scale, layer):
+    if q.ndim != 4:
+        raise ValueError(f"q: expected (B, T, Hq, D), got shape {q.shape}")
+    if k.ndim not in (4, 5):
+        raise ValueError(f"k: expected (B, S, Hkv, D) or (L, B, S, Hkv, D), got shape {k.shape}")
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"v: expected shape {k.shape} and dtype {k.dtype} like k, got {v.shape} {v.dtype}")
+    stacked = k.ndim == 5
+    if stacked and layer is None:
+        raise ValueError(f"layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
+    B, T, Hq, D = q.shape
+    kB, S, Hkv, kD = k.shape[-4:]
+    if kB != B:
+        raise ValueError(f"k: expected batch {B} (from q), got shape {k.shape}")
+    if kD != D:
+        raise ValueError(f"k: expected head dim D={D} (from q), got shape {k.shape}")
+    if D not in (64, 128):
+        raise ValueError(f"q: head dim D must be 64 or 128, got {D}")
+    if Hq % Hkv:
+        raise ValueError(f"q: number of query heads Hq={Hq} must be a multiple of Hkv={Hkv} (from k)")
+    if not 1 <= T <= MAX_QUERY_TOKENS:
+        raise ValueError(f"q: expected 1 <= T <= {MAX_QUERY_TOKENS} query tokens, got T={T}")
+    if jnp.shape(lengths) != (B,):
+        raise ValueError(f"lengths: expected shape ({B},), got {jnp.shape(lengths)}")
+    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(f"lengths: expected an integer array, got {jnp.result_type(lengths)}")
+    if not isinstance(lengths, _Tracer):
+        lens = jax.device_get(lengths)
+        if (lens > S).any() or (lens < T).any():
+            raise ValueError(f"lengths: expected {T} <= lengths[b] <= S_max={S} (T new tokens "
+                             f"included), got {lens.tolist()}")
+    k_mode = _scale_mode("k_scale", k_scale, k.shape, stacked)
+    v_mode = _scale_mode("v_scale", v_scale, k.shape, stacked)
+    if (k_mode == "token") != (v_mode == "token"):
+        raise ValueError(f"k_scale, v_scale: expected the same granularity, got {k_mode} and {v_mode}")
+    return stacked, k_mode == "token"
+
+
+def _per_layer_scalar(scale, layer, stacked):
+    if scale is None:
+        return jnp.float32(1.0)
+    scale = jnp.asarray(scale, jnp.float32)
+    if stacked and scale.ndim == 1 and scale.shape[0] > 1:
+        return scale[layer]
+    return scale.reshape(())
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "partials_only"))
+def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale, config,
+                          interpret, partials_only=False):
+    B, T, Hq, D = q.shape
+    L, _, S, Hkv, _ = k.shape
+    G = Hq // Hkv
+    TG = T * G
+    R = max(16, pl.next_power_of_2(TG))  # MMA needs >= 16 rows
+    per_token = k_scale is not None and jnp.ndim(k_scale) == 4
+    splits = config.num_splits(B, Hkv, S)
+    blocks_per_split = pl.cdiv(pl.cdiv(S, config.block_k), splits)
+    if k.dtype == jnp.bfloat16 or k.dtype == jnp.float16:
+        dot_dtype = k.dtype
+    else:
+        dot_dtype = jnp.dtype(config.dot_dtype)
+
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    lengths = jnp.minimum(lengths.astype(jnp.int32), S)   # never read past S_max
+    qk_scale = jnp.float32(_LOG2E)
+    if not per_token:
+        qk_scale = qk_scale * _per_layer_scalar(k_scale, layer_arr[0], True)
+    qk_scale = qk_scale.reshape(1)
+    # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g.
+    # sm_scale goes on q (in f32, before the f16 cast) so large queries stay in f16 range.
+    qg = (q.astype(jnp.float32) * sm_scale).astype(dot_dtype)
+    qg = qg.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, TG, D)
+    v_boost = 1.0
+    if per_token and dot_dtype == jnp.float16:
+        v_boost = float(2.0 ** math.floor(math.log2(float(jnp.finfo(k.dtype).max) / 2)))
+
+    kernel = functools.partial(
+        _decode_attention_kernel, block_k=config.block_k, blocks_per_split=blocks_per_split,
+        num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
+        v_boost=v_boost)
+    kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
+    in_specs = [
+        pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer
+        pl.BlockSpec((1,), lambda h, s, b: (b,)),                       # lengths
+        pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # qk_scale
+        pl.BlockSpec((None, None, R, D), lambda h, s, b: (b, h, 0, 0)),  # q rows of one KV head
+        kv_spec, kv_spec]
+    args = [layer_arr, lengths, qk_scale, qg, k, v]
+    if per_token:
+        scale_spec = pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h))
+        in_specs += [scale_spec, scale_spec]
+        args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, None, R, D), lambda h, s, b: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, R), lambda h, s, b: (b, h, s, 0)),
+        pl.BlockSpec((None, None, None, R), lambda h, s, b: (b, h, s, 0))]
+    out_shape = [jax.ShapeDtypeStruct((B, Hkv, splits, TG, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32)]
+    kw = dict(interpret=True) if interpret else dict(compiler_params=_compiler_params(config))
+    acc, m, l = pl.pallas_call(
+        kernel, grid=(Hkv, splits, B), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, name="jfp8_decode_attention", **kw)(*args)
+    if partials_only:  # benchmarks time the kernel without the combine
+        return acc, m, l
+
+    # Log-sum-exp combine of the splits (base 2). Empty splits have m = -inf, l = 0.
+    m_max = m.max(axis=2, keepdims=True)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    w = jnp.exp2(m - m_max)                                               # (B, Hkv, splits, TG)
+    l_tot = (l * w).sum(axis=2)
+    o = (acc * w[..., None]).sum(axis=2) / jnp.where(l_tot == 0, 1.0, l_tot)[..., None]
+    if per_token:
+        o = o * (1.0 / v_boost)
+    else:
+        o = o * _per_layer_scalar(v_scale, layer_arr[0], True)
+    o = o.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
+    return o.astype(jnp.bfloat16)
+
+
+def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
+                     sm_scale: float | None = None,
+                     config: DecodeAttentionConfig | None = None, interpret: bool = False):
+    """Attention of T new query tokens over a (ragged) KV cache; returns (B, T, Hq, D) bfloat16.
+
+    Args:
+        q: (B, T, Hq, D) bfloat16 (or float32), 1 <= T <= 16; query head n uses KV head n // G.
+        k, v: (B, S, Hkv, D) or stacked (L, B, S, Hkv, D), float8_e4m3fn / float8_e5m2 / bfloat16.
+        lengths: (B,) int32, valid KV tokens per sequence *including* the T new ones (already
+            written): query t sits at position lengths[b] - T + t and sees positions <= it.
+            Needs T <= lengths[b] <= S (checked when concrete; clamped to S under jit).
+        k_scale, v_scale: None (data is the value), per tensor: () / (1,) / (L,) float32 (one per
+            layer), or per (token, head): (B, S, Hkv) / (L, B, S, Hkv) float32 (same as k minus D).
+        layer: int or int32 scalar, required with a stacked cache.
+        sm_scale: softmax scale, default D ** -0.5.
+        config: override the tuned `config_for(B, S)`.
+        interpret: run the Pallas kernel in interpret mode (CPU tests).
+    """
+    stacked, _ = _validate(q, k, v, lengths, k_scale, v_scale, layer)
+    D = q.shape[-1]
+    sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    if not stacked:
+        k, v = k[None], v[None]
+        k_scale = k_scale if k_scale is None or jnp.ndim(k_scale) != 3 else k_scale[None]
+        v_scale = v_scale if v_scale is None or jnp.ndim(v_scale) != 3 else v_scale[None]
+        layer = 0
+    if config is None:
+        config = config_for(q.shape[0], k.shape[2])
+    return _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, sm_scale=sm_scale,
+                                 config=config, interpret=interpret)
+
+
+def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
+                               sm_scale: float | None = None, config=None, interpret=False):
+    """Plain-JAX f32 reference of `decode_attention`, same signature (config/interpret ignored)."""
+    del config, interpret
+    stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer)
+    B, T, Hq, D = q.shape
+    sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    if stacked:
+        k, v = k[layer], v[layer]
+        if per_token:
+            k_scale, v_scale = k_scale[layer], v_scale[layer]
+        else:
+            k_scale = _per_layer_scalar(k_scale, layer, True)
+            v_scale = _per_layer_scalar(v_scale, layer, True)
+    S, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    kf = k.astype(jnp.float32)
+    vf = v.astype(jnp.float32)
+    if per_token:
+        kf = kf * k_scale[..., None]
+        vf = vf * v_scale[..., None]
+    else:
+        kf = kf * _per_layer_scalar(k_scale, 0, False)
+        vf = vf * _per_layer_scalar(v_scale, 0, False)
+    lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), S)
+    qg = q.astype(jnp.float32).reshape(B, T, Hkv, G, D)
+    s = jnp.einsum("bthgd,bshd->bhgts", qg, kf, precision=lax.Precision.HIGHEST) * sm_scale
+    pos = jnp.arange(S)
+    last = lengths[:, None] - T + jnp.arange(T)[None, :]                  # (B, T)
+    visible = pos[None, None, :] <= last[:, :, None]                      # (B, T, S)
+    s = jnp.where(visible[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgts,bshd->bthgd", p, vf, precision=lax.Precision.HIGHEST)
+    return o.reshape(B, T, Hq, D).astype(jnp.bfloat16)

@@ -1,0 +1,167 @@
+"""pallas_kernels.decode_attention: the flash-decoding kernel (interpret mode) vs the f32 reference.
+
+Tolerance: the kernel rounds P (and q) to f16 (2^-11) and the output to bf16 (2^-9 relative, half
+an ulp); accumulation is f32. The relative Frobenius error against the f32 reference rounded to
+bf16 is therefore well under 2^-8; we assert 4e-3.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention as da
+
+TOL = 4e-3  # bf16 output rounding (2^-9) + f16 P rounding (2^-11), see the module docstring
+
+# Small tiling so interpret mode stays fast but the kernel still splits S and masks tails.
+SMALL = da.DecodeAttentionConfig(block_k=32, target_programs=8, min_blocks_per_split=1)
+
+
+def rel_err(out, ref):
+    out = jnp.asarray(out, jnp.float32)
+    ref = jnp.asarray(ref, jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def _quantize(x, dtype, per_token):
+    """x (…, D) f32 -> (data, scale) with x ~ data * scale."""
+    fmax = float(jnp.finfo(dtype).max) if dtype != jnp.bfloat16 else None
+    if fmax is None:
+        return x.astype(dtype), None
+    if per_token:
+        s = jnp.max(jnp.abs(x), axis=-1) / fmax
+        s = jnp.where(s > 0, s, 1.0)
+        return jnp.clip(x / s[..., None], -fmax, fmax).astype(dtype), s
+    s = jnp.max(jnp.abs(x)) / fmax
+    return jnp.clip(x / s, -fmax, fmax).astype(dtype), s
+
+
+def _inputs(key, B, T, Hq, Hkv, D, S, dtype, per_token, L=None):
+    kq, kk, kv, kc = jax.random.split(key, 4)
+    lead = (B,) if L is None else (L, B)
+    q = jax.random.normal(kq, (B, T, Hq, D), jnp.float32).astype(jnp.bfloat16)
+    # Keys with a few outlier channels, as real models have them.
+    k = jax.random.normal(kk, lead + (S, Hkv, D), jnp.float32)
+    k = k * jnp.where(jnp.arange(D) % 17 == 3, 8.0, 1.0)
+    v = jax.random.normal(kv, lead + (S, Hkv, D), jnp.float32) * 2.0
+    kd, ks = _quantize(k, dtype, per_token)
+    vd, vs = _quantize(v, dtype, per_token)
+    return q, kd, vd, ks, vs
+
+
+@pytest.mark.parametrize("dtype,per_token,Hq,Hkv,D", [
+    (jnp.float8_e4m3fn, True, 8, 2, 64),      # G = 4, per-(token, head)
+    (jnp.float8_e5m2, False, 8, 1, 128),      # G = 8, per-tensor, E5M2
+    (jnp.bfloat16, False, 2, 2, 128),         # G = 1, bf16 cache, no scales
+])
+def test_ragged_lengths_match_reference(dtype, per_token, Hq, Hkv, D):
+    # Lengths 1, 17, 128, 1000 in one batch; S_max = 1000 is no multiple of block_k.
+    B, T, S = 4, 1, 1000
+    q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
+                              dtype, per_token)
+    lengths = jnp.array([1, 17, 128, 1000], jnp.int32)
+    out = da.decode_attention(q, k, v, lengths, ks, vs, config=SMALL, interpret=True)
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs)
+    assert out.shape == (B, T, Hq, D) and out.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert rel_err(out, ref) < TOL
+    # Per sequence too, so one short sequence cannot hide behind the long one.
+    for b in range(B):
+        assert rel_err(out[b], ref[b]) < TOL, b
+
+
+def test_chunked_decode_stacked_layers_causal():
+    # T = 3 new tokens (causal among themselves), stacked (L, B, S, Hkv, D) cache, traced layer.
+    L, B, T, Hq, Hkv, D, S = 3, 2, 3, 8, 2, 64, 96
+    q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
+                              jnp.float8_e4m3fn, True, L=L)
+    lengths = jnp.array([3, 70], jnp.int32)
+    f = jax.jit(lambda q, k, v, lengths, ks, vs, layer: da.decode_attention(
+        q, k, v, lengths, ks, vs, layer=layer, config=SMALL, interpret=True))
+    out = f(q, k, v, lengths, ks, vs, jnp.int32(1))
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, layer=1)
+    assert rel_err(out, ref) < TOL
+    # Layer 1 really was read: layer 2's answer differs.
+    other = da.decode_attention_reference(q, k, v, lengths, ks, vs, layer=2)
+    assert rel_err(out, other) > 0.1
+    # Causality: the first new token ignores the two after it.
+    ref_first = da.decode_attention_reference(q[:, :1], k, v, lengths - 2, ks, vs, layer=1)
+    assert rel_err(out[:, :1], ref_first) < TOL
+
+
+def test_per_tensor_scales_stacked_per_layer():
+    L, B, T, Hq, Hkv, D, S = 2, 2, 1, 4, 1, 64, 64
+    key = jax.random.key(np.random.randint(1 << 30))
+    q, k, v, _, _ = _inputs(key, B, T, Hq, Hkv, D, S, jnp.float8_e4m3fn, False, L=L)
+    ks = jnp.array([0.01, 0.03], jnp.float32)
+    vs = jnp.array([0.02, 0.005], jnp.float32)
+    lengths = jnp.array([64, 33], jnp.int32)
+    out = da.decode_attention(q, k, v, lengths, ks, vs, layer=1, config=SMALL, interpret=True)
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, layer=1)
+    assert rel_err(out, ref) < TOL
+
+
+def test_reference_matches_dense_attention():
+    # The reference itself against jax.nn.dot_product_attention on the dequantized cache.
+    B, T, Hq, Hkv, D, S = 2, 1, 8, 2, 64, 40
+    q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
+                              jnp.float8_e4m3fn, True)
+    lengths = jnp.array([40, 40], jnp.int32)
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs)
+    kf = k.astype(jnp.float32) * ks[..., None]
+    vf = v.astype(jnp.float32) * vs[..., None]
+    dense = jax.nn.dot_product_attention(q.astype(jnp.float32), kf, vf)
+    assert rel_err(ref, dense) < 2 ** -8   # bf16 rounding of the reference output
+
+
+def test_config_for_and_splits():
+    for B in (1, 8, 32):
+        for S in (1024, 32768, 131072):
+            cfg = da.config_for(B, S)
+            splits = cfg.num_splits(B, 8, S)
+            assert 1 <= splits <= pl_cdiv(S, cfg.block_k)
+            # Enough programs to fill the GPU whenever S allows.
+            assert B * 8 * splits >= min(cfg.target_programs // 2,
+                                         B * 8 * pl_cdiv(S, cfg.block_k * cfg.min_blocks_per_split))
+
+
+def pl_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(Hq=6, Hkv=4), "multiple of Hkv"),
+    (dict(kD=32), "head dim D=64"),
+    (dict(D=96, kD=96), "64 or 128"),
+    (dict(lengths=[5, 65]), "lengths"),
+    (dict(lengths=[0, 3]), "lengths"),
+    (dict(T=17), "T <= 16"),
+    (dict(ks_shape=(3,)), "k_scale"),
+])
+def test_bad_inputs(bad, match):
+    B, T, Hq, Hkv, D, kD, S = 2, bad.get("T", 1), bad.get("Hq", 8), bad.get("Hkv", 2), \
+        bad.get("D", 64), bad.get("kD", 64), 64
+    q = jnp.zeros((B, T, Hq, D), jnp.bfloat16)
+    k = jnp.zeros((B, S, Hkv, kD), jnp.float8_e4m3fn)
+    lengths = jnp.array(bad.get("lengths", [T, T]), jnp.int32)
+    ks = jnp.ones(bad.get("ks_shape", ()), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        da.decode_attention(q, k, k, lengths, ks, jnp.float32(1.0), interpret=True)
+
+
+def test_stacked_cache_needs_layer():
+    q = jnp.zeros((1, 1, 4, 64), jnp.bfloat16)
+    k = jnp.zeros((2, 1, 32, 1, 64), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="layer"):
+        da.decode_attention(q, k, k, jnp.array([3]), jnp.float32(1), jnp.float32(1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,S", [(8, 4096), (1, 32768)])
+def test_gpu_kernel_matches_reference(B, S):
+    q, k, v, ks, vs = _inputs(jax.random.key(0), B, 1, 32, 8, 128, S, jnp.float8_e4m3fn, True)
+    lengths = jnp.asarray(np.random.randint(1, S + 1, size=B), jnp.int32)
+    out = da.decode_attention(q, k, v, lengths, ks, vs)
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs)
+    assert rel_err(out, ref) < TOL
