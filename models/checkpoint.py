@@ -20,9 +20,8 @@ What a directory may hold:
       - a jfp8 save: `weight` + `weight_scale` with the granularity in jfp8_quant.json.
   * tokenizer.json (read with the `tokenizers` package).
 
-safetensors files are read and written here directly (8-byte header length, JSON header, raw
-little-endian data) through numpy memory maps, because the `safetensors` numpy API has no
-bfloat16 / float8 dtypes; reading maps one tensor at a time.
+safetensors files go through `jfp8.serialization` (memory-mapped, one tensor at a time, FP8 and
+bfloat16 as ml_dtypes arrays), because the `safetensors` numpy API cannot read those dtypes.
 """
 from __future__ import annotations
 
@@ -31,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
@@ -46,64 +44,23 @@ from models.configs import LlamaConfig
 QUANT_FILE = "jfp8_quant.json"  # marks a jfp8-quantized save; holds recipe + granularities
 
 # ---------------------------------------------------------------------------------------------
-# safetensors (read/write with numpy + ml_dtypes)
+# safetensors (jfp8.serialization reads bfloat16 / float8 lazily through a memory map)
 # ---------------------------------------------------------------------------------------------
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """(header dict without __metadata__, byte offset where the data starts)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def iter_safetensors(path: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) one tensor at a time from a memory map (arrays are read-only views)."""
-    header, start = read_safetensors_header(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    for name in (sorted(header) if names is None else names):
-        info = header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r} in {path}: unsupported dtype {info['dtype']}; expected "
-                             f"one of {sorted(_ST_DTYPES)}")
-        b, e = info["data_offsets"]
-        dt = _ST_DTYPES[info["dtype"]]
-        yield name, mm[start + b:start + e].view(dt).reshape(info["shape"])
+def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) one tensor at a time (file order)."""
+    from jfp8.serialization import SafetensorsFile
+    f = SafetensorsFile(path)
+    for name in f.names():
+        try:
+            yield name, f.get(name)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from None
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None):
-    """Write a safetensors file (numpy / ml_dtypes arrays, incl. bfloat16 and float8)."""
-    header, offset, arrays = {}, 0, []
-    for name, a in tensors.items():
-        a = np.ascontiguousarray(np.asarray(a))
-        if a.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays:
-            f.write(a.tobytes())
+    """Write a safetensors file (bfloat16 / float8 included), atomically (temp file + rename)."""
+    from jfp8.serialization import write_safetensors as _write
+    _write(path, tensors, metadata)
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -216,31 +173,29 @@ def _set(tree: dict, path: tuple[str, ...], value):
     tree[path[-1]] = value
 
 
-def _granularity_from_scale(name: str, w_shape, s_shape, aux: str):
-    """Infer the jfp8 granularity of an FP8 checkpoint tensor from its scale's shape."""
+def _granularity_from_scale(name: str, w_shape, s_shape, aux: str, block=(128, 128)):
+    """The jfp8 granularity of an FP8 checkpoint tensor from its scale's shape.
+
+    block: the checkpoint's block (config.json quantization_config.weight_block_size, default
+    128x128), used when the scale is 2-D with more than one column.
+    """
     from jfp8 import PerBlock, PerChannel, PerTensor
     n, k = w_shape
     s_shape = tuple(s_shape)
     if s_shape in ((), (1,), (1, 1)):
         return PerTensor(), (1, 1)
-    if aux == "weight_scale_inv" or (len(s_shape) == 2 and s_shape[1] > 1):
-        if len(s_shape) != 2:
-            raise ValueError(f"tensor {name}.{aux}: expected a 2-D block scale, got shape {s_shape}")
-        bn, bk = -(-n // s_shape[0]), -(-k // s_shape[1])
-        if (-(-n // bn), -(-k // bk)) != s_shape:
-            raise ValueError(f"tensor {name}.{aux}: shape {s_shape} does not tile weight {tuple(w_shape)} "
-                             f"in equal blocks (expected e.g. ({-(-n // 128)}, {-(-k // 128)}) for 128x128)")
-        if (bn, bk) == (1, k):
-            return PerChannel(0), s_shape
-        return PerBlock((bn, bk)), s_shape
-    if s_shape in ((n,), (n, 1)):
+    if s_shape in ((n,), (n, 1)) and aux == "weight_scale":
         return PerChannel(0), (n, 1)
-    raise ValueError(f"tensor {name}.{aux}: expected shape (N, 1)=({n}, 1), (N,), a scalar or a 2-D block "
-                     f"scale for weight {tuple(w_shape)}, got {s_shape}")
+    bn, bk = block
+    want = (-(-n // bn), -(-k // bk))
+    if s_shape == want:
+        return PerBlock((bn, bk)), s_shape
+    raise ValueError(f"tensor {name}.{aux}: expected shape {want} ({bn}x{bk} blocks of weight "
+                     f"{tuple(w_shape)}), ({n}, 1) per channel, or a scalar; got {s_shape}")
 
 
 def params_from_hf(cfg: LlamaConfig, tensors, recipe=None, *, dtype=jnp.bfloat16,
-                   progress: bool = False, keep_fp8: bool = True):
+                   progress: bool = False, keep_fp8: bool = True, fp8_block=(128, 128)):
     """Turn HF-named tensors into our params tree, streaming tensor by tensor.
 
     Args:
@@ -255,14 +210,16 @@ def params_from_hf(cfg: LlamaConfig, tensors, recipe=None, *, dtype=jnp.bfloat16
       progress: show a tqdm bar.
       keep_fp8: with recipe None, keep FP8 checkpoint tensors as QArrays (True) or dequantize
         them to `dtype` kernels (False: a BF16 model from an FP8 checkpoint).
+      fp8_block: block shape of block-scaled FP8 checkpoints (`weight_block_size`).
     Returns: the params tree (a nested dict; QArray leaves for quantized kernels).
     Raises ValueError naming the tensor for missing, unexpected or mis-shaped tensors and
     unsupported dtypes.
     """
-    return _params_from_hf(cfg, tensors, recipe, dtype=dtype, progress=progress, keep_fp8=keep_fp8)[0]
+    return _params_from_hf(cfg, tensors, recipe, dtype=dtype, progress=progress, keep_fp8=keep_fp8,
+                           fp8_block=fp8_block)[0]
 
 
-def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8):
+def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_block=(128, 128)):
     """params_from_hf, also returning {granularity repr: count} of the FP8 tensors found."""
     import jfp8
     expected = expected_tensors(cfg)
@@ -279,7 +236,7 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8):
         path = param_path(name)
         gran = None if recipe is None else recipe.weight_granularity_for("/".join(path))
         if scale is not None:  # an FP8 checkpoint tensor
-            ck_gran, s_shape = _granularity_from_scale(name, w.shape, scale.shape, aux)
+            ck_gran, s_shape = _granularity_from_scale(name, w.shape, scale.shape, aux, fp8_block)
             if w.dtype not in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
                 raise ValueError(f"tensor {name}: has a {aux} so expected float8_e4m3fn/e5m2, got {w.dtype}")
             q = jfp8.from_parts(jnp.asarray(w), jnp.asarray(np.asarray(scale, np.float32).reshape(s_shape)),
@@ -406,8 +363,11 @@ def load(path: str, quantize=None, *, dtype=jnp.bfloat16, progress: bool = True)
     if os.path.exists(qfile):
         with open(qfile) as f:
             saved_recipe = jfp8.Recipe.from_name(json.load(f)["recipe"])
+    with open(os.path.join(path, "config.json")) as f:
+        qcfg = json.load(f).get("quantization_config") or {}
+    block = tuple(qcfg.get("weight_block_size") or (128, 128))
     params, found = _params_from_hf(cfg, iter_checkpoint(path), recipe, dtype=dtype, progress=progress,
-                                    keep_fp8=True)
+                                    keep_fp8=True, fp8_block=block)
     model_recipe = recipe or saved_recipe or _recipe_for(found)
     return Llama(cfg, recipe=model_recipe, dtype=dtype), params
 
