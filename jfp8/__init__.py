@@ -11,6 +11,8 @@ from jfp8.formats import (BF16, E4M3, E4M3FNUZ, E5M2, E5M2FNUZ, FP16, FP32, FP8_
 from jfp8.metrics import QuantizationError, quantization_error
 from jfp8.ops import get_backend, matmul, set_backend, use_backend
 from jfp8.params import QuantizationSummary, quantization_summary, quantize_params
+from jfp8 import attention, kv_cache
+from jfp8.kv_cache import KVCache
 from jfp8.qarray import QArray, from_parts, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import (DelayedScalingState, PerBlock, PerChannel, PerTensor, compute_scale,
@@ -24,5 +26,5 @@ __all__ = [
     "set_backend", "use_backend", "QArray", "from_parts", "quantize", "Recipe",
     "DelayedScalingState", "PerBlock", "PerChannel", "PerTensor", "compute_scale",
     "delayed_scaling_init", "delayed_scaling_update", "scale_shape", "QuantizationSummary",
-    "quantization_summary", "quantize_params",
+    "quantization_summary", "quantize_params", "attention", "kv_cache", "KVCache",
 ]
