@@ -23,6 +23,7 @@ transposed once, here, so FP8 GEMMs read both operands K-major (`jfp8.nn.FP8Dens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -137,8 +138,8 @@ def plan(params, recipe: Recipe | None = None, *, include: PathRule = DEFAULT_IN
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_kernel(kernel, fmt: Format, gran: Granularity) -> QArray:
-    kernel = jnp.asarray(kernel)
     if kernel.ndim == 2:
         return quantize(kernel.T, fmt, gran)
     # A stack (..., K, N): one QArray with the leading axes on data and scale alike.

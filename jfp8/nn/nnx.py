@@ -113,7 +113,7 @@ def quantize_model(model: nnx.Module, recipe: Recipe | None = None, **rules) -> 
     """Replace the model's linear kernels by QArrays (N, K) in place, by `quantize_params` rules
     (`include`, `exclude`, `overrides`, `stacked`). Returns the model."""
     state = nnx.state(model, nnx.Param)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
     quantized = quantize_params(pure, recipe, **rules)
     nnx.replace_by_pure_dict(state, quantized)
     nnx.update(model, state)
