@@ -343,3 +343,27 @@ def is_gguf(path: str | os.PathLike) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
+
+
+def load(path: str | os.PathLike, quantize=None, *, dtype=None, progress: bool = False):
+    """Load a GGUF model -> (model, params, gguf_model), quantizing tensor by tensor.
+
+    quantize: a jfp8.Recipe (or preset name) for the linear weights, or None for a high-precision
+      model (the GGUF's weights dequantized). dtype: activation / high-precision param dtype
+      (default bfloat16).
+    The returned `gguf_model` carries the tokenizer, BOS/EOS ids and chat template.
+    """
+    import jax.numpy as jnp
+
+    import jfp8
+    from models import checkpoint
+    from models.configs import LlamaConfig
+    from models.llama import Llama
+
+    dtype = jnp.bfloat16 if dtype is None else dtype
+    if isinstance(quantize, str):
+        quantize = jfp8.Recipe.from_name(quantize)
+    g = read_gguf(path)
+    cfg = LlamaConfig.from_hf(g.config)
+    params = checkpoint.params_from_hf(cfg, g.tensors(), quantize, dtype=dtype, progress=progress)
+    return Llama(cfg, recipe=quantize, dtype=dtype, param_dtype=dtype), params, g
