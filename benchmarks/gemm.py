@@ -153,10 +153,14 @@ def run(args):
               triton_tuning={f"{k[0]}/{k[1]}": vars(v) for k, v in G.TUNING.items()},
               mosaic_tuning={k: vars(v) for k, v in MG.TUNING.items()},
               tuning_from_sweep=chosen)
+  print(json.dumps({"meta": meta}), flush=True)
   rows = []
   todo = shapes()
   if args.quick:
     todo = [s for s in todo if s[3] in ("8192^3", "gate_up M=2048")]
+  if args.labels:
+    wanted = args.labels.split(",")
+    todo = sorted((s for s in todo if s[3] in wanted), key=lambda s: wanted.index(s[3]))
   for m, n, k, label in todo:
     a, b, q = make_operands(m, n, k)
     refs = {}
@@ -189,6 +193,30 @@ def run(args):
       rows.append(row)
       del ref
     del a, b, q, refs
+  return meta, rows
+
+
+def from_logs(paths):
+  """Rows and per-run metadata from the JSON-lines logs of earlier runs (first row per
+  (shape, variant) wins, so list the logs in the order their rows should be preferred)."""
+  runs, rows, seen = [], [], set()
+  for path in paths:
+    for line in open(path):
+      if not line.startswith("{"):
+        continue
+      obj = json.loads(line)
+      if "meta" in obj:
+        runs.append(dict(obj["meta"], log=os.path.basename(path)))
+        continue
+      key = (obj["shape"], obj["variant"])
+      if key not in seen:
+        seen.add(key)
+        rows.append(dict(obj, log=os.path.basename(path)))
+  order = {s[3]: i for i, s in enumerate(shapes())}
+  rows.sort(key=lambda r: order.get(r["shape"], 99))
+  first = runs[0] if runs else {}
+  meta = dict(device=first.get("device", "?"), jax=first.get("jax", "?"),
+              date=first.get("date", "?"), timing=first.get("timing", "?"), runs=runs)
   return meta, rows
 
 
@@ -250,9 +278,15 @@ def main():
   p.add_argument("--quick", action="store_true", help="two shapes only")
   p.add_argument("--only", default="", help="comma-separated variant name prefixes")
   p.add_argument("--tuning-from", default="", help="gemm_sweep.json whose winners to use")
+  p.add_argument("--labels", default="", help="comma-separated shape labels to run, in order")
+  p.add_argument("--from-logs", default="",
+                 help="comma-separated logs of earlier runs (JSON lines): summarise, no timing")
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  meta, rows = run(args)
+  if args.from_logs:
+    meta, rows = from_logs(args.from_logs.split(","))
+  else:
+    meta, rows = run(args)
   table, ratios = summarize(meta, rows)
   json.dump(dict(meta=meta, rows=rows, ratios=ratios), open(os.path.join(args.out, "gemm.json"), "w"),
             indent=1)

@@ -85,24 +85,27 @@ TUNING: dict[tuple[str, str], GemmConfig] = {
     ("plain", "small"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
     ("plain", "medium"): GemmConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8),
     ("plain", "large"): GemmConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8),
-    ("block", "small"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
-    ("block", "medium"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
-    ("block", "large"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
+    ("block", "small"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=0),
+    ("block", "medium"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=0),
+    ("block", "large"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=0),
 }
 
 # Measured backend choice per (layout, M class): which of the Triton kernel and the Mosaic GPU
-# kernel (fp8_gemm_mgpu.py) was faster in benchmarks/results/gemm.json. Shapes the Mosaic kernel
-# does not take (see fp8_gemm_mgpu.supports) always go to Triton.
+# kernel (fp8_gemm_mgpu.py) was faster in benchmarks/results/gemm.json (H100, M = 2048 and 8192:
+# Mosaic won every block and per-tensor shape; row was a tie, 4 of 7 shapes to Triton). The small
+# class (decode, M <= 64) was not measured here: Triton (decode shapes go to fp8_gemv anyway).
+# Shapes the Mosaic kernel does not take without padding the weight (fp8_gemm_mgpu.supports)
+# always go to Triton.
 BACKEND_TABLE: dict[tuple[str, str], str] = {
     ("tensor", "small"): "triton",
-    ("tensor", "medium"): "triton",
-    ("tensor", "large"): "triton",
+    ("tensor", "medium"): "mosaic",
+    ("tensor", "large"): "mosaic",
     ("row", "small"): "triton",
     ("row", "medium"): "triton",
     ("row", "large"): "triton",
     ("block", "small"): "triton",
-    ("block", "medium"): "triton",
-    ("block", "large"): "triton",
+    ("block", "medium"): "mosaic",
+    ("block", "large"): "mosaic",
 }
 
 
