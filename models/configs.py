@@ -205,7 +205,7 @@ def _llama3_scaling(factor: float) -> tuple[tuple[str, Any], ...]:
 
 CONFIGS: dict[str, LlamaConfig] = {
     # CPU tests and `jfp8 demo`: every width a multiple of 128 so 128x128 weight blocks are whole.
-    "tiny": LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=4,
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0,
                         max_position_embeddings=2048, bos_token_id=1, eos_token_ids=(2,)),
     "llama3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
