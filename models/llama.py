@@ -275,7 +275,11 @@ def _random_leaf(key, shape, dtype, kind):
 
 def quantize_params(params: Params, recipe) -> Params:
     """Quantize every linear kernel (K, N) of a BF16 param tree to a QArray (N, K) by `recipe`."""
-    return _quantize_params_jit(params, recipe)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    if n < 50_000_000:
+        return _quantize_params_jit(params, recipe)
+    from jfp8.params import quantize_params as _quantize_params  # per kernel: bounded peak memory
+    return _quantize_params(params, recipe)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
