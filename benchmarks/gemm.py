@@ -149,7 +149,7 @@ def run(args):
   meta = dict(device=str(getattr(device, "device_kind", device)), jax=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               triton_shim=_triton_fp8_shim.status(), mosaic=MG.unavailable_reason() or "available",
-              timing=f"median of {args.reps} batches x {args.calls} calls",
+              timing=f"median of {args.reps} batches x >={args.calls} calls (>=25 ms per batch)",
               triton_tuning={f"{k[0]}/{k[1]}": vars(v) for k, v in G.TUNING.items()},
               mosaic_tuning={k: vars(v) for k, v in MG.TUNING.items()},
               tuning_from_sweep=chosen)
@@ -246,6 +246,15 @@ def summarize(meta, rows):
     ratios[shape] = dict(triton_block_vs_bf16=r1, best_block_vs_xla_fp8=r2)
     fmt = lambda x: "-" if x is None else f"{x:.2f}x"
     lines.append(f"| {shape} | " + " | ".join(cells) + f" | {fmt(r1)} | {fmt(r2)} |")
+  lines += ["", "GB/s (A and B read once, C written once; bf16 operands for xla_bf16, FP8 otherwise):", "",
+            "| shape | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+  for shape, vs in by.items():
+    cells = [f"{vs[v]['gbps']:.0f}" if "gbps" in vs.get(v, {}) else "-" for v in names]
+    lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+  for run_meta in meta.get("runs", []):
+    lines.append(f"\nRun {run_meta.get('log')}: {run_meta.get('device')}, jax {run_meta.get('jax')}, "
+                 f"{run_meta.get('date')}, {run_meta.get('timing')}. {run_meta.get('note', '')}")
+  lines.append("\nEach shape's variants, baselines included, were timed in the same run.")
   return "\n".join(lines) + "\n", ratios
 
 
