@@ -1,0 +1,127 @@
+"""The Pallas branches of `jfp8.matmul` (backends "pallas" and "interpret").
+
+Called by `jfp8.ops.matmul` with x2 an (M, K) array or QArray, wq an (N, K) QArray and a concrete
+recipe. "interpret" runs the same kernels with interpret=True (CPU tests). The numerics contract is
+the one of `jfp8.ops` on every path: activations are quantized exactly as `jfp8.quantize` does
+(the quantize kernel is bit-exact with it), products are exact, sums are f32, bias in f32, one
+output cast. So backends differ only by f32 summation order (and, for FP8 tensor cores, the
+per-128-K promotion).
+
+Which kernel, by shape and recipe:
+
+| case | kernel |
+|---|---|
+| M <= 64, weights-only recipe, x bf16/f16 | `fp8_gemv` W8A16 (FP8 weights upcast in registers) |
+| M <= 64, FP8 activations (x quantized here, or given as a QArray) | `fp8_gemv` W8A8, or `fp8_gemm` where `DECODE_KERNEL` measured it faster |
+| M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
+| anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
+
+Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
+per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.
+
+Weights-only (W8A16) vs W8A8 is the recipe's choice, not a speed choice: the two compute
+different functions (W8A8 rounds the activations to FP8), and the contract says every backend
+computes the same one. The measured cost of each at decode shapes is in
+benchmarks/results/gemm_decode.md (W8A8 pays the extra quantize launch).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jfp8.qarray import QArray, quantize
+from jfp8.recipe import Recipe
+from jfp8.scaling import PerBlock, PerChannel, PerTensor
+from pallas_kernels import fp8_gemv
+from pallas_kernels import quantize as quantize_kernel
+
+#: Largest M the decode kernel takes.
+DECODE_MAX_M = fp8_gemv.MAX_M
+
+# W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M <= 16 /
+# M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100, same run:
+# "w8a8_block_incl_quant" vs "fp8_gemm_block_incl_quant").
+DECODE_KERNEL: dict[str, str] = {"m16": "gemv", "m64": "gemv"}
+
+_E4M3 = jnp.dtype(jnp.float8_e4m3fn)
+
+
+def _m_class(m: int) -> str:
+    return "m16" if m <= 16 else "m64"
+
+
+def weight_layout(wq: QArray) -> str | None:
+    """The kernel scale layout of a 2-D (N, K) weight, or None if no kernel takes it."""
+    g = wq.granularity
+    if isinstance(g, PerTensor):
+        return "tensor"
+    if isinstance(g, PerChannel) and g.axis % 2 == 0:
+        return "row"
+    if isinstance(g, PerBlock) and g.block_shape(wq.shape) == (128, 128):
+        return "block"
+    return None
+
+
+def act_kind(xq: QArray) -> str | None:
+    """The activation scale kind of a 2-D (M, K) QArray: "tensor", "row", "group" or None."""
+    g = xq.granularity
+    if isinstance(g, PerTensor):
+        return "tensor"
+    if isinstance(g, PerChannel) and g.axis % 2 == 0:
+        return "row"
+    if isinstance(g, PerBlock) and g.block_shape(xq.shape) == (1, 128):
+        return "group"
+    return None
+
+
+def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:
+    """(M, K) x -> QArray per the recipe's activation format and granularity (bit-exact with
+    `jfp8.quantize`), through the fused kernel where it has the layout."""
+    fmt, gran = recipe.act_format, recipe.act_granularity
+    layout = None
+    if isinstance(gran, PerTensor):
+        layout = "tensor"
+    elif isinstance(gran, PerBlock) and gran.block_shape(x2.shape) == (1, 128):
+        layout = "group"
+    if layout is None or jnp.dtype(x2.dtype) not in quantize_kernel.IN_DTYPES:
+        return quantize(x2, fmt, gran)
+    data, scale = quantize_kernel.quantize_fp8(x2, layout=layout, dtype=fmt.dtype, interpret=interpret)
+    return QArray(data=data, scale=scale, format=fmt, granularity=gran)
+
+
+def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool):
+    """y (M, N) = x2 · wqᵀ (+ bias) on the Pallas kernels, falling back to XLA where none fits."""
+    from jfp8 import ops  # the XLA path lives there; imported late (ops imports this module lazily)
+
+    w_layout = weight_layout(wq)
+    m = x2.shape[0]
+    fallback = lambda x: ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype, recipe=recipe)
+    if w_layout is None or m == 0:
+        return fallback(x2)
+
+    if not isinstance(x2, QArray) and recipe.act_format is None:          # W8A16
+        if m <= DECODE_MAX_M and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES:
+            return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
+                                     out_dtype=out_dtype, interpret=interpret)
+        return fallback(x2)
+
+    xq = x2 if isinstance(x2, QArray) else quantize_activations(x2, recipe, interpret=interpret)
+    kind = act_kind(xq)
+    if kind is None:
+        return fallback(xq)
+    use_gemm = m > DECODE_MAX_M or DECODE_KERNEL[_m_class(m)] == "gemm"
+    gemm_layout = {("tensor", "tensor"): "tensor", ("row", "row"): "row",
+                   ("group", "block"): "block"}.get((kind, w_layout))
+    gemm_ok = (gemm_layout is not None and jnp.dtype(xq.dtype) == _E4M3
+               and jnp.dtype(wq.dtype) == _E4M3 and wq.shape[1] % 16 == 0)
+    if use_gemm and gemm_ok:
+        from pallas_kernels import fp8_gemm
+        fn = fp8_gemm.fp8_gemm
+        if not interpret and fp8_gemm.pick_gemm_backend(m, wq.shape[0], wq.shape[1], gemm_layout) == "mosaic":
+            from pallas_kernels import fp8_gemm_mgpu
+            fn = fp8_gemm_mgpu.fp8_gemm
+        return fn(xq.data, wq.data, xq.scale, wq.scale, layout=gemm_layout, bias=bias,
+                  out_dtype=out_dtype, interpret=interpret)
+    if m <= DECODE_MAX_M:
+        return fp8_gemv.fp8_gemv(xq.data, wq.data, xq.scale, wq.scale, layout=w_layout, bias=bias,
+                                 out_dtype=out_dtype, interpret=interpret)
+    return fallback(xq)

@@ -1,0 +1,455 @@
+"""Decode-shaped FP8 matmul (M <= 64): weight-bandwidth bound, Pallas lowered through Triton.
+
+    C[m, n] = sum_k (A[m, k] * sa) * (W[n, k] * sw) + bias[n]     (f32 math, bf16/f32 output)
+
+Two modes, picked by a's dtype:
+- W8A16: `a: (M, K) bfloat16 | float16`, `a_scale=None`. FP8 weights are upcast to bf16 in
+  registers; bf16 x e4m3 products are exact in f32, so only the f32 summation order differs from
+  the reference.
+- W8A8: `a: (M, K) float8_e4m3fn` with `a_scale` (1, 1), (M, 1) or (M, ceil(K/128)) float32 (per
+  tensor, per token, per 1x128 token group). Both operands are upcast to bf16 (exact), so the
+  products are exact too; FP8 tensor cores (wgmma) need M >= 64 and buy nothing at these shapes.
+
+`w: (N, K) float8_e4m3fn` (out, in), K-major, with `w_scale` in the layouts of `fp8_gemm`:
+"tensor" (1, 1), "row" (N, 1), "block" (ceil(N/128), ceil(K/128)). Per-tensor / per-row scales
+are applied once in the epilogue; block and token-group scales per 128-wide K block inside the
+loop (each block's partial product is scaled before it joins the f32 accumulator).
+
+The kernel reads each weight byte once: grid (ceil(N / block_n), split_k); a program walks its
+K range in `block_k` steps. With split_k == 1 the program writes the final (M, N) output (scales,
+bias, cast fused) and the matmul is one launch; with split_k > 1 it writes f32 partials that XLA
+sums (one small fused epilogue). M is padded to a power of two >= 16 inside the kernel (masked
+loads, nothing is copied), since Triton's dot needs 16 rows; M == 1 may instead use an
+elementwise multiply-accumulate over a (block_n, block_k) f32 tile reduced once at the end
+(`use_dot=False`). `swap_ab` computes the transposed product Wtile·Aᵀ, putting the weight in the
+dot's left operand (the one Hopper's wgmma can take from registers).
+
+Notes that apply (notes/h100.md): time decode kernels as a decode step runs them (many distinct
+weights in one jit); XLA's FP8-upcast dot reads FP8 at 56-79% of the copy ceiling, which is the
+figure to beat. The tuning table comes from benchmarks/gemm_decode.py (results/gemm_decode.json).
+
+Public: `fp8_gemv`, `fp8_gemv_reference`, `GemvConfig`, `config_for`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:
+    from jax.experimental.pallas import triton as _pltriton
+    _TritonParams = getattr(_pltriton, "CompilerParams", None) or getattr(
+        _pltriton, "TritonCompilerParams")
+except Exception:  # pragma: no cover - jax without the Triton backend
+    _pltriton = None
+    _TritonParams = None
+
+LAYOUTS = ("tensor", "row", "block")
+#: K width of one scale block ("block" weight layout, 1x128 activation groups).
+SCALE_BLOCK = 128
+#: Largest M this path takes; larger M belongs to the GEMM (fp8_gemm).
+MAX_M = 64
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+ACT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_MIN_DOT_M = 16  # Triton's dot needs at least 16 rows
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Tile and launch parameters of the decode kernel.
+
+    Attributes:
+      block_n: weight rows per program (power of two; must divide 128 for the "block" layout).
+      block_k: K per loop step (power of two; a multiple of 128 when scales vary along K).
+      split_k: programs sharing one row block's K range (partials summed by XLA when > 1).
+      use_dot: tensor-core dot on M padded to 16 rows; False = elementwise FMA (M == 1 only).
+      swap_ab: compute (Wtile · Aᵀ) so the weight tile is the dot's left operand.
+      prefetch: carry the next step's raw tiles through the loop (manual double buffering).
+      num_warps, num_stages: Triton launch parameters (stages = software-pipelining depth).
+    """
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    use_dot: bool = True
+    swap_ab: bool = False
+    prefetch: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name, least in (("block_n", 1), ("block_k", 16)):
+            v = getattr(self, name)
+            if v < least or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name}: expected a power of two >= {least}, got {v}")
+        if self.use_dot and self.block_n < 16:
+            raise ValueError(f"GemvConfig.block_n: the dot path needs >= 16 rows, got {self.block_n}")
+        if self.split_k < 1:
+            raise ValueError(f"GemvConfig.split_k: expected >= 1, got {self.split_k}")
+
+
+# Tuning table: (M class, N class, K class) -> config; classes from `_shape_class`. Filled from
+# benchmarks/results/gemm_decode.json (H100 80GB HBM3, jax 0.11.2); see that script's sweep.
+TUNING: dict[tuple[str, str, str], GemvConfig] = {
+    ("m1", "n_small", "k_short"): GemvConfig(block_n=16, block_k=512, split_k=1, use_dot=False),
+    ("m1", "n_small", "k_long"): GemvConfig(block_n=16, block_k=512, split_k=1, use_dot=False),
+    ("m1", "n_large", "k_short"): GemvConfig(block_n=32, block_k=512, split_k=1, use_dot=False),
+    ("m1", "n_large", "k_long"): GemvConfig(block_n=32, block_k=512, split_k=1, use_dot=False),
+    ("m16", "n_small", "k_short"): GemvConfig(block_n=16, block_k=512, split_k=1),
+    ("m16", "n_small", "k_long"): GemvConfig(block_n=16, block_k=512, split_k=1),
+    ("m16", "n_large", "k_short"): GemvConfig(block_n=64, block_k=256, split_k=1),
+    ("m16", "n_large", "k_long"): GemvConfig(block_n=64, block_k=256, split_k=1),
+    ("m64", "n_small", "k_short"): GemvConfig(block_n=32, block_k=256, split_k=1),
+    ("m64", "n_small", "k_long"): GemvConfig(block_n=32, block_k=256, split_k=1),
+    ("m64", "n_large", "k_short"): GemvConfig(block_n=64, block_k=128, split_k=1),
+    ("m64", "n_large", "k_long"): GemvConfig(block_n=64, block_k=128, split_k=1),
+}
+
+
+def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
+    m_class = "m1" if m == 1 else ("m16" if m <= 16 else "m64")
+    n_class = "n_small" if n <= 8192 else "n_large"
+    k_class = "k_short" if k <= 8192 else "k_long"
+    return m_class, n_class, k_class
+
+
+def config_for(m: int, n: int, k: int, layout: str, *, w8a8: bool = False) -> GemvConfig:
+    """The tuned config for a shape, made valid for the layout (block scales need block_n | 128
+    and block_k a multiple of 128) and for the sizes (no tile wider than the padded array)."""
+    del w8a8  # one table serves both modes: the weight stream is the same
+    cfg = TUNING[_shape_class(m, n, k)]
+    if m > 1 and not cfg.use_dot:
+        cfg = dataclasses.replace(cfg, use_dot=True)
+    block_n = min(cfg.block_n, max(16, _next_pow2(n)))
+    block_k = min(cfg.block_k, max(16, _next_pow2(k)))
+    if layout == "block":
+        block_n = min(block_n, SCALE_BLOCK)
+        block_k = max(block_k, SCALE_BLOCK)
+    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# kernel body
+
+
+def _load(ref, mask):
+    """Masked load; masked-off lanes are left undefined (callers zero them after the upcast:
+    Triton cannot build an FP8 `other` value)."""
+    if mask is None:
+        return ref[...]
+    return _pltriton.load(ref, mask=mask)
+
+
+def _zero_outside(x, mask):
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
+                     block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
+                     prefetch, mask_m, mask_n, mask_k):
+    """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk).
+
+    a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
+    scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
+    o_ref (M, N) when `final`, else (split_k * m_pad, N) f32 partials.
+
+    With `prefetch`, the loop carries the raw tiles (and block scales) of the next step, so
+    their loads are in flight while the current step computes (Triton's own pipeliner only
+    covers loads that feed a dot).
+    """
+    if has_bias:
+        bias_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    i_n = pl.program_id(0)
+    i_split = pl.program_id(1)
+    n0 = i_n * block_n
+    k_begin = i_split * k_chunk
+    num_steps = k_chunk // block_k
+    k_blocked = a_kind == "group" or w_kind == "block"
+    sub_k = SCALE_BLOCK if k_blocked else block_k
+    num_sub = block_k // sub_k
+    compute_dtype = jnp.bfloat16 if use_dot else jnp.float32
+    rows_m = jnp.arange(m_pad)[:, None]
+    rows_n = n0 + jnp.arange(block_n)[:, None]
+
+    def a_mask(k0):
+        if not (mask_m or mask_k):
+            return None
+        return (rows_m < m) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
+
+    def w_mask(k0):
+        if not (mask_n or mask_k):
+            return None
+        return (rows_n < n) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
+
+    def scale_of(k0):
+        """Scale of the 128-wide K block at k0: (m_pad, 1) | (1, m_pad) | (1, 1) f32."""
+        kb = jnp.minimum(k0 // SCALE_BLOCK, pl.cdiv(k, SCALE_BLOCK) - 1)
+        s = None
+        if w_kind == "block":
+            s = w_scale_ref[pl.ds(n0 // SCALE_BLOCK, 1), pl.ds(kb, 1)]            # (1, 1)
+        if a_kind == "group":
+            ma = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
+            sa = _zero_outside(_load(a_scale_ref.at[pl.ds(kb, 1), pl.ds(0, m_pad)], ma), ma)
+            if not swap_ab:
+                sa = sa.reshape(m_pad, 1)
+            s = sa if s is None else sa * s
+        return s
+
+    def fetch(step):
+        """Raw (not yet upcast) tiles of one step, and their block scales."""
+        tiles = []
+        for sub in range(num_sub):
+            k0 = k_begin + step * block_k + sub * sub_k
+            a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
+            w = _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)], w_mask(k0))
+            tiles.append((a, w, scale_of(k0) if k_blocked else None))
+        return tiles
+
+    def compute(step, tiles, acc):
+        for sub, (a, w, s) in enumerate(tiles):
+            k0 = k_begin + step * block_k + sub * sub_k
+            a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
+            w = _zero_outside(w.astype(compute_dtype), w_mask(k0))
+            if not use_dot:                               # m_pad == 1: FMA tile (block_n, sub_k)
+                part = w * (a if s is None else a * s)
+            elif swap_ab:                                 # (block_n, m_pad)
+                part = lax.dot_general(w, a, (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+            else:                                         # (m_pad, block_n)
+                part = lax.dot_general(a, w, (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)
+            if use_dot and s is not None:
+                part = part * s
+            acc = acc + part
+        return acc
+
+    if not use_dot:
+        acc0 = jnp.zeros((block_n, sub_k), jnp.float32)
+    elif swap_ab:
+        acc0 = jnp.zeros((block_n, m_pad), jnp.float32)
+    else:
+        acc0 = jnp.zeros((m_pad, block_n), jnp.float32)
+    if prefetch:
+        def body(step, carry):
+            acc, tiles = carry
+            nxt = fetch(jnp.minimum(step + 1, num_steps - 1))   # the last step re-reads (L2)
+            return compute(step, tiles, acc), nxt
+        acc, _ = lax.fori_loop(0, num_steps, body, (acc0, fetch(0)))
+    else:
+        acc = lax.fori_loop(0, num_steps, lambda step, acc: compute(step, fetch(step), acc), acc0)
+    if not use_dot:
+        acc = jnp.sum(acc, axis=1)[None, :]               # (1, block_n)
+    elif swap_ab:
+        acc = acc.T                                       # (m_pad, block_n)
+
+    cols_n = n0 + jnp.arange(block_n)[None, :]
+    if not final:
+        mask = jnp.broadcast_to(cols_n < n, acc.shape) if mask_n else None
+        _store(o_ref.at[pl.ds(i_split * m_pad, m_pad), pl.ds(n0, block_n)], acc, mask)
+        return
+    ma = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
+    mn = (cols_n < n) if mask_n else None
+    if a_kind == "tensor":
+        acc = acc * a_scale_ref[pl.ds(0, 1), pl.ds(0, 1)]
+    elif a_kind == "row":
+        sa = _zero_outside(_load(a_scale_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], ma), ma)
+        acc = acc * sa.reshape(m_pad, 1)
+    if w_kind == "tensor":
+        acc = acc * w_scale_ref[pl.ds(0, 1), pl.ds(0, 1)]
+    elif w_kind == "row":
+        acc = acc * _zero_outside(_load(w_scale_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], mn), mn)
+    if has_bias:
+        acc = acc + _zero_outside(
+            _load(bias_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], mn).astype(jnp.float32), mn)
+    mask = None
+    if mask_m or mask_n:
+        mask = (rows_m < m) & (cols_n < n)
+    _store(o_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+
+
+def _store(ref, value, mask):
+    if mask is None:
+        ref[...] = value
+    else:
+        _pltriton.store(ref, value, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# wrapper
+
+
+def _a_kind(a_scale, m: int, k: int) -> str | None:
+    if a_scale is None:
+        return None
+    kb = -(-k // SCALE_BLOCK)
+    shape = tuple(a_scale.shape)
+    if shape == (1, 1):
+        return "tensor"
+    if shape == (m, 1):
+        return "row"
+    if shape == (m, kb):
+        return "group"
+    raise ValueError(f"a_scale: expected (1, 1), ({m}, 1) or ({m}, {kb}) float32, got {shape}")
+
+
+def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    for name, x in (("a", a), ("w", w)):
+        if not hasattr(x, "shape") or len(x.shape) != 2:
+            raise ValueError(f"{name}: expected a 2-D array, got shape {getattr(x, 'shape', None)}")
+    m, k = a.shape
+    n, kw = w.shape
+    if kw != k:
+        raise ValueError(f"w: expected (N, K) with K={k} (a is {a.shape}), got {w.shape}")
+    if m < 1 or m > MAX_M:
+        raise ValueError(f"a: expected 1 <= M <= {MAX_M} rows (decode path; use fp8_gemm for "
+                         f"more), got M={m}")
+    if n < 1 or k < 1:
+        raise ValueError(f"w: expected non-empty (N, K), got {w.shape}")
+    if jnp.dtype(w.dtype) not in FP8_DTYPES:
+        raise TypeError(f"w: expected float8_e4m3fn or float8_e5m2, got {w.dtype}")
+    a_dtype = jnp.dtype(a.dtype)
+    if a_dtype in FP8_DTYPES:
+        if a_scale is None:
+            raise ValueError("a_scale: an FP8 `a` (W8A8) needs its scales, got None")
+    elif a_dtype in ACT_DTYPES:
+        if a_scale is not None:
+            raise ValueError(f"a_scale: expected None for a {a_dtype} `a` (W8A16), got an array")
+    else:
+        raise TypeError(f"a: expected bfloat16 / float16 (W8A16) or float8_e4m3fn (W8A8), got {a.dtype}")
+    kind = _a_kind(a_scale, m, k)
+    if a_scale is not None and jnp.dtype(a_scale.dtype) != jnp.float32:
+        raise TypeError(f"a_scale: expected float32, got {a_scale.dtype}")
+    expected = {"tensor": (1, 1), "row": (n, 1),
+                "block": (-(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK))}[layout]
+    if not hasattr(w_scale, "shape") or tuple(w_scale.shape) != expected:
+        raise ValueError(f"w_scale: expected {expected} float32 for layout {layout!r}, got "
+                         f"{getattr(w_scale, 'shape', None)}")
+    if jnp.dtype(w_scale.dtype) != jnp.float32:
+        raise TypeError(f"w_scale: expected float32, got {w_scale.dtype}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: expected shape ({n},), got {bias.shape}")
+    if jnp.dtype(out_dtype) not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of bfloat16, float16, float32, got {out_dtype}")
+    return kind
+
+
+def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
+             config: GemvConfig | None = None, interpret: bool = False):
+    """C = (a · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64).
+
+    Args:
+      a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8).
+      w: (N, K) float8_e4m3fn weights.
+      a_scale: None, or (1, 1) | (M, 1) | (M, ceil(K/128)) float32.
+      w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
+        "tensor" | "row" | "block".
+      layout: the weight scale layout.
+      bias: optional (N,) array, added in f32 before the output cast.
+      out_dtype: bfloat16 (default), float16 or float32.
+      config: GemvConfig override; default `config_for(M, N, K, layout)`.
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
+    Returns: (M, N) out_dtype.
+    """
+    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype)
+    m, k = a.shape
+    n = w.shape[0]
+    cfg = config_for(m, n, k, layout, w8a8=a_scale is not None) if config is None else config
+    k_blocked = a_kind == "group" or layout == "block"
+    if k_blocked and cfg.block_k % SCALE_BLOCK:
+        raise ValueError(f"config: block_k must be a multiple of {SCALE_BLOCK} when scales vary "
+                         f"along K, got {cfg.block_k}")
+    if layout == "block" and SCALE_BLOCK % cfg.block_n:
+        raise ValueError(f"config: block_n must divide {SCALE_BLOCK} for the block layout, got "
+                         f"{cfg.block_n}")
+    if not cfg.use_dot and m != 1:
+        raise ValueError(f"config: use_dot=False needs M == 1, got M={m}")
+    return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, layout=layout, a_kind=a_kind,
+                         out_dtype=jnp.dtype(out_dtype), cfg=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "cfg", "interpret"))
+def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cfg, interpret):
+    m, k = a.shape
+    n = w.shape[0]
+    m_pad = max(_MIN_DOT_M, _next_pow2(m)) if cfg.use_dot else 1
+    split_k = cfg.split_k
+    k_chunk = pl.cdiv(pl.cdiv(k, split_k), cfg.block_k) * cfg.block_k
+    split_k = pl.cdiv(k, k_chunk)  # drop programs that would own no K at all
+    final = split_k == 1
+    grid = (pl.cdiv(n, cfg.block_n), split_k)
+    # Scales as rows: a token's scales along the last axis, so one masked (1, m_pad) load
+    # fetches them; weight row scales as (1, N) for the same reason.
+    if a_kind is None:
+        a_s = jnp.ones((1, 1), jnp.float32)
+    elif a_kind == "tensor":
+        a_s = a_scale
+    else:
+        a_s = a_scale.T                                    # (1, M) or (Kb, M)
+    w_s = w_scale.reshape(1, n) if layout == "row" else w_scale
+    operands = [a, w, a_s, w_s]
+    if bias is not None:
+        operands.append(bias.reshape(1, n))
+    body = functools.partial(
+        _fp8_gemv_kernel, m=m, n=n, k=k, m_pad=m_pad, block_n=cfg.block_n, block_k=cfg.block_k,
+        k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
+        final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
+        mask_m=m != m_pad,
+        mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
+    if final:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((split_k * m_pad, n), jnp.float32)
+    if interpret:
+        kw = dict(interpret=True)
+    else:
+        kw = dict(compiler_params=_TritonParams(num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages))
+    out = pl.pallas_call(body, grid=grid, out_shape=out_shape, name="fp8_gemv", **kw)(*operands)
+    if final:
+        return out
+    acc = out.reshape(split_k, m_pad, n).sum(axis=0)[:m]
+    if a_kind in ("tensor", "row"):
+        acc = acc * a_scale
+    if layout in ("tensor", "row"):
+        acc = acc * w_scale.reshape(1, -1)
+    if bias is not None:
+        acc = acc + bias.astype(jnp.float32)
+    return acc.astype(out_dtype)
+
+
+def _expand(scale, rows: int, cols: int):
+    """Repeat a (1,1) / (R,1) / (R, ceil(cols/128)) / (ceil(rows/128), ...) scale to (rows, cols)."""
+    r_block = 1 if scale.shape[0] == rows else (rows if scale.shape[0] == 1 else SCALE_BLOCK)
+    c_block = cols if scale.shape[1] == 1 else SCALE_BLOCK
+    full = jnp.repeat(jnp.repeat(scale, r_block, axis=0), c_block, axis=1)
+    return full[:rows, :cols]
+
+
+def fp8_gemv_reference(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
+                       config=None, interpret=False):
+    """Plain jax.numpy version of `fp8_gemv` (same signature; config/interpret ignored):
+    dequantize both operands in f32, f32 matmul at HIGHEST precision, bias, one output cast."""
+    del config, interpret
+    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype)
+    m, k = a.shape
+    n = w.shape[0]
+    af = a.astype(jnp.float32)
+    if a_scale is not None:
+        af = af * _expand(a_scale, m, k)
+    wf = w.astype(jnp.float32) * _expand(w_scale, n, k)
+    out = jnp.dot(af, wf.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(out_dtype)

@@ -1,0 +1,172 @@
+"""Tests for pallas_kernels.fp8_gemv (decode-shaped FP8 matmul, W8A16 and W8A8).
+
+Reference: `fp8_gemv_reference` (both operands dequantized to f32, f32 HIGHEST-precision dot, bias,
+one output cast), itself checked against float64 numpy. Metric: rel_err = max|out - ref| / max|ref|.
+
+Error bounds, and where they come from:
+* The kernel upcasts FP8 (and bf16) operands to bf16 exactly; bf16 x bf16 products are exact in
+  f32, scales are applied in f32 (per 128-wide K block for block/group scales, in the epilogue
+  otherwise). So kernel and reference differ only by f32 rounding order over K terms and the
+  scale multiplications: f32 output < 1e-5 (K=384: 2**-24 * K ≈ 2.3e-5 worst case, typically
+  ~1e-6; measured ≈ 5e-7).
+* bf16 output: both sides round (almost) the same f32 value once, so they differ by at most one
+  bf16 ulp of the element: < 2**-8 of max|ref|.
+* GPU: the same, plus tensor-core accumulation order over larger K (4096): f32 output < 1e-4.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import fp8_gemv as G
+
+E4M3 = jnp.float8_e4m3fn
+TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2.0**-8}
+GPU_TOL = {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 2.0**-8}
+
+
+def rel_err(out, ref):
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.isfinite(out).all(), "non-finite output"
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def make(m, n, k, layout, a_kind, *, seed):
+    """Random FP8 weights/activations spanning e4m3's range, and positive scales."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    kb, nb = -(-k // 128), -(-n // 128)
+    w = jnp.clip(jax.random.normal(ks[0], (n, k)) * 100, -448, 448).astype(E4M3)
+    w_scale = {"tensor": (1, 1), "row": (n, 1), "block": (nb, kb)}[layout]
+    w_scale = jax.random.uniform(ks[1], w_scale, minval=1e-3, maxval=2e-2)
+    bias = jax.random.normal(ks[4], (n,), jnp.float32)
+    if a_kind is None:
+        return jax.random.normal(ks[2], (m, k), jnp.bfloat16), w, None, w_scale, bias
+    a = jnp.clip(jax.random.normal(ks[2], (m, k)) * 100, -448, 448).astype(E4M3)
+    a_scale = {"tensor": (1, 1), "row": (m, 1), "group": (m, kb)}[a_kind]
+    a_scale = jax.random.uniform(ks[3], a_scale, minval=1e-3, maxval=2e-2)
+    return a, w, a_scale, w_scale, bias
+
+
+C = G.GemvConfig
+# (M, layout, activation scales (None = W8A16), config, bias, out dtype): covers M in {1, 7, 64},
+# the three weight layouts, the three activation-scale kinds, FMA / dot / swapped dot, split-K,
+# bias and both output dtypes, on N=200, K=384 (neither a multiple of the tiles).
+CASES = [
+    (1, "tensor", None, None, True, jnp.bfloat16),
+    (1, "block", "group", C(32, 256, use_dot=False), False, jnp.float32),
+    (1, "row", "row", C(32, 256, split_k=2, use_dot=False), True, jnp.float32),
+    (7, "row", None, C(32, 128, split_k=2), True, jnp.float32),
+    (7, "block", None, C(64, 256, swap_ab=True), False, jnp.bfloat16),
+    (7, "tensor", "tensor", None, False, jnp.float32),
+    (64, "block", "group", C(32, 128, split_k=2), True, jnp.float32),
+    (64, "row", None, C(64, 256, swap_ab=True), False, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("m,layout,a_kind,cfg,with_bias,out_dtype", CASES)
+def test_matches_reference_interpret(m, layout, a_kind, cfg, with_bias, out_dtype):
+    n, k = 200, 384
+    a, w, a_scale, w_scale, bias = make(m, n, k, layout, a_kind, seed=m * 31 + len(layout))
+    bias = bias if with_bias else None
+    out = G.fp8_gemv(a, w, a_scale, w_scale, layout=layout, bias=bias, out_dtype=out_dtype,
+                     config=cfg, interpret=True)
+    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout=layout, bias=bias, out_dtype=out_dtype)
+    assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
+    assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
+
+
+def test_reference_matches_float64():
+    m, n, k = 3, 200, 384
+    a, w, a_scale, w_scale, bias = make(m, n, k, "block", "group", seed=5)
+    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32)
+    af = np.asarray(a.astype(jnp.float32), np.float64) * np.repeat(np.asarray(a_scale), 128, 1)[:, :k]
+    ws = np.repeat(np.repeat(np.asarray(w_scale), 128, 0), 128, 1)[:n, :k]
+    wf = np.asarray(w.astype(jnp.float32), np.float64) * ws
+    expect = af @ wf.T + np.asarray(bias, np.float64)
+    assert rel_err(ref, expect) < 1e-6  # f32 rounding of scales/products over K=384 terms
+
+
+def test_config_for_is_valid_for_every_layout():
+    for m in (1, 7, 16, 33, 64):
+        for (n, k) in ((200, 384), (4096, 4096), (128256, 4096), (4096, 14336)):
+            for layout in G.LAYOUTS:
+                cfg = G.config_for(m, n, k, layout)
+                assert cfg.use_dot or m == 1
+                if layout == "block":
+                    assert 128 % cfg.block_n == 0 and cfg.block_k % 128 == 0
+
+
+def _args(m=4, n=200, k=384, layout="row"):
+    a, w, a_scale, w_scale, _ = make(m, n, k, layout, None, seed=0)
+    return a, w, a_scale, w_scale
+
+
+@pytest.mark.parametrize("change,match,exc", [
+    (lambda a, w, sa, sw: (a, w[:, :256], sa, sw), "w: expected .*K=384", ValueError),
+    (lambda a, w, sa, sw: (a.astype(jnp.int8), w, sa, sw), "a: expected", TypeError),
+    (lambda a, w, sa, sw: (a, w.astype(jnp.bfloat16), sa, sw), "w: expected float8", TypeError),
+    (lambda a, w, sa, sw: (a, w, sa, sw[:10]), r"w_scale: expected \(200, 1\)", ValueError),
+    (lambda a, w, sa, sw: (a[0], w, sa, sw), "a: expected a 2-D", ValueError),
+    (lambda a, w, sa, sw: (a, w, jnp.ones((1, 1)), sw), "a_scale: expected None", ValueError),
+    (lambda a, w, sa, sw: (a.astype(E4M3), w, None, sw), "a_scale: an FP8", ValueError),
+    (lambda a, w, sa, sw: (a.astype(E4M3), w, jnp.ones((4, 2)), sw), "a_scale: expected", ValueError),
+    (lambda a, w, sa, sw: (jnp.zeros((65, 384), jnp.bfloat16), w, sa, sw), "M <= 64", ValueError),
+])
+def test_bad_inputs_name_the_argument(change, match, exc):
+    a, w, sa, sw = change(*_args())
+    with pytest.raises(exc, match=match):
+        G.fp8_gemv(a, w, sa, sw, layout="row", interpret=True)
+
+
+def test_bad_layout_bias_and_config():
+    a, w, sa, sw = _args()
+    with pytest.raises(ValueError, match="layout: expected"):
+        G.fp8_gemv(a, w, sa, sw, layout="col", interpret=True)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(200,\)"):
+        G.fp8_gemv(a, w, sa, sw, layout="row", bias=jnp.ones(3), interpret=True)
+    with pytest.raises(ValueError, match="use_dot=False needs M == 1"):
+        G.fp8_gemv(a, w, sa, sw, layout="row", config=C(32, 256, use_dot=False), interpret=True)
+    with pytest.raises(TypeError, match="out_dtype"):
+        G.fp8_gemv(a, w, sa, sw, layout="row", out_dtype=jnp.int32, interpret=True)
+    with pytest.raises(ValueError, match="GemvConfig.block_n"):
+        C(24, 256)
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 64), n=st.integers(1, 300), k=st.integers(1, 600),
+       bad_k=st.integers(1, 600))
+def test_k_mismatch_always_rejected(m, n, k, bad_k):
+    if bad_k == k:
+        bad_k = k + 1
+    a = jnp.zeros((m, k), jnp.bfloat16)
+    w = jnp.zeros((n, bad_k), E4M3)
+    with pytest.raises(ValueError, match="w: expected"):
+        G.fp8_gemv(a, w, None, jnp.ones((1, 1)), layout="tensor", interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64])
+@pytest.mark.parametrize("layout,a_kind", [("tensor", None), ("row", None), ("block", None),
+                                           ("block", "group"), ("tensor", "tensor")])
+def test_gpu_matches_reference(m, layout, a_kind):
+    for (n, k) in ((4096, 4096), (200, 384)):
+        a, w, a_scale, w_scale, bias = make(m, n, k, layout, a_kind, seed=m + n)
+        for out_dtype in (jnp.float32, jnp.bfloat16):
+            out = G.fp8_gemv(a, w, a_scale, w_scale, layout=layout, bias=bias, out_dtype=out_dtype)
+            ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout=layout, bias=bias,
+                                       out_dtype=out_dtype)
+            assert rel_err(out, ref) < GPU_TOL[jnp.dtype(out_dtype)], (n, k, out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [C(16, 512, use_dot=False), C(32, 256, split_k=2, use_dot=False),
+                                 C(64, 256, swap_ab=True), C(32, 512, split_k=4)])
+def test_gpu_variants(cfg):
+    m = 1 if not cfg.use_dot else 16
+    a, w, a_scale, w_scale, bias = make(m, 6144, 4096, "block", None, seed=3)
+    out = G.fp8_gemv(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32, config=cfg)
+    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32)
+    assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
