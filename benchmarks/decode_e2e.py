@@ -5,7 +5,8 @@
     python benchmarks/decode_e2e.py --plot benchmarks/results/decode_e2e.json  # md + PNG only
 
 Random weights in Llama-3.1-8B and Llama-3.2-1B shapes (models.llama presets). For each row the
-decode loop (`models.generate.Decoder.decode_fn`: one jit, lax.while_loop, cache donated) runs from
+decode loop (`models.generate.Decoder.decode_fn`: one jit, lax.while_loop, cache donated; q/k/v and
+gate/up fused into one matmul each, `llama.fuse`, for every mode alike) runs from
 a cache already holding `ctx` tokens per sequence (contents are zeros: attention reads every byte
 regardless), `steps` tokens per call, best of `reps` calls. Modes:
   bf16    BF16 weights (flax Dense, XLA dots), BF16 KV cache
@@ -35,15 +36,17 @@ MEM_BUDGET = 70e9           # "largest batch of 32K-token sequences in 70 GB"
 WORKSPACE = 2e9             # activations / XLA workspace reserved in that estimate
 MODES = ("bf16", "fp8w", "fp8wkv")
 
-# (preset, mode, batch, ctx) in priority order: the targets first.
-PLAN_8B = [("llama3.1-8b", m, b, c) for (b, c) in [(1, 4096), (16, 4096)] for m in ("bf16", "fp8wkv", "fp8w")] + \
-          [("llama3.1-8b", m, 64, 4096) for m in ("bf16", "fp8wkv")] + \
-          [("llama3.1-8b", "fp8wkv", 16, 32768), ("llama3.1-8b", "bf16", 1, 32768),
-           ("llama3.1-8b", "fp8wkv", 1, 32768)]
-PLAN_1B = [("llama3.2-1b", m, 16, 32768) for m in ("bf16", "fp8wkv")] + \
-          [("llama3.2-1b", m, 1, 4096) for m in ("bf16", "fp8wkv")] + \
-          [("llama3.2-1b", m, 64, 4096) for m in ("bf16", "fp8wkv")]
-PREFILL = [("llama3.1-8b", m, 1, 2048) for m in ("bf16", "fp8wkv")]
+# (kind, (preset, mode, batch, ctx)) in priority order: the targets first, so a run cut short by
+# --budget-s still has them. 8B BF16 at B=16 x 32K does not fit 80 GB (69 GB of cache + 16 GB of
+# weights), so the 32K batch-16 comparison runs in the 1B shape.
+PLAN = [("decode", ("llama3.2-1b", m, 16, 32768)) for m in ("bf16", "fp8wkv")] + \
+       [("decode", ("llama3.1-8b", m, b, 4096)) for b in (1, 16) for m in ("bf16", "fp8wkv")] + \
+       [("decode", ("llama3.1-8b", "fp8w", b, 4096)) for b in (1, 16)] + \
+       [("decode", ("llama3.1-8b", "fp8wkv", 16, 32768))] + \
+       [("decode", ("llama3.1-8b", m, 64, 4096)) for m in ("bf16", "fp8wkv")] + \
+       [("prefill", ("llama3.1-8b", m, 1, 2048)) for m in ("bf16", "fp8wkv")] + \
+       [("decode", ("llama3.1-8b", m, 1, 32768)) for m in ("bf16", "fp8wkv")] + \
+       [("decode", ("llama3.2-1b", m, b, 4096)) for b in (1, 16) for m in ("bf16", "fp8wkv")]
 
 
 def kv_bytes_per_token(cfg, mode):
@@ -82,13 +85,14 @@ class Bench:
                 del self.params[k]
             gc.collect()
             if ("bf16", preset) not in self.params:
-                self.params[("bf16", preset)] = llama.init_params(llama.Llama(cfg), jax.random.PRNGKey(0))
+                self.params[("bf16", preset)] = llama.init_params(llama.Llama(cfg, fused=self.args.fused),
+                                                                  jax.random.PRNGKey(0))
             if key[0] == "fp8":
                 recipe = self.jfp8.Recipe.from_name(self.args.recipe)
                 self.params[key] = llama.quantize_params(self.params[("bf16", preset)], recipe)
             jax.block_until_ready(self.params[key])
         recipe = None if mode == "bf16" else self.jfp8.Recipe.from_name(self.args.recipe)
-        return cfg, llama.Llama(cfg, recipe=recipe), self.params[key]
+        return cfg, llama.Llama(cfg, recipe=recipe, fused=self.args.fused), self.params[key]
 
     def decode_row(self, preset, mode, B, ctx):
         import jax
@@ -220,7 +224,7 @@ class Bench:
         meta = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
                     jax_version=jax.__version__, backend=self.jfp8.get_backend(), recipe=self.args.recipe,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps,
+                    copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps, fused=self.args.fused,
                     command=" ".join(sys.argv))
         with open(os.path.join(self.args.out, "decode_e2e.json"), "w") as f:
             json.dump(dict(meta=meta, capacity_32k=cap, rows=self.rows), f, indent=1)
@@ -316,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--device-mem", type=float, default=79e9)
     ap.add_argument("--only", default="all", help="all | 8b | 1b | prefill (comma list)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short contexts (CPU check)")
+    ap.add_argument("--unfused", dest="fused", action="store_false",
+                    help="separate q/k/v and gate/up matmuls (default: fused, as llama.fuse makes them)")
     ap.add_argument("--plot", default=None, help="only write md + PNG from this JSON")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -324,17 +330,14 @@ def main(argv=None):
         return 0
     plan = []
     parts = args.only.split(",")
+    keep = {"all": lambda k, x: True, "8b": lambda k, x: x[0] == "llama3.1-8b" and k == "decode",
+            "1b": lambda k, x: x[0] == "llama3.2-1b", "prefill": lambda k, x: k == "prefill"}
     if args.smoke:
         plan = [("decode", ("tiny", m, b, c)) for b, c in [(1, 64), (4, 128)] for m in MODES] + \
                [("prefill", ("tiny", m, 1, 32)) for m in ("bf16", "fp8wkv")]
         args.steps, args.reps = 4, 2
     else:
-        if "all" in parts or "8b" in parts:
-            plan += [("decode", x) for x in PLAN_8B]
-        if "all" in parts or "prefill" in parts:
-            plan += [("prefill", x) for x in PREFILL]
-        if "all" in parts or "1b" in parts:
-            plan += [("decode", x) for x in PLAN_1B]
+        plan = [(k, x) for k, x in PLAN if any(keep[p](k, x) for p in parts)]
     bench = Bench(args)
     print(f"# device {bench.jax.devices()[0]}, backend {bench.jfp8.get_backend()}, {len(plan)} rows", flush=True)
     bench.run(plan)

@@ -127,6 +127,12 @@ class LlamaConfig:
         kv_heads = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         rs = config.get("rope_scaling")
+        rope_theta = config.get("rope_theta", 10000.0)
+        rp = config.get("rope_parameters")  # transformers v5 keeps theta and scaling here
+        if isinstance(rp, Mapping):
+            rope_theta = rp.get("rope_theta", rope_theta)
+            if rp.get("rope_type", "default") != "default":
+                rs = rp
         rope_scaling = None
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
@@ -156,7 +162,7 @@ class LlamaConfig:
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

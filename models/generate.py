@@ -352,7 +352,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=8, help="tokens per streamed chunk")
     args = ap.parse_args(argv)
-    from models import checkpoint
+    from models import checkpoint, llama
     try:
         import os
         recipe = args.recipe
@@ -362,6 +362,7 @@ def cli(argv: list[str]) -> int:
             recipe = None
         t0 = time.perf_counter()
         model, params = checkpoint.load(args.model_dir, quantize=recipe)
+        model, params = llama.fuse(model, params)  # q/k/v and gate/up as one matmul each
         tok = checkpoint.load_tokenizer(args.model_dir)
         load_s = time.perf_counter() - t0
         prompts = [tok.encode(p).ids for p in args.prompt]

@@ -42,7 +42,7 @@ import numpy as np
 from models.configs import CONFIGS, LlamaConfig, get_config, rope_inv_freq
 
 __all__ = ["CONFIGS", "LlamaConfig", "get_config", "Llama", "init_params", "forward", "load",
-           "generate", "rope_tables", "param_bytes"]
+           "generate", "rope_tables", "param_bytes", "fuse", "quantize_params"]
 
 Params = Any
 
@@ -120,12 +120,15 @@ def causal_attention(q, k, v, lengths=None):
 
 
 class Attention(nn.Module):
-    """GQA self-attention with RoPE; full-sequence, prefill-into-cache or decode-from-cache."""
+    """GQA self-attention with RoPE; full-sequence, prefill-into-cache or decode-from-cache.
+
+    fused: one `qkv_proj` (N = (Hq + 2 Hkv) D) instead of q/k/v_proj (see `fuse`)."""
     cfg: LlamaConfig
     layer: int
     recipe: Any = None
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, cache=None, lengths=None, mode="forward"):
@@ -133,9 +136,15 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         mk = functools.partial(_dense, recipe=self.recipe, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = mk(Hq * D, cfg.qkv_bias, name="q_proj")(x).reshape(B, T, Hq, D)
-        k = mk(Hkv * D, cfg.qkv_bias, name="k_proj")(x).reshape(B, T, Hkv, D)
-        v = mk(Hkv * D, cfg.qkv_bias, name="v_proj")(x).reshape(B, T, Hkv, D)
+        if self.fused:
+            qkv = mk((Hq + 2 * Hkv) * D, cfg.qkv_bias, name="qkv_proj")(x)
+            q = qkv[..., :Hq * D].reshape(B, T, Hq, D)
+            k = qkv[..., Hq * D:(Hq + Hkv) * D].reshape(B, T, Hkv, D)
+            v = qkv[..., (Hq + Hkv) * D:].reshape(B, T, Hkv, D)
+        else:
+            q = mk(Hq * D, cfg.qkv_bias, name="q_proj")(x).reshape(B, T, Hq, D)
+            k = mk(Hkv * D, cfg.qkv_bias, name="k_proj")(x).reshape(B, T, Hkv, D)
+            v = mk(Hkv * D, cfg.qkv_bias, name="v_proj")(x).reshape(B, T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             o = causal_attention(q, k, v, lengths)
@@ -152,18 +161,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); fused: one `gate_up_proj` (N = 2F)."""
     cfg: LlamaConfig
     recipe: Any = None
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
         mk = functools.partial(_dense, recipe=self.recipe, dtype=self.dtype, param_dtype=self.param_dtype)
-        g = mk(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
-        u = mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
+        if self.fused:
+            gu = mk(2 * cfg.intermediate_size, cfg.mlp_bias, name="gate_up_proj")(x)
+            g, u = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
+        else:
+            g = mk(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
+            u = mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
         return mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj")(nn.silu(g) * u)
 
 
@@ -173,16 +187,17 @@ class DecoderLayer(nn.Module):
     recipe: Any = None
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
+    fused: bool = False
 
     @nn.compact
     def __call__(self, h, cos, sin, cache=None, lengths=None, mode="forward"):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         a = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h)
-        a, cache = Attention(cfg, self.layer, self.recipe, name="self_attn", **kw)(
+        a, cache = Attention(cfg, self.layer, self.recipe, name="self_attn", fused=self.fused, **kw)(
             a, cos, sin, cache, lengths, mode)
         h = h + a
-        m = MLP(cfg, self.recipe, name="mlp", **kw)(
+        m = MLP(cfg, self.recipe, name="mlp", fused=self.fused, **kw)(
             RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
         return h + m, cache
 
@@ -195,6 +210,8 @@ class Llama(nn.Module):
       recipe: jfp8.Recipe for the linear layers, or None for BF16 `flax.linen.Dense`.
       dtype: compute / activation dtype (bf16; f32 for reference tests).
       param_dtype: dtype of freshly initialised high-precision params.
+      fused: q/k/v and gate/up projections as one matmul each (`qkv_proj`, `gate_up_proj`);
+        fewer, larger kernels per decode step. `fuse(model, params)` converts a loaded model.
 
     __call__(tokens (B, T) int, positions (B, T) int, cache=None, lengths=None, mode="forward",
              last_only=False) -> (logits f32, cache)
@@ -204,6 +221,7 @@ class Llama(nn.Module):
     recipe: Any = None
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
+    fused: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, lengths=None, mode="forward", last_only=False):
@@ -214,7 +232,7 @@ class Llama(nn.Module):
         h = embed(tokens)
         cos, sin = rope_tables(cfg, positions)
         for i in range(cfg.num_layers):  # unrolled: each layer reads its own weight arrays in place
-            h, cache = DecoderLayer(cfg, i, self.recipe, name=f"layers_{i}", **kw)(
+            h, cache = DecoderLayer(cfg, i, self.recipe, name=f"layers_{i}", fused=self.fused, **kw)(
                 h, cos, sin, cache, lengths, mode)
         if last_only:
             if mode == "prefill" and lengths is not None:
@@ -287,6 +305,48 @@ def _quantize_params_jit(params, recipe):
     # one executable instead of a few eager ops per kernel (seconds saved on small models)
     from jfp8.params import quantize_params as _quantize_params
     return _quantize_params(params, recipe)
+
+
+_FUSE_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def _concat_kernels(parts):
+    """Concatenate linear kernels along N: (K, N_i) arrays on axis 1, QArrays (N_i, K) on axis 0."""
+    import jfp8
+    if not isinstance(parts[0], jfp8.QArray):
+        return jnp.concatenate(parts, axis=1)
+    g = parts[0].granularity
+    aligned = isinstance(g, jfp8.PerChannel) or (
+        isinstance(g, jfp8.PerBlock) and all(p.shape[0] % g.block_shape(p.shape)[0] == 0 for p in parts[:-1]))
+    if aligned and all(p.granularity == g and p.format == parts[0].format for p in parts):
+        return jfp8.from_parts(jnp.concatenate([p.data for p in parts], 0),
+                               jnp.concatenate([p.scale for p in parts], 0), parts[0].format, g)
+    # scale blocks that would straddle two parts: re-quantize the joined weight
+    w = jnp.concatenate([p.dequantize(jnp.float32) for p in parts], 0)
+    return jfp8.quantize(w, parts[0].format, g)
+
+
+def fuse(model: Llama, params: Params) -> tuple[Llama, Params]:
+    """(model, params) with q/k/v and gate/up kernels (and biases) joined along N.
+
+    Exact for BF16 kernels, for per-channel FP8 and for 128x128 blocks when every part's N is a
+    multiple of 128 (all published Llama/Qwen/Mistral shapes); otherwise the joined weight is
+    re-quantized with the same granularity.
+    """
+    if model.fused:
+        return model, params
+    out = dict(params)
+    for i in range(model.cfg.num_layers):
+        layer = {k: dict(v) for k, v in params[f"layers_{i}"].items()}
+        for block, fused_name, names in _FUSE_GROUPS:
+            parts = [layer[block].pop(n) for n in names]
+            new = {"kernel": _concat_kernels([p["kernel"] for p in parts])}
+            if "bias" in parts[0]:
+                new["bias"] = jnp.concatenate([p["bias"] for p in parts])
+            layer[block][fused_name] = new
+        out[f"layers_{i}"] = layer
+    return model.clone(fused=True), out
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

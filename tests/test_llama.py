@@ -114,10 +114,10 @@ SMALL = dataclasses.replace(TINY, num_layers=2, vocab_size=320)
 VARIANTS = {
     "llama": SMALL,
     "llama3_scaling": dataclasses.replace(
-        SMALL, rope_theta=500000.0, rope_scaling=(("rope_type", "llama3"), ("factor", 8.0),
+        SMALL, num_layers=1, rope_theta=500000.0, rope_scaling=(("rope_type", "llama3"), ("factor", 8.0),
                                                   ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
                                                   ("original_max_position_embeddings", 64))),
-    "qwen2_tied": dataclasses.replace(SMALL, model_type="qwen2", qkv_bias=True, tie_word_embeddings=True,
+    "qwen2_tied": dataclasses.replace(SMALL, num_layers=1, model_type="qwen2", qkv_bias=True, tie_word_embeddings=True,
                                       rms_norm_eps=1e-6, rope_theta=1e6, num_kv_heads=1),
 }
 
@@ -147,7 +147,7 @@ def test_forward_matches_reference(variant):
 
 def test_forward_padding_mask_and_config_entry():
     """Right-padded rows with `lengths` give the logits of each row alone (valid positions)."""
-    cfg = VARIANTS["llama"]
+    cfg = VARIANTS["llama3_scaling"]
     hf = random_hf_state(cfg.to_hf(), seed=3)
     params = checkpoint.params_from_hf(cfg, hf, dtype=jnp.float32)
     rng = np.random.default_rng()
@@ -162,7 +162,7 @@ def test_forward_padding_mask_and_config_entry():
 
 
 def test_bf16_forward_close_to_f32():
-    cfg = VARIANTS["llama"]
+    cfg = VARIANTS["llama3_scaling"]
     hf = random_hf_state(cfg.to_hf(), seed=4)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 16))
     p32 = checkpoint.params_from_hf(cfg, hf, dtype=jnp.float32)
@@ -178,7 +178,7 @@ def test_init_params_tree_names_and_bytes():
     model = llama.Llama(VARIANTS["qwen2_tied"])
     params = llama.init_params(model, jax.random.PRNGKey(0))
     assert "lm_head" not in params
-    attn = params["layers_1"]["self_attn"]
+    attn = params["layers_0"]["self_attn"]
     assert attn["q_proj"]["kernel"].shape == (256, 256)
     assert attn["k_proj"]["bias"].shape == (64,)
     assert "bias" not in attn["o_proj"]
@@ -192,6 +192,10 @@ def test_config_from_hf_roundtrip_and_errors():
         cfg = CONFIGS[name]
         assert LlamaConfig.from_hf(cfg.to_hf()) == cfg, name
     c = CONFIGS["tiny"].to_hf()
+    # transformers v5 layout: theta and scaling under rope_parameters
+    c5 = {k: v for k, v in CONFIGS["llama3.1-8b"].to_hf().items() if k not in ("rope_theta", "rope_scaling")}
+    c5["rope_parameters"] = {"rope_theta": 500000.0, **CONFIGS["llama3.1-8b"].rope_scaling_dict}
+    assert LlamaConfig.from_hf(c5) == CONFIGS["llama3.1-8b"]
     with pytest.raises(ValueError, match="model_type"):
         LlamaConfig.from_hf({**c, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="rope_scaling"):
@@ -215,7 +219,7 @@ def test_fp8_logits_close_to_bf16():
     2.6e-3 nats on this model; the bounds (0.75, 0.02) leave margin for fresh random weights.
     """
     import jfp8
-    cfg = VARIANTS["llama"]
+    cfg = VARIANTS["llama3_scaling"]
     hf = random_hf_state(cfg.to_hf(), seed=np.random.SeedSequence().entropy % 2**31)
     params = checkpoint.params_from_hf(cfg, hf)
     params8 = checkpoint.params_from_hf(cfg, hf, recipe=jfp8.Recipe.block128())
@@ -228,3 +232,19 @@ def test_fp8_logits_close_to_bf16():
     top1 = (l16.argmax(-1) == l8.argmax(-1)).mean()
     assert top1 >= 0.75, top1
     assert kl.mean() < 0.02, kl.mean()
+
+
+def test_fused_projections_equal_separate():
+    """`fuse` joins q/k/v and gate/up along N: same logits (exact split for 128-multiple N)."""
+    import jfp8
+    cfg = dataclasses.replace(VARIANTS["qwen2_tied"], num_kv_heads=2)  # biases; every N a multiple of 128
+    hf = random_hf_state(cfg.to_hf(), seed=np.random.SeedSequence().entropy % 2**31)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 16))
+    for recipe in (None, jfp8.Recipe.block128()):
+        model = llama.Llama(cfg, recipe=recipe, dtype=jnp.float32)
+        params = checkpoint.params_from_hf(cfg, hf, recipe=recipe, dtype=jnp.float32)
+        fmodel, fparams = llama.fuse(model, params)
+        assert "qkv_proj" in fparams["layers_0"]["self_attn"] and "q_proj" not in fparams["layers_0"]["self_attn"]
+        a = llama.forward(model, params, tokens)
+        b = llama.forward(fmodel, fparams, tokens)
+        assert rel_err(b, a) < 1e-5, recipe  # f32 activations; same weights, same sums
