@@ -224,10 +224,14 @@ class Bench:
         meta = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
                     jax_version=jax.__version__, backend=self.jfp8.get_backend(), recipe=self.args.recipe,
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps, fused=self.args.fused,
+                    xla_flags=os.environ.get("XLA_FLAGS", ""), copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps, fused=self.args.fused,
                     command=" ".join(sys.argv))
-        with open(os.path.join(self.args.out, "decode_e2e.json"), "w") as f:
+        with open(os.path.join(self.args.out, out_name(self.args, "json")), "w") as f:
             json.dump(dict(meta=meta, capacity_32k=cap, rows=self.rows), f, indent=1)
+
+
+def out_name(args, ext):
+    return f"decode_e2e{'_' + args.tag if args.tag else ''}.{ext}"
 
 
 def ratios(rows):
@@ -239,14 +243,15 @@ def ratios(rows):
     return out
 
 
-def write_report(path_json, out_dir):
+def write_report(path_json, out_dir, stem=None):
     with open(path_json) as f:
         res = json.load(f)
     meta, rows = res["meta"], res["rows"]
     lines = [f"# Decode end to end ({meta['device']}, jax {meta['jax_version']}, backend {meta['backend']}, "
              f"recipe {meta['recipe']}, {meta['date']})", "",
              f"`{meta['command']}`; random weights; decode loop in one jit; best of {meta['reps']} calls of "
-             f"{meta['steps']} steps; limit = bytes read per step / {meta['copy_gbps']:.0f} GB/s.", "",
+             f"{meta['steps']} steps; limit = bytes read per step / {meta['copy_gbps']:.0f} GB/s; "
+             f"XLA_FLAGS='{meta.get('xla_flags', '')}'.", "",
              "| model | mode | B | ctx | ms/step | tokens/s | limit ms | frac of limit | vs bf16 | host ovh/token | peak GB | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rat = ratios(rows)
@@ -279,7 +284,8 @@ def write_report(path_json, out_dir):
                          f"{c['max_batch_32k_in_70gb']} |")
         lines.append(f"| {preset} | fp8wkv / bf16 | | | {cap['fp8wkv_over_bf16']:.2f}x |")
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "decode_e2e.md"), "w") as f:
+    stem = stem or os.path.splitext(os.path.basename(path_json))[0]
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(md)
     try:
         import matplotlib
@@ -304,7 +310,7 @@ def write_report(path_json, out_dir):
         ax[1].axhline(85, color="k", lw=0.8, ls="--")
         fig.suptitle(f"Decode end to end, {meta['device']}")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "decode_e2e.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, stem + ".png"), dpi=110)
     except ImportError:
         print("matplotlib missing: no PNG", file=sys.stderr)
     return md
@@ -323,6 +329,9 @@ def main(argv=None):
     ap.add_argument("--unfused", dest="fused", action="store_false",
                     help="separate q/k/v and gate/up matmuls (default: fused, as llama.fuse makes them)")
     ap.add_argument("--plot", default=None, help="only write md + PNG from this JSON")
+    ap.add_argument("--rows", default=None,
+                    help="only these decode rows: preset:mode:batch:ctx,... (overrides --only)")
+    ap.add_argument("--tag", default="", help="suffix of the output names (decode_e2e_TAG.json)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.plot:
@@ -338,11 +347,14 @@ def main(argv=None):
         args.steps, args.reps = 4, 2
     else:
         plan = [(k, x) for k, x in PLAN if any(keep[p](k, x) for p in parts)]
+        if args.rows:
+            plan = [("decode", (p, m, int(b), int(c))) for p, m, b, c in
+                    (r.split(":") for r in args.rows.split(","))]
     bench = Bench(args)
     print(f"# device {bench.jax.devices()[0]}, backend {bench.jfp8.get_backend()}, {len(plan)} rows", flush=True)
     bench.run(plan)
     bench.save()
-    print(write_report(os.path.join(args.out, "decode_e2e.json"), args.out))
+    print(write_report(os.path.join(args.out, out_name(args, "json")), args.out, out_name(args, "")[:-1]))
     return 0
 
 
