@@ -381,6 +381,9 @@ def save(path: str, model, params, *, tokenizer_from: str | None = None, overwri
     tokenizer_from: a dir whose tokenizer*.json / special_tokens_map.json are copied along.
     """
     import jfp8
+    if getattr(model, "fused", False):
+        raise ValueError("model: save the unfused model (HF names keep q/k/v and gate/up apart); "
+                         "`llama.fuse` after loading instead")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"path: {path!r} exists; pass overwrite=True to replace it")
     parent = os.path.dirname(os.path.abspath(path))
