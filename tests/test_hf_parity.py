@@ -17,16 +17,18 @@ def _hf_model(kind):
     common = dict(vocab_size=320, hidden_size=256, intermediate_size=640, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   initializer_range=0.05)
+    v5 = int(transformers.__version__.split(".")[0]) >= 5  # v5 keeps theta + scaling in rope_parameters
     if kind == "llama":
-        cfg = transformers.LlamaConfig(**common, rope_theta=500000.0, rms_norm_eps=1e-5,
-                                       tie_word_embeddings=False,
-                                       rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                     "original_max_position_embeddings": 64})
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 64}
+        rope = dict(rope_parameters={**scaling, "rope_theta": 500000.0}) if v5 else \
+            dict(rope_theta=500000.0, rope_scaling=scaling)
+        cfg = transformers.LlamaConfig(**common, **rope, rms_norm_eps=1e-5, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Qwen2Config(**common, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                       tie_word_embeddings=True)
+        rope = dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}) if v5 else \
+            dict(rope_theta=1000000.0)
+        cfg = transformers.Qwen2Config(**common, **rope, rms_norm_eps=1e-6, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # HF inits biases to zero; make them count
             for layer in model.model.layers:
@@ -43,7 +45,7 @@ def test_logits_match_transformers(tmp_path, kind):
     from models import checkpoint, llama
 
     hf = _hf_model(kind)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.save_pretrained(tmp_path)  # safetensors by default (4.x and 5.x)
     tokens = np.random.default_rng(0).integers(0, 320, (2, 100))  # past the 64-token RoPE knee
     with torch.no_grad():
         want = hf(torch.from_numpy(tokens)).logits.numpy()
