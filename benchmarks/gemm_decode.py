@@ -93,6 +93,9 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     p.add_argument("--shapes", default="", help="comma list of shape names to run (default all)")
     p.add_argument("--ms", default="", help="comma list of M (default 1,8,16,32,64)")
+    p.add_argument("--configs", default="", help="override the sweep: 'bn,bk,sk[,warps[,stages[,fma]]];...'")
+    p.add_argument("--quick", action="store_true", help="W8A16 sweep only (no baselines, W8A8, GEMM)")
+    p.add_argument("--tag", default="", help="suffix for the output files (a side sweep)")
     args = p.parse_args()
     interpret = args.smoke
     shapes = [(200, 384, "odd")] if args.smoke else SHAPES
@@ -124,7 +127,7 @@ def main():
                 row[key] = dict(us=round(t * 1e6, 2), GBs=round(nbytes / t / 1e9, 1),
                                 pct_copy=round(100 * nbytes / t / 1e9 / ceiling, 1))
 
-            if not interpret:
+            if not interpret and not args.quick:
                 t = timed(lambda a, w: lax.dot_general(a, w, DN, preferred_element_type=jnp.float32
                                                        ).astype(jnp.bfloat16), a, w16)
                 rec("xla_bf16", t, 2 * n * k)
@@ -142,6 +145,8 @@ def main():
             sweep = []
             cands = ([best_cfg[SWEEP_FROM[m]]] if m in SWEEP_FROM and SWEEP_FROM[m] in best_cfg
                      else candidates(m, n, k))
+            if args.configs:
+                cands = [parse_config(c, m) for c in args.configs.split(";")]
             ref = G.fp8_gemv_reference(a, w8[0], None, ws_block, layout="block", out_dtype=jnp.float32)
             for cfg in cands:
                 try:
@@ -167,6 +172,10 @@ def main():
             best_cfg[m] = cfg
             row["w8a16_block"] = dict(us=best["us"], GBs=best["GBs"],
                                       pct_copy=round(100 * best["GBs"] / ceiling, 1), cfg=best["cfg"])
+            if args.quick:
+                rows.append(row)
+                dump(args, dev, ceiling, interpret, rows)
+                continue
             if m not in SWEEP_FROM:
                 t = timed(lambda a, w, s: G.fp8_gemv(a, w, None, s, layout="row", config=cfg,
                                                      interpret=interpret), a, w8, ws_row, interpret=interpret)
@@ -205,6 +214,14 @@ def main():
     dump(args, dev, ceiling, interpret, rows, final=True)
 
 
+def parse_config(text: str, m: int) -> G.GemvConfig:
+    f = [int(v) for v in text.split(",")]
+    f += [4, 3, 0][len(f) - 3:] if len(f) < 6 else []
+    bn, bk, sk, warps, stages, fma = f[:6]
+    return G.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
+                        use_dot=not (fma and m == 1))
+
+
 def dump(args, dev, ceiling, interpret, rows, final=False):
     rows = sorted(rows, key=lambda r: ([s[2] for s in SHAPES + [(0, 0, "odd")]].index(r["name"]), r["M"]))
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
@@ -212,7 +229,7 @@ def dump(args, dev, ceiling, interpret, rows, final=False):
                   host=platform.node(), copy_ceiling_GBs=round(ceiling, 1), interpret=interpret,
                   command=" ".join(sys.argv), rows=rows)
     os.makedirs(args.out, exist_ok=True)
-    stem = "gemm_decode_smoke" if args.smoke else "gemm_decode"
+    stem = ("gemm_decode_smoke" if args.smoke else "gemm_decode") + (f"_{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     write_markdown(result, os.path.join(args.out, stem + ".md"))

@@ -37,16 +37,18 @@ from pallas_kernels import quantize as quantize_kernel
 #: Largest M the decode kernel takes.
 DECODE_MAX_M = fp8_gemv.MAX_M
 
-# W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M <= 16 /
-# M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100, same run:
-# "w8a8_block_incl_quant" vs "fp8_gemm_block_incl_quant").
-DECODE_KERNEL: dict[str, str] = {"m16": "gemv", "m64": "gemv"}
+# W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M == 1 /
+# M <= 16 / M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100,
+# same run, quantize included in both): M = 1 gemv 11-33 µs vs gemm 20-55 µs on the small
+# projections (equal on lm_head); M = 8..64 gemm wins everywhere (e.g. qkv M = 16: 21.6 vs 37.5 µs,
+# lm_head M = 16: 203 vs 458 µs), the gemv's per-128-K group-scale path being slow at M > 1.
+DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
 
 def _m_class(m: int) -> str:
-    return "m16" if m <= 16 else "m64"
+    return "m1" if m == 1 else ("m16" if m <= 16 else "m64")
 
 
 def weight_layout(wq: QArray) -> str | None:

@@ -92,21 +92,17 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.split_k: expected >= 1, got {self.split_k}")
 
 
-# Tuning table: (M class, N class, K class) -> config; classes from `_shape_class`. Filled from
-# benchmarks/results/gemm_decode.json (H100 80GB HBM3, jax 0.11.2); see that script's sweep.
+# Tuning table: (M class, N class, K class) -> config; classes from `_shape_class`. From
+# benchmarks/results/gemm_decode.json (H100 80GB HBM3, jax 0.11.2, block layout): the same config
+# won for every Llama-3-8B shape of an M class (M = 8 / 32 reuse the M = 16 / 64 winner); the
+# variants tried and their figures are in benchmarks/results/gemm_decode_sweep_log.md.
+_M1 = GemvConfig(block_n=32, block_k=512, split_k=2, use_dot=False)   # FMA, 2-way split-K
+_M16 = GemvConfig(block_n=32, block_k=256, split_k=1)                 # mma on M padded to 16
+_M64 = GemvConfig(block_n=64, block_k=128, split_k=1)
 TUNING: dict[tuple[str, str, str], GemvConfig] = {
-    ("m1", "n_small", "k_short"): GemvConfig(block_n=16, block_k=512, split_k=1, use_dot=False),
-    ("m1", "n_small", "k_long"): GemvConfig(block_n=16, block_k=512, split_k=1, use_dot=False),
-    ("m1", "n_large", "k_short"): GemvConfig(block_n=32, block_k=512, split_k=1, use_dot=False),
-    ("m1", "n_large", "k_long"): GemvConfig(block_n=32, block_k=512, split_k=1, use_dot=False),
-    ("m16", "n_small", "k_short"): GemvConfig(block_n=16, block_k=512, split_k=1),
-    ("m16", "n_small", "k_long"): GemvConfig(block_n=16, block_k=512, split_k=1),
-    ("m16", "n_large", "k_short"): GemvConfig(block_n=64, block_k=256, split_k=1),
-    ("m16", "n_large", "k_long"): GemvConfig(block_n=64, block_k=256, split_k=1),
-    ("m64", "n_small", "k_short"): GemvConfig(block_n=32, block_k=256, split_k=1),
-    ("m64", "n_small", "k_long"): GemvConfig(block_n=32, block_k=256, split_k=1),
-    ("m64", "n_large", "k_short"): GemvConfig(block_n=64, block_k=128, split_k=1),
-    ("m64", "n_large", "k_long"): GemvConfig(block_n=64, block_k=128, split_k=1),
+    (m_class, n_class, k_class): cfg
+    for m_class, cfg in (("m1", _M1), ("m16", _M16), ("m64", _M64))
+    for n_class in ("n_small", "n_large") for k_class in ("k_short", "k_long")
 }
 
 

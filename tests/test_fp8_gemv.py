@@ -10,7 +10,8 @@ Error bounds, and where they come from:
   scale multiplications: f32 output < 1e-5 (K=384: 2**-24 * K ≈ 2.3e-5 worst case, typically
   ~1e-6; measured ≈ 5e-7).
 * bf16 output: both sides round (almost) the same f32 value once, so they differ by at most one
-  bf16 ulp of the element: < 2**-8 of max|ref|.
+  bf16 ulp of the element, and one ulp of v is at most 2**-7 * |v|: < 2**-7 of max|ref|
+  (2**-8 was too tight: the H100 run hit 4.5e-3 on one element next to a rounding boundary).
 * GPU: the same, plus tensor-core accumulation order over larger K (4096): f32 output < 1e-4.
 """
 import jax
@@ -23,8 +24,10 @@ from hypothesis import strategies as st
 from pallas_kernels import fp8_gemv as G
 
 E4M3 = jnp.float8_e4m3fn
-TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2.0**-8}
-GPU_TOL = {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 2.0**-8}
+# Jitted: eager dispatch of every jnp op dominates CPU test time otherwise.
+reference = jax.jit(G.fp8_gemv_reference, static_argnames=("layout", "out_dtype"))
+TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2.0**-7}
+GPU_TOL = {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 2.0**-7}
 
 
 def rel_err(out, ref):
@@ -53,16 +56,14 @@ def make(m, n, k, layout, a_kind, *, seed):
 C = G.GemvConfig
 # (M, layout, activation scales (None = W8A16), config, bias, out dtype): covers M in {1, 7, 64},
 # the three weight layouts, the three activation-scale kinds, FMA / dot / swapped dot, split-K,
-# bias and both output dtypes, on N=200, K=384 (neither a multiple of the tiles).
+# prefetch, bias and both output dtypes, on N=200, K=384 (neither a multiple of the tiles).
+# (The GPU tests below add every layout x M in {1, 8, 64} on 4096x4096.)
 CASES = [
-    (1, "tensor", None, None, True, jnp.bfloat16),
-    (1, "block", "group", C(32, 256, use_dot=False), False, jnp.float32),
-    (1, "row", "row", C(32, 256, split_k=2, use_dot=False), True, jnp.float32),
-    (7, "row", None, C(32, 128, split_k=2), True, jnp.float32),
-    (7, "block", None, C(64, 256, swap_ab=True), False, jnp.bfloat16),
-    (7, "tensor", "tensor", None, False, jnp.float32),
-    (64, "block", "group", C(32, 128, split_k=2), True, jnp.float32),
-    (64, "row", None, C(64, 256, swap_ab=True), False, jnp.float32),
+    (1, "tensor", None, None, True, jnp.bfloat16),                              # FMA, split-K 2
+    (1, "block", "group", C(32, 256, use_dot=False, prefetch=True), False, jnp.float32),
+    (7, "row", "row", C(32, 128, split_k=2), True, jnp.float32),
+    (7, "block", "tensor", C(64, 256, swap_ab=True), False, jnp.bfloat16),
+    (64, "block", None, C(32, 128, split_k=2, prefetch=True), True, jnp.float32),
 ]
 
 
@@ -73,7 +74,7 @@ def test_matches_reference_interpret(m, layout, a_kind, cfg, with_bias, out_dtyp
     bias = bias if with_bias else None
     out = G.fp8_gemv(a, w, a_scale, w_scale, layout=layout, bias=bias, out_dtype=out_dtype,
                      config=cfg, interpret=True)
-    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout=layout, bias=bias, out_dtype=out_dtype)
+    ref = reference(a, w, a_scale, w_scale, layout=layout, bias=bias, out_dtype=out_dtype)
     assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
     assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
 

@@ -1,0 +1,113 @@
+"""jfp8.matmul's Pallas branches ("interpret" on CPU, "pallas" on a Hopper GPU) against the XLA path.
+
+Both sides quantize the activations identically (the quantize kernel is bit-exact with
+jfp8.quantize, checked below), form exact products of FP8 (or bf16) values and sum in f32; they
+differ only by f32 summation order and where the scales are multiplied in. Bound: f32 output
+max|Δ| / max|ref| < 1e-5 (K=384: a few f32 ulps of the largest partial sums), bf16 output < 2**-7
+(one bf16 ulp of almost the same f32 value). On the GPU the XLA path itself is not exact for
+per-tensor scales (cuBLASLt's FP8 dot), so the GPU test compares the Pallas path with a float64
+reference on the same quantized operands: W8A16 and the gemv < 1e-4 (f32 sums over K=4096), FP8
+tensor cores (fp8_gemm) < 2**-10 (tests/test_fp8_gemm.py: 128-K blocks accumulate in reduced
+precision before the f32 promotion).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jfp8
+from jfp8 import _matmul_pallas
+
+N, K = 200, 384
+
+
+def rel_err(out, ref):
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.isfinite(out).all()
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def both(x, wq, backend="interpret", **kw):
+    """(backend result, XLA result), each traced under jit (the backend is read at trace time)."""
+    f = lambda x, wq: jfp8.matmul(x, wq, **kw)
+    with jfp8.use_backend(backend):
+        y = jax.jit(f)(x, wq)
+    with jfp8.use_backend("xla"):
+        y_xla = jax.jit(f)(x, wq)
+    return y, y_xla
+
+
+def weights(recipe, seed=0, n=N, k=K):
+    w = jax.random.normal(jax.random.key(seed), (n, k)) * 0.05
+    return jfp8.quantize(w, recipe.weight_format, recipe.weight_granularity)
+
+
+@pytest.mark.parametrize("lead,recipe,out_dtype", [
+    ((1,), jfp8.Recipe.weights_only(), jnp.float32),                             # gemv W8A16 (FMA)
+    ((7,), jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128))), jnp.bfloat16),   # gemv W8A16 (dot)
+    ((1,), jfp8.Recipe.block128(), jnp.float32),                                 # quantize + gemv W8A8
+    ((1, 3), jfp8.Recipe.per_tensor(), jnp.float32),                             # quantize + fp8_gemm
+    ((130,), jfp8.Recipe.block128(), jnp.float32),                               # quantize + fp8_gemm
+])
+def test_interpret_matches_xla(lead, recipe, out_dtype):
+    x = jax.random.normal(jax.random.key(len(lead)), (*lead, K), jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(99), (N,))
+    y, y_xla = both(x, weights(recipe), bias=bias, out_dtype=out_dtype, recipe=recipe)
+    assert y.shape == (*lead, N) and y.dtype == jnp.dtype(out_dtype)
+    tol = 1e-5 if out_dtype == jnp.float32 else 2.0**-7
+    assert rel_err(y, y_xla) < tol
+
+
+def test_qarray_input():
+    # An already-quantized (1, K) activation goes straight to the W8A8 gemv (same compiled
+    # kernel as the (1,) block128 case above).
+    x = jax.random.normal(jax.random.key(3), (1, K), jnp.bfloat16)
+    xq = jfp8.quantize(x, jfp8.E4M3, jfp8.PerBlock((1, 128)))
+    bias = jax.random.normal(jax.random.key(98), (N,))
+    y, y_xla = both(xq, weights(jfp8.Recipe.block128()), bias=bias, out_dtype=jnp.float32)
+    assert rel_err(y, y_xla) < 1e-5
+
+
+def test_activation_quantization_is_bit_exact():
+    x = jax.random.normal(jax.random.key(5), (5, K), jnp.bfloat16) * 7
+    for recipe in (jfp8.Recipe.block128(),):
+        q = _matmul_pallas.quantize_activations(x, recipe, interpret=True)
+        ref = jfp8.quantize(x, recipe.act_format, recipe.act_granularity)
+        assert q.granularity == ref.granularity
+        np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(ref.scale))
+        np.testing.assert_array_equal(np.asarray(q.data.astype(jnp.float32)),
+                                      np.asarray(ref.data.astype(jnp.float32)))
+
+
+def test_fallbacks_use_the_xla_path_exactly():
+    # f32 activations with a weights-only recipe and unsupported weight blocks go to XLA.
+    x = jax.random.normal(jax.random.key(7), (4, K), jnp.float32)
+    recipe = jfp8.Recipe.weights_only()
+    y, y_xla = both(x, weights(recipe), out_dtype=jnp.float32, recipe=recipe)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_xla))
+    wq = jfp8.quantize(jax.random.normal(jax.random.key(8), (N, K)), jfp8.E4M3, jfp8.PerBlock((1, 32)))
+    assert _matmul_pallas.weight_layout(wq) is None
+
+
+def _float64_reference(x, wq, recipe):
+    xq = jfp8.quantize(x, recipe.act_format, recipe.act_granularity) if recipe.act_format else x
+    xf = xq.dequantize(jnp.float32) if isinstance(xq, jfp8.QArray) else x.astype(jnp.float32)
+    return np.asarray(xf, np.float64) @ np.asarray(wq.dequantize(jnp.float32), np.float64).T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize("recipe", [jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128))),
+                                    jfp8.Recipe.block128(), jfp8.Recipe.per_tensor()],
+                         ids=["w8a16_block", "block128", "per_tensor"])
+def test_gpu_pallas_matches_float64(m, recipe):
+    n, k = 4096, 4096
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    wq = weights(recipe, n=n, k=k)
+    with jfp8.use_backend("pallas"):
+        y = jax.jit(lambda x: jfp8.matmul(x, wq, out_dtype=jnp.float32, recipe=recipe))(x)
+    ref = _float64_reference(x, wq, recipe)
+    fp8_cores = recipe.act_format is not None and (
+        m > 64 or _matmul_pallas.DECODE_KERNEL[_matmul_pallas._m_class(m)] == "gemm")
+    assert rel_err(y, ref) < (2.0**-10 if fp8_cores else 1e-4)
