@@ -80,15 +80,19 @@ class DecodeAttentionConfig:
         return pl.cdiv(blocks, blocks_per_split)
 
 
-# Keyed by (batch class, max_len class); see benchmarks/results/decode_attention.md for the sweep
-# these come from. Classes: batch "1" (B == 1), "small" (B <= 8), "large" (B > 8); max_len
-# "short" (<= 4096) or "long".
+# Keyed by (batch class, max_len class). From the two H100 sweeps in
+# benchmarks/results/decode_attention*.json (Hq 32, Hkv 8, D 128; per-shape differences under
+# ~10% are within run-to-run noise there). Classes: batch "1" (B == 1), "small" (B <= 8),
+# "large" (B > 8); max_len "short" (<= 4096) or "long". Fewer, longer programs win once the GPU
+# is full (B=8, S=32K: 512 programs of 32 blocks beat 1024 of 16); 2 pipeline stages win where
+# programs are short (B = 1).
 CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
-    ("1", "short"): DecodeAttentionConfig(block_k=64, target_programs=512, min_blocks_per_split=1),
-    ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=1024),
-    ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512, min_blocks_per_split=1),
-    ("small", "long"): DecodeAttentionConfig(block_k=128, target_programs=1024),
-    ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024),
+    ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, num_stages=2),
+    ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=512, num_stages=2),
+    ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512,
+                                              min_blocks_per_split=1),
+    ("small", "long"): DecodeAttentionConfig(block_k=128, target_programs=512),
+    ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=512, num_stages=2),
     ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=2048),
 }
 
@@ -103,7 +107,7 @@ def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, blocks_per_split: int, num_queries: int, group: int,
                              rows: int, max_len: int, per_token_scales: bool, dot_dtype,
-                             v_boost: float):
+                             v_boost: float, sm_scale: float):
     if per_token_scales:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
     else:
@@ -115,7 +119,9 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     qk_scale = qk_scale_ref[0]                       # log2(e) (* per-tensor k_scale)
     num_rows = num_queries * group
     row_ids = jnp.arange(rows, dtype=jnp.int32)
-    q = _load(q_ref, mask=(row_ids < num_rows)[:, None], other=0.0).astype(dot_dtype)  # (R, D)
+    # sm_scale goes on q in f32 before the f16 cast, so large queries stay in f16 range.
+    q = _load(q_ref, mask=(row_ids < num_rows)[:, None], other=0.0).astype(jnp.float32)
+    q = (q * sm_scale).astype(dot_dtype)                                         # (R, D)
     # Query row r = t * G + g sits at position kv_len - T + t and sees positions <= that one.
     last_pos = kv_len - num_queries + jnp.minimum(row_ids // group, num_queries - 1)   # (R,)
 
@@ -131,14 +137,18 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     def load_kv(ref, off, bounded):
         kv_ref = ref.at[layer, pl.ds(off, block_k), :]
         if bounded:
-            return _load(kv_ref, mask=((off + cols) < max_len)[:, None], other=0)
-        return kv_ref[...]
+            # Rows past S_max are not read; zero them after the upcast (Triton cannot splat an
+            # int `other` into an FP8 tensor, and p = 0 must not meet a NaN pattern).
+            in_bounds = ((off + cols) < max_len)[:, None]
+            return jnp.where(in_bounds, _load(kv_ref, mask=in_bounds, other=None).astype(dot_dtype),
+                             0.0).astype(dot_dtype)
+        return kv_ref[...].astype(dot_dtype)
 
     def step(j, carry, masked):
         m, l, acc = carry
         off = start + j * block_k
         bounded = masked and needs_bounds
-        k = load_kv(k_ref, off, bounded).astype(dot_dtype)                     # (bk, D)
+        k = load_kv(k_ref, off, bounded)                                       # (bk, D)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)                # (R, bk)
         if per_token_scales:
@@ -162,7 +172,7 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
             # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone in the
             # combine.
             p = p * (vs * v_boost)[None, :]
-        v = load_kv(v_ref, off, bounded).astype(dot_dtype)                     # (bk, D)
+        v = load_kv(v_ref, off, bounded)                                       # (bk, D)
         acc = acc * alpha[:, None] + lax.dot_general(
             p.astype(dot_dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return m_new, l, acc
@@ -267,6 +277,8 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     TG = T * G
     R = max(16, pl.next_power_of_2(TG))  # MMA needs >= 16 rows
     per_token = k_scale is not None and jnp.ndim(k_scale) == 4
+    if S < config.block_k:  # a block longer than the whole cache: shrink it (>= 16 for the MMA)
+        config = dataclasses.replace(config, block_k=max(16, 1 << (S.bit_length() - 1)))
     splits = config.num_splits(B, Hkv, S)
     blocks_per_split = pl.cdiv(pl.cdiv(S, config.block_k), splits)
     if k.dtype == jnp.bfloat16 or k.dtype == jnp.float16:
@@ -281,9 +293,11 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         qk_scale = qk_scale * _per_layer_scalar(k_scale, layer_arr[0], True)
     qk_scale = qk_scale.reshape(1)
     # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g.
-    # sm_scale goes on q (in f32, before the f16 cast) so large queries stay in f16 range.
-    qg = (q.astype(jnp.float32) * sm_scale).astype(dot_dtype)
-    qg = qg.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, TG, D)
+    # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g (a free reshape when T = 1).
+    qg = q.reshape(B, T, Hkv, G, D)
+    if T > 1:
+        qg = qg.transpose(0, 2, 1, 3, 4)
+    qg = qg.reshape(B, Hkv, TG, D)
     v_boost = 1.0
     if per_token and dot_dtype == jnp.float16:
         v_boost = float(2.0 ** math.floor(math.log2(float(jnp.finfo(k.dtype).max) / 2)))
@@ -291,7 +305,7 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     kernel = functools.partial(
         _decode_attention_kernel, block_k=config.block_k, blocks_per_split=blocks_per_split,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
-        v_boost=v_boost)
+        v_boost=v_boost, sm_scale=sm_scale)
     kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer

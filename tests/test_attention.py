@@ -140,7 +140,7 @@ def test_decode_overflow_inside_jit_is_flagged_not_corrupting():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(Hq=6), "multiple of the cache's Hkv"),
+    (dict(Hq=5), "multiple of the cache's Hkv"),
     (dict(D=32), "head dim"),
     (dict(kT=2), "k: expected"),
     (dict(B=2), "batch"),

@@ -13,9 +13,10 @@ import pytest
 from pallas_kernels import decode_attention as da
 
 TOL = 4e-3  # bf16 output rounding (2^-9) + f16 P rounding (2^-11), see the module docstring
+TOL_BF16_CACHE = 1e-2  # a bf16 cache runs both MMAs in bf16: P rounded to 2^-9, not 2^-11
 
 # Small tiling so interpret mode stays fast but the kernel still splits S and masks tails.
-SMALL = da.DecodeAttentionConfig(block_k=32, target_programs=8, min_blocks_per_split=1)
+SMALL = da.DecodeAttentionConfig(block_k=32, target_programs=32, min_blocks_per_split=1)
 
 
 def rel_err(out, ref):
@@ -57,6 +58,7 @@ def _inputs(key, B, T, Hq, Hkv, D, S, dtype, per_token, L=None):
 ])
 def test_ragged_lengths_match_reference(dtype, per_token, Hq, Hkv, D):
     # Lengths 1, 17, 128, 1000 in one batch; S_max = 1000 is no multiple of block_k.
+    tol = TOL_BF16_CACHE if dtype == jnp.bfloat16 else TOL
     B, T, S = 4, 1, 1000
     q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
                               dtype, per_token)
@@ -65,10 +67,10 @@ def test_ragged_lengths_match_reference(dtype, per_token, Hq, Hkv, D):
     ref = da.decode_attention_reference(q, k, v, lengths, ks, vs)
     assert out.shape == (B, T, Hq, D) and out.dtype == jnp.bfloat16
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
-    assert rel_err(out, ref) < TOL
+    assert rel_err(out, ref) < tol
     # Per sequence too, so one short sequence cannot hide behind the long one.
     for b in range(B):
-        assert rel_err(out[b], ref[b]) < TOL, b
+        assert rel_err(out[b], ref[b]) < tol, b
 
 
 def test_chunked_decode_stacked_layers_causal():
