@@ -56,8 +56,9 @@ def test_prefill_then_decode_equals_full_forward(model_params, kv_dtype):
         cache = kv_cache.advance(cache, 1)
         got.append(lg)
     full = llama.forward(model, params, seqs)
-    # bf16 K/V in the cache and bf16 attention outputs (prefill, decode kernels): a few 2^-8
-    tol = 0.02 if kv_dtype == "bf16" else 0.06  # FP8 E4M3 K/V: 2^-4 relative per element, averaged
+    # measured (seeds 0-2): bf16 cache 2-3e-4 (bf16 attention outputs), FP8 cache 1.9-3.0e-3
+    # (E4M3 K/V, 2^-4 relative per element, averaged over the softmax); bounds leave 7x / 3x margin
+    tol = 2e-3 if kv_dtype == "bf16" else 1e-2
     for t in range(extra + 1):
         want = full[np.arange(B), lens - 1 + t]
         assert rel_err(got[t], want) < tol, (t, rel_err(got[t], want))
