@@ -17,11 +17,14 @@ an updated weight that outgrows its block's range saturates at ±fmax (the satur
     h = jfp8.calibrate.hessian(x)                          # x: (tokens, K) inputs of the layer
     q = jfp8.calibrate.gptq_quantize(w, h, jfp8.E4M3, jfp8.PerChannel(0))   # QArray (N, K)
 
-Runs in numpy on the host (one weight at a time; the layer's statistics come from a decoder in
+Statistics and the Cholesky factor in numpy (float64), the column sweep jitted (one weight at a time; the layer's statistics come from a decoder in
 `models.calibration`).
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +32,8 @@ from jfp8.formats import Format, as_format
 from jfp8.qarray import QArray, from_parts
 from jfp8.scaling import Granularity, as_granularity, scale_from_amax, scale_shape
 
-__all__ = ["hessian", "HessianAccumulator", "gptq_quantize", "rtn_quantize", "output_error"]
+__all__ = ["hessian", "HessianAccumulator", "gptq_quantize", "gptq_quantize_group", "rtn_quantize",
+           "output_error"]
 
 
 def hessian(x) -> np.ndarray:
@@ -134,48 +138,121 @@ def gptq_quantize(w, h, fmt, granularity: Granularity, *, damp: float = 0.01,
     Returns: QArray (N, K) with exactly `scale` and FP8 data; dequantize() gives the rounded
     weight. With H diagonal the result equals round-to-nearest.
     """
-    w, h, fmt, granularity = _checked(w, h, fmt, granularity)
+    return gptq_quantize_group([w], h, fmt, [granularity], damp=damp, block_size=block_size,
+                               act_order=act_order, scales=[scale])[0]
+
+
+def gptq_quantize_group(ws, h, fmt, granularities, *, damp: float = 0.01, block_size: int = 128,
+                        act_order: bool = False, scales=None) -> list[QArray]:
+    """`gptq_quantize` for several weights that read the same input (q/k/v, gate/up).
+
+    GPTQ treats each output row on its own given H, so weights with one input share one
+    factorization of H and run as one sweep over their stacked rows; each keeps its own
+    granularity and scales. Returns one QArray per weight, in order.
+    """
+    if isinstance(granularities, (list, tuple)) and len(granularities) != len(ws):
+        raise ValueError(f"granularities: expected {len(ws)} (one per weight), got {len(granularities)}")
+    scales = [None] * len(ws) if scales is None else list(scales)
+    parts = []
+    for w, g, sc in zip(ws, granularities, scales):
+        w, h_checked, fmt_, g = _checked(w, h, fmt, g)
+        sc = _block_scale(w, fmt_, g) if sc is None else np.broadcast_to(
+            np.asarray(sc, np.float32), scale_shape(w.shape, g))
+        parts.append((w, g, sc, _expand(sc, w.shape, g)))
+    h, fmt = h_checked, fmt_
     if damp < 0:
         raise ValueError(f"damp: expected >= 0, got {damp}")
     if int(block_size) < 1:
         raise ValueError(f"block_size: expected >= 1, got {block_size}")
-    n, k = w.shape
-    scale = _block_scale(w, fmt, granularity) if scale is None else np.broadcast_to(
-        np.asarray(scale, np.float32), scale_shape(w.shape, granularity))
-    full_scale = _expand(scale, w.shape, granularity)
+    k = h.shape[0]
+    w_all = np.concatenate([p[0] for p in parts], axis=0)
+    s_all = np.concatenate([p[3] for p in parts], axis=0)
 
     h = h.copy()
     dead = np.diag(h) <= 0  # inputs that are always zero: their weights never matter
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h = h[perm][:, perm]
-    W = w[:, perm].astype(np.float32)
-    S = full_scale[:, perm]
-    # U: upper Cholesky factor of H^-1 (H^-1 = U^T U); row k holds the error-feedback weights.
+    U = _inverse_cholesky_upper(h[perm][:, perm])
+    codes = np.asarray(_gptq_columns(jnp.asarray(w_all[:, perm]), jnp.asarray(s_all[:, perm]),
+                                     jnp.asarray(U), fmt_name=fmt.name, block=int(block_size)))
+    codes = codes[:, np.argsort(perm)].astype(fmt.dtype)
+    out, row = [], 0
+    for w, g, sc, _ in parts:
+        out.append(from_parts(codes[row:row + w.shape[0]], sc, fmt, g))
+        row += w.shape[0]
+    return out
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """U upper triangular with H^-1 = U^T U, f32; from one Cholesky of H with its index order
+    reversed (P H P = L L^T gives U = P L^-1 P), so H^-1 itself is never formed."""
+    import scipy.linalg
+
+    rev = np.ascontiguousarray(h[::-1, ::-1])
     try:
-        h_inv = np.linalg.inv(np.linalg.cholesky(h))
-        h_inv = h_inv.T @ h_inv
-        U = np.linalg.cholesky(h_inv).T.astype(np.float32)
+        low = scipy.linalg.cholesky(rev, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         raise ValueError("h: not positive definite even after damping; raise `damp`") from None
+    if not np.all(np.isfinite(low)):
+        raise ValueError("h: not positive definite even after damping; raise `damp`")
+    low_inv = scipy.linalg.solve_triangular(low, np.eye(len(h)), lower=True, check_finite=False)
+    return np.ascontiguousarray(low_inv[::-1, ::-1]).astype(np.float32)
 
-    codes = np.empty((n, k), fmt.dtype)
-    for i1 in range(0, k, int(block_size)):
-        i2 = min(i1 + int(block_size), k)
-        W1 = W[:, i1:i2].copy()
-        E1 = np.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = W1[:, i]
-            c = _round_fp8(col, S[:, i1 + i], fmt)
-            codes[:, i1 + i] = c
-            err = (col - c.astype(np.float32) * S[:, i1 + i]) / U1[i, i]
-            W1[:, i + 1:] -= np.outer(err, U1[i, i + 1:])
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    inv = np.argsort(perm)
-    return from_parts(codes[:, inv], scale, fmt, granularity)
+
+@functools.partial(jax.jit, static_argnames=("fmt_name", "block"))
+def _gptq_columns(W, S, U, *, fmt_name: str, block: int):
+    """The GPTQ column sweep, jitted: W, S (N, K) f32 weights and per-element scales, U (K, K)
+    upper Cholesky of H^-1. Returns the FP8 codes as f32 values (exact), (N, K).
+
+    Columns go in blocks of `block`: inside a block each column's error updates the block's
+    remaining columns at once (a rank-1 update); the columns after the block get the block's
+    errors in one matmul (GPTQ's lazy batch update). K is padded to a multiple of `block` with
+    zero weights and an identity tail of U, which quantize to 0 and feed back nothing.
+    """
+    fmt = as_format(fmt_name)
+    n, k = W.shape
+    kp = -(-k // block) * block
+    pad = kp - k
+    W = jnp.pad(W, ((0, 0), (0, pad)))
+    S = jnp.pad(S, ((0, 0), (0, pad)), constant_values=1.0)
+    U = jnp.pad(U, ((0, pad), (0, pad)))
+    U = U + jnp.diag(jnp.concatenate([jnp.zeros(k), jnp.ones(pad)])).astype(U.dtype)
+    idx = jnp.arange(block)
+    cols = jnp.arange(kp)
+
+    def round_col(w, s):
+        return jnp.clip(w / s, -fmt.max, fmt.max).astype(fmt.dtype).astype(jnp.float32)
+
+    def block_step(b, carry):
+        W, C = carry
+        i1 = b * block
+        W1 = jax.lax.dynamic_slice(W, (0, i1), (n, block))
+        S1 = jax.lax.dynamic_slice(S, (0, i1), (n, block))
+        U1 = jax.lax.dynamic_slice(U, (i1, i1), (block, block))
+
+        def col_step(i, carry):
+            W1, C1, E1 = carry
+            w = jax.lax.dynamic_index_in_dim(W1, i, axis=1, keepdims=False)
+            s = jax.lax.dynamic_index_in_dim(S1, i, axis=1, keepdims=False)
+            c = round_col(w, s)
+            u = jax.lax.dynamic_index_in_dim(U1, i, axis=0, keepdims=False)
+            err = (w - c * s) / u[i]
+            W1 = W1 - jnp.outer(err, jnp.where(idx > i, u, 0.0))
+            C1 = jax.lax.dynamic_update_index_in_dim(C1, c, i, axis=1)
+            E1 = jax.lax.dynamic_update_index_in_dim(E1, err, i, axis=1)
+            return W1, C1, E1
+
+        zeros = jnp.zeros((n, block), jnp.float32)
+        _, C1, E1 = jax.lax.fori_loop(0, block, col_step, (W1, zeros, zeros))
+        rows = jax.lax.dynamic_slice(U, (i1, 0), (block, kp))
+        rows = jnp.where(cols[None, :] >= i1 + block, rows, 0.0)
+        W = W - E1 @ rows
+        C = jax.lax.dynamic_update_slice(C, C1, (0, i1))
+        return W, C
+
+    _, C = jax.lax.fori_loop(0, kp // block, block_step, (W, jnp.zeros((n, kp), jnp.float32)))
+    return C[:, :k]
 
 
 def output_error(w, q, h) -> float:

@@ -118,20 +118,27 @@ def gptq_params(params, recipe: jfp8.Recipe, hessians: dict, *, damp: float = 0.
     layers: optional set of 'layers_i' names to quantize (others stay high precision).
     Returns a params tree with QArray (N, K) kernels.
     """
-    def fn(path, leaf):
-        if path.split("/")[-1] != "kernel" or isinstance(leaf, jfp8.QArray) or \
-                not _KERNEL_RE.match(path):
-            return leaf
-        if layers is not None and path.split("/")[0] not in layers:
-            return leaf
+    # One GPTQ sweep per input: q/k/v together, gate/up together (rows are independent given H).
+    todo: dict[str, list[tuple[str, np.ndarray, object]]] = {}
+    for path_t, leaf in _flat(params):
+        path = "/".join(path_t)
+        m = _KERNEL_RE.match(path)
+        if not m or isinstance(leaf, jfp8.QArray):
+            continue
+        if layers is not None and m.group(1) not in layers:
+            continue
         gran = recipe.weight_granularity_for(path)
         if gran is None:
-            return leaf
-        w = np.asarray(leaf, np.float32).T
-        return calibrate.gptq_quantize(w, hessian_for(hessians, path), recipe.weight_format, gran,
-                                       damp=damp, act_order=act_order)
-
-    return _rebuild(params, fn)
+            continue
+        key = f"{m.group(1)}/{m.group(2)}/{INPUT_OWNER[m.group(3)]}"
+        todo.setdefault(key, []).append((path, np.asarray(leaf, np.float32).T, gran))
+    done = {}
+    for key, group in todo.items():
+        qs = calibrate.gptq_quantize_group([w for _, w, _ in group], hessian_for(hessians, group[0][0]),
+                                           recipe.weight_format, [g for _, _, g in group],
+                                           damp=damp, act_order=act_order)
+        done.update({path: q for (path, _, _), q in zip(group, qs)})
+    return _rebuild(params, lambda path, leaf: done.get(path, leaf))
 
 
 def layer_names(params) -> list[str]:

@@ -274,12 +274,14 @@ class Evaluator:
     tokenizer: a `tokenizers.Tokenizer` (optional: needed by `tokenize`).
     """
 
-    def __init__(self, model, params, tokenizer=None, *, batch: int = 1):
+    def __init__(self, model, params, tokenizer=None, *, batch: int = 1,
+                 sensitivity_tokens: int = 512):
         if model.recipe is not None:
             raise ValueError("model: expected the high-precision model (recipe None); the "
                              "recipes to compare are given to evaluate()")
         self.model, self.params, self.tokenizer, self.batch = model, params, tokenizer, int(batch)
         self.cfg = model.cfg
+        self.sensitivity_tokens = int(sensitivity_tokens)  # per-layer KL: 1 forward per layer
         self._fns: dict = {}
         self._calib_cache: dict = {}
 
@@ -354,7 +356,9 @@ class Evaluator:
             from models import calibration
             t = time.time()
             hs = self._hessians(calib_tokens, log=log) if er.calibrate else None
-            self._calib_cache[key] = calibration.layer_sensitivity(self, er, calib_tokens, hessians=hs)
+            few = calib_tokens[: self.sensitivity_tokens]
+            self._calib_cache[key] = calibration.layer_sensitivity(self, er, few, hessians=hs,
+                                                                   window=len(few))
             log(f"  per-layer sensitivity: {time.time() - t:.1f}s")
         return self._calib_cache[key]
 
