@@ -93,9 +93,10 @@ class GemvConfig:
 
 
 # Tuning table: (M class, N class, K class) -> config; classes from `_shape_class`. From
-# benchmarks/results/gemm_decode.json (H100 80GB HBM3, jax 0.11.2, block layout): the same config
-# won for every Llama-3-8B shape of an M class (M = 8 / 32 reuse the M = 16 / 64 winner); the
-# variants tried and their figures are in benchmarks/results/gemm_decode_sweep_log.md.
+# benchmarks/results/gemm_decode.json (H100 80GB HBM3, jax 0.11.2, block layout; M = 8 / 32 reuse
+# the M = 16 / 64 winner) and, for M <= 16 on N <= 8192, the split-K side sweep
+# results/gemm_decode_m16_splitk.json (qkv 19.2 -> 16.3 µs, o 15.3 -> 12.4, down 46.1 -> 29.9 with
+# split-K 4). Every variant tried is listed in benchmarks/results/gemm_decode_sweep_log.md.
 _M1 = GemvConfig(block_n=32, block_k=512, split_k=2, use_dot=False)   # FMA, 2-way split-K
 _M16 = GemvConfig(block_n=32, block_k=256, split_k=1)                 # mma on M padded to 16
 _M64 = GemvConfig(block_n=64, block_k=128, split_k=1)
@@ -104,6 +105,9 @@ TUNING: dict[tuple[str, str, str], GemvConfig] = {
     for m_class, cfg in (("m1", _M1), ("m16", _M16), ("m64", _M64))
     for n_class in ("n_small", "n_large") for k_class in ("k_short", "k_long")
 }
+# Few row blocks (N <= 8192): split K so that enough programs fill the 132 SMs.
+TUNING[("m16", "n_small", "k_short")] = dataclasses.replace(_M16, split_k=2)
+TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=4)
 
 
 def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
