@@ -34,26 +34,48 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 COPY_GBPS = 2936.0          # device-to-device copy ceiling, notes/h100.md
 MEM_BUDGET = 70e9           # "largest batch of 32K-token sequences in 70 GB"
 WORKSPACE = 2e9             # activations / XLA workspace reserved in that estimate
-MODES = ("bf16", "fp8w", "fp8wkv")
+CAP_MODES = ("bf16", "fp8w", "fp8wkv")  # the 32K-capacity table (weights-only variants read the same bytes)
 
-# (kind, (preset, mode, batch, ctx)) in priority order: the targets first, so a run cut short by
-# --budget-s still has them. 8B BF16 at B=16 x 32K does not fit 80 GB (69 GB of cache + 16 GB of
-# weights), so the 32K batch-16 comparison runs in the 1B shape.
-PLAN = [("decode", ("llama3.2-1b", m, 16, 32768)) for m in ("bf16", "fp8wkv")] + \
-       [("decode", ("llama3.1-8b", m, b, 4096)) for b in (1, 16) for m in ("bf16", "fp8wkv")] + \
-       [("decode", ("llama3.1-8b", "fp8w", b, 4096)) for b in (1, 16)] + \
-       [("decode", ("llama3.1-8b", "fp8wkv", 16, 32768))] + \
-       [("decode", ("llama3.1-8b", m, 64, 4096)) for m in ("bf16", "fp8wkv")] + \
-       [("prefill", ("llama3.1-8b", m, 1, 2048)) for m in ("bf16", "fp8wkv")] + \
-       [("decode", ("llama3.1-8b", m, 1, 32768)) for m in ("bf16", "fp8wkv")] + \
-       [("decode", ("llama3.2-1b", m, b, 4096)) for b in (1, 16) for m in ("bf16", "fp8wkv")]
+# mode -> (weight recipe key, KV dtype). Recipes: block128 = FP8 weights per 128x128 block and FP8
+# activations per 1x128 group (W8A8, the issue's recipe); w8a16 = the same weights with BF16
+# activations (Recipe.weights_only(PerBlock((128, 128)))); w8a16_head = that plus an FP8 lm_head.
+MODES = {"bf16": ("bf16", "bf16"), "fp8w": ("block128", "bf16"), "fp8wkv": ("block128", "fp8"),
+         "fp8wkv_w8a16": ("w8a16", "fp8"), "fp8wkv_w8a16_head": ("w8a16_head", "fp8")}
+
+
+def recipe_for(key):
+    import jfp8
+    from jfp8.recipe import DEFAULT_KEEP_HIGH_PRECISION
+    if key == "bf16":
+        return None
+    if key == "block128":
+        return jfp8.Recipe.block128()
+    keep = DEFAULT_KEEP_HIGH_PRECISION if key == "w8a16" else \
+        tuple(p for p in DEFAULT_KEEP_HIGH_PRECISION if p != "lm_head")
+    return jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)), keep_high_precision=keep)
+
+
+# (kind, (preset, mode, batch, ctx)) in priority order, grouped by weight recipe (one FP8 copy of
+# the weights lives at a time): the targets first, so a run cut short by --budget-s still has them.
+# 8B BF16 at B=16 x 32K does not fit 80 GB (69 GB of cache + 16 GB of weights), so the 32K
+# batch-16 comparison also runs in the 1B shape.
+_8B, _1B = "llama3.1-8b", "llama3.2-1b"
+PLAN = [("decode", (_1B, m, 16, 32768)) for m in ("bf16", "fp8wkv_w8a16", "fp8wkv")] + \
+       [("decode", (_8B, "bf16", b, 4096)) for b in (1, 16)] + \
+       [("decode", (_8B, m, b, 4096)) for m in ("fp8wkv_w8a16", "fp8wkv_w8a16_head") for b in (1, 16)] + \
+       [("decode", (_8B, "fp8wkv_w8a16", 16, 32768))] + \
+       [("decode", (_8B, m, b, 4096)) for m in ("fp8wkv", "fp8w") for b in (1, 16)] + \
+       [("decode", (_8B, m, 64, 4096)) for m in ("fp8wkv", "bf16")] + \
+       [("prefill", (_8B, m, 1, 2048)) for m in ("bf16", "fp8wkv")] + \
+       [("decode", (_8B, m, 1, 32768)) for m in ("bf16", "fp8wkv")] + \
+       [("decode", (_1B, m, b, 4096)) for b in (1, 16) for m in ("bf16", "fp8wkv")]
 
 
 def kv_bytes_per_token(cfg, mode):
     from jfp8 import kv_cache
     import jax.numpy as jnp
     import jfp8
-    dt = jfp8.E4M3 if mode == "fp8wkv" else jnp.bfloat16
+    dt = jfp8.E4M3 if MODES[mode][1] == "fp8" else jnp.bfloat16
     return kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dt)
 
 
@@ -76,23 +98,23 @@ class Bench:
         self.t0 = time.perf_counter()
 
     def model_params(self, preset, mode):
+        """(cfg, model, params) for a mode; keeps the BF16 weights and one FP8 copy at a time."""
         import jax
         from models import llama
         cfg = llama.get_config(preset) if not self.args.smoke else llama.get_config("tiny")
-        key = ("bf16" if mode == "bf16" else "fp8", preset)
+        rkey = MODES[mode][0]
+        key = (rkey, preset)
         if key not in self.params:
-            for k in [k for k in self.params if k[1] != preset]:
+            for k in [k for k in self.params if k[1] != preset or (k[0] != "bf16" and k != key)]:
                 del self.params[k]
             gc.collect()
             if ("bf16", preset) not in self.params:
                 self.params[("bf16", preset)] = llama.init_params(llama.Llama(cfg, fused=self.args.fused),
                                                                   jax.random.PRNGKey(0))
-            if key[0] == "fp8":
-                recipe = self.jfp8.Recipe.from_name(self.args.recipe)
-                self.params[key] = llama.quantize_params(self.params[("bf16", preset)], recipe)
+            if rkey != "bf16":
+                self.params[key] = llama.quantize_params(self.params[("bf16", preset)], recipe_for(rkey))
             jax.block_until_ready(self.params[key])
-        recipe = None if mode == "bf16" else self.jfp8.Recipe.from_name(self.args.recipe)
-        return cfg, llama.Llama(cfg, recipe=recipe, fused=self.args.fused), self.params[key]
+        return cfg, llama.Llama(cfg, recipe=recipe_for(rkey), fused=self.args.fused), self.params[key]
 
     def decode_row(self, preset, mode, B, ctx):
         import jax
@@ -111,7 +133,7 @@ class Bench:
             row.update(status="does not fit", need_gb=(wbytes + cache_need) / 1e9)
             return row
         dec = G.Decoder(model, batch=B, max_len=max_len, max_new_tokens=steps * (reps + 3),
-                        kv_dtype="bf16" if mode != "fp8wkv" else "fp8")
+                        kv_dtype=MODES[mode][1])
         cache = dec.init_cache()
         cache = dataclasses.replace(cache, lengths=jnp.full((B,), ctx, jnp.int32))
         N = dec.max_new_tokens
@@ -163,8 +185,7 @@ class Bench:
         import numpy as np
         from models import generate as G
         cfg, model, params = self.model_params(preset, mode)
-        dec = G.Decoder(model, batch=B, max_len=T + 16, max_new_tokens=2,
-                        kv_dtype="bf16" if mode != "fp8wkv" else "fp8")
+        dec = G.Decoder(model, batch=B, max_len=T + 16, max_new_tokens=2, kv_dtype=MODES[mode][1])
         tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
         lens = jnp.full((B,), T, jnp.int32)
         stops, max_new = dec._stop_array(()), jnp.full((B,), 2, jnp.int32)
@@ -208,7 +229,7 @@ class Bench:
             cfg = llama.get_config(preset)
             wb16 = cfg.num_params() * 2 - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 2)
             out = {}
-            for mode in MODES:
+            for mode in CAP_MODES:
                 wb = wb16 if mode == "bf16" else None
                 if wb is None:  # FP8 linear kernels (1 byte + block scales), BF16 embedding/norms/head
                     d, F, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -222,7 +243,8 @@ class Bench:
             cap[preset] = out
         dev = jax.devices()[0]
         meta = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
-                    jax_version=jax.__version__, backend=self.jfp8.get_backend(), recipe=self.args.recipe,
+                    jax_version=jax.__version__, backend=self.jfp8.get_backend(),
+                    modes={m: dict(weights=k, kv=kv) for m, (k, kv) in MODES.items()},
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     xla_flags=os.environ.get("XLA_FLAGS", ""), copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps, fused=self.args.fused,
                     command=" ".join(sys.argv))
@@ -248,7 +270,11 @@ def write_report(path_json, out_dir, stem=None):
         res = json.load(f)
     meta, rows = res["meta"], res["rows"]
     lines = [f"# Decode end to end ({meta['device']}, jax {meta['jax_version']}, backend {meta['backend']}, "
-             f"recipe {meta['recipe']}, {meta['date']})", "",
+             f"{meta['date']})", "",
+             "Modes: bf16 = BF16 weights + BF16 KV; fp8w = FP8 weights (block128: 128x128 weight blocks, "
+             "1x128 FP8 activations) + BF16 KV; fp8wkv = that + FP8 E4M3 KV (per token-head scales); "
+             "_w8a16 = same FP8 weights with BF16 activations (weights_only_block128); _head = lm_head in "
+             "FP8 too (otherwise BF16).", "",
              f"`{meta['command']}`; random weights; decode loop in one jit; best of {meta['reps']} calls of "
              f"{meta['steps']} steps; limit = bytes read per step / {meta['copy_gbps']:.0f} GB/s; "
              f"XLA_FLAGS='{meta.get('xla_flags', '')}'.", "",
@@ -278,7 +304,7 @@ def write_report(path_json, out_dir, stem=None):
     lines += ["", "Concurrent 32K-token sequences in 70 GB (weights + cache bytes, 2 GB workspace):", "",
               "| model | mode | weights GB | KV GB / 32K seq | max batch |", "|---|---|---|---|---|"]
     for preset, cap in res["capacity_32k"].items():
-        for mode in MODES:
+        for mode in CAP_MODES:
             c = cap[mode]
             lines.append(f"| {preset} | {mode} | {c['weights_gb']:.1f} | {c['kv_gb_per_32k_seq']:.2f} | "
                          f"{c['max_batch_32k_in_70gb']} |")
@@ -293,12 +319,14 @@ def write_report(path_json, out_dir, stem=None):
         import matplotlib.pyplot as plt
         keys = sorted(rat, key=lambda k: (k[0], k[2], k[1]))
         fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
-        w = 0.27
-        for i, mode in enumerate(MODES):
-            ax[0].bar([j + (i - 1) * w for j in range(len(keys))], [rat[k].get(mode, 0) for k in keys], w, label=mode)
+        modes = [m for m in MODES if any(m in rat[k] for k in keys)]
+        w = 0.8 / max(1, len(modes))
+        for i, mode in enumerate(modes):
+            off = (i - (len(modes) - 1) / 2) * w
+            ax[0].bar([j + off for j in range(len(keys))], [rat[k].get(mode, 0) for k in keys], w, label=mode)
             fr = {(r["preset"], r["batch"], r["ctx"]): r["frac_of_limit"] for r in rows
                   if r["kind"] == "decode" and r.get("status") == "ok" and r["mode"] == mode}
-            ax[1].bar([j + (i - 1) * w for j in range(len(keys))], [fr.get(k, 0) * 100 for k in keys], w, label=mode)
+            ax[1].bar([j + off for j in range(len(keys))], [fr.get(k, 0) * 100 for k in keys], w, label=mode)
         labels = [f"{k[0].split('-')[-1]}\nB{k[1]} {k[2] // 1024}K" for k in keys]
         for a in ax:
             a.set_xticks(range(len(keys)))
@@ -321,7 +349,6 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--recipe", default="block128")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--device-mem", type=float, default=79e9)
     ap.add_argument("--only", default="all", help="all | 8b | 1b | prefill (comma list)")

@@ -290,7 +290,7 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
             raise ValueError(f"tensor {name!r}: appears twice")
         seen.add(name)
         path = param_path(name)
-        is_linear = path[-1] == "kernel" and path[0] != "lm_head"
+        is_linear = path[-1] == "kernel"  # lm_head too: the recipe decides (BF16 by default)
         if is_linear:
             fp8 = arr.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
             if fp8:

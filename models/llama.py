@@ -10,9 +10,10 @@ Architecture: token embedding -> L x [RMSNorm -> GQA attention with RoPE (Llama-
 scaling, `rope_theta`) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head
 (tied to the embedding or not). Qwen2 adds q/k/v biases.
 
-One code path serves BF16 and FP8: every linear layer is `jfp8.nn.FP8Dense` when a recipe is
-given (its params hold a `jfp8.QArray` kernel of layout (N, K) once quantized) and
-`flax.linen.Dense` when `recipe` is None. Norms, the embedding and the lm_head stay BF16.
+One code path serves BF16 and FP8: a linear layer whose kernel is a `jfp8.QArray` (N, K) (made by
+`quantize_params` / an FP8 checkpoint, per the recipe's rules) runs `jfp8.nn.FP8Dense` with the
+model's recipe; a plain kernel runs `flax.linen.Dense` in BF16. With the default recipes norms,
+the embedding and the lm_head stay BF16.
 
 Parameter tree (the `params` collection, names mirror HF so checkpoint mapping is one rule):
     embed_tokens/embedding (V, d)
@@ -86,15 +87,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _dense(features: int, use_bias: bool, recipe, dtype, param_dtype, name: str):
-    """A linear layer: FP8Dense under a recipe, flax Dense without one (same param names)."""
+def _dense(parent: nn.Module, features: int, use_bias: bool, name: str):
+    """The linear layer `name` of `parent`: FP8 when its stored kernel is a QArray, BF16 otherwise.
+
+    A QArray kernel (N, K) (from `quantize_params` or an FP8 checkpoint) runs `jfp8.nn.FP8Dense`
+    with the model's recipe (activation quantization, kernels); a plain (K, N) kernel runs
+    `flax.linen.Dense`. So whatever the recipe kept in high precision (`keep_high_precision`,
+    `overrides`: lm_head by default) stays BF16, and nothing is quantized at call time.
+    """
+    import jfp8
     init = nn.initializers.normal(0.02)
-    if recipe is None:
-        return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                        kernel_init=init, name=name)
-    from jfp8.nn import FP8Dense
-    return FP8Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=init, recipe=recipe, name=name)
+    kernel = parent.variables.get("params", {}).get(name, {}).get("kernel")
+    if isinstance(kernel, jfp8.QArray):
+        from jfp8.nn import FP8Dense
+        return FP8Dense(features, use_bias=use_bias, dtype=parent.dtype, param_dtype=parent.param_dtype,
+                        kernel_init=init, recipe=getattr(parent, "recipe", None), name=name)
+    return nn.Dense(features, use_bias=use_bias, dtype=parent.dtype, param_dtype=parent.param_dtype,
+                    kernel_init=init, name=name)
 
 
 def causal_attention(q, k, v, lengths=None):
@@ -135,7 +144,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        mk = functools.partial(_dense, recipe=self.recipe, dtype=self.dtype, param_dtype=self.param_dtype)
+        mk = functools.partial(_dense, self)
         if self.fused:
             qkv = mk((Hq + 2 * Hkv) * D, cfg.qkv_bias, name="qkv_proj")(x)
             q = qkv[..., :Hq * D].reshape(B, T, Hq, D)
@@ -171,7 +180,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        mk = functools.partial(_dense, recipe=self.recipe, dtype=self.dtype, param_dtype=self.param_dtype)
+        mk = functools.partial(_dense, self)
         if self.fused:
             gu = mk(2 * cfg.intermediate_size, cfg.mlp_bias, name="gate_up_proj")(x)
             g, u = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
@@ -207,7 +216,8 @@ class Llama(nn.Module):
 
     Attributes:
       cfg: LlamaConfig (shapes, RoPE, biases, tying).
-      recipe: jfp8.Recipe for the linear layers, or None for BF16 `flax.linen.Dense`.
+      recipe: jfp8.Recipe the FP8 layers run with (activation quantization); which layers are
+        FP8 is decided by the params (QArray kernels), so a BF16 param tree runs BF16.
       dtype: compute / activation dtype (bf16; f32 for reference tests).
       param_dtype: dtype of freshly initialised high-precision params.
       fused: q/k/v and gate/up projections as one matmul each (`qkv_proj`, `gate_up_proj`);
@@ -243,8 +253,7 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             logits = embed.attend(h)
         else:
-            logits = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(0.02),
-                              name="lm_head", **kw)(h)
+            logits = _dense(self, cfg.vocab_size, False, "lm_head")(h)
         return logits.astype(jnp.float32), cache
 
 
