@@ -34,6 +34,7 @@ def _reference(xq_or_x, wq, bias):
     return y if bias is None else y + np.asarray(bias, np.float64)
 
 
+ON_GPU = jax.devices()[0].platform == "gpu"
 RECIPES = [jfp8.Recipe.per_tensor(), jfp8.Recipe.rowwise(), jfp8.Recipe.block128(), jfp8.Recipe.weights_only()]
 
 
@@ -53,8 +54,14 @@ class TestMatmulXLA(chex.TestCase):
                                                               recipe=recipe))(x, bias)
                 xq = jfp8.quantize(x, recipe.act_format, recipe.act_granularity) if recipe.act_format else x
                 ref = _reference(xq, wq, bias)
-                # f32 accumulation over K=384 of exact products: relative error ~ sqrt(K) * 2**-24.
-                np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+                if ON_GPU and recipe.name == "per_tensor":
+                    # XLA's FP8 dot (cuBLASLt) on Hopper: the FP8 tensor cores accumulate with
+                    # reduced precision between promotions; measured up to 1.9e-3 relative on
+                    # the H100 (benchmarks/results/gemm_decode_sweep_log.md).
+                    np.testing.assert_allclose(np.asarray(y), ref, rtol=4e-3, atol=4e-3 * np.abs(ref).max())
+                else:
+                    # f32 accumulation over K=384 of exact products: relative error ~ sqrt(K) * 2**-24.
+                    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
     def test_bf16_output_and_leading_dims(self):
         rng = np.random.default_rng(0)
