@@ -129,8 +129,9 @@ class Bench:
         per_seq = kv_bytes_per_token(cfg, mode) * ctx
         wbytes = weight_bytes_read(cfg, params)
         cache_need = per_seq * B
-        if wbytes + cache_need + WORKSPACE > self.args.device_mem:
-            row.update(status="does not fit", need_gb=(wbytes + cache_need) / 1e9)
+        in_use = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", wbytes)  # all weight copies held
+        if in_use + cache_need + WORKSPACE > self.args.device_mem:
+            row.update(status=f"does not fit ({(in_use + cache_need) / 1e9:.0f} GB needed)")
             return row
         dec = G.Decoder(model, batch=B, max_len=max_len, max_new_tokens=steps * (reps + 3),
                         kv_dtype=MODES[mode][1])
