@@ -100,11 +100,12 @@ def test_no_retrace_across_chunks_and_calls(model_params):
         assert [len(r) for r in rows] == [12, 5]
         assert len(chunks) == 1 + 4  # prefill token, then ceil(11 / 3) chunks
         streamed.append((prompts, rows))
-    assert guarded._cache_size() == 1
-    # the streamed tokens equal one uninterrupted run
+    # the streamed tokens equal one uninterrupted run (same executable again)
     prompts, rows = streamed[-1]
-    whole = G.generate(model, params, prompts, max_new_tokens=[12, 5], kv_dtype="fp8", max_len=48)
+    state = dec.run(params, prompts, max_new_tokens=[12, 5])
+    whole = [np.asarray(state.tokens)[b, :n].tolist() for b, n in enumerate(np.asarray(state.num_generated))]
     assert whole == rows
+    assert guarded._cache_size() == 1
 
 
 def test_stop_tokens_and_per_sequence_limits(model_params):
