@@ -16,6 +16,8 @@ HF Llama and jax.nn.dot_product_attention); k/v (B, T, Hkv, D); output (B, T, Hq
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -62,10 +64,16 @@ def decode(q, k_new, v_new, cache: KVCache, *, layer, sm_scale: float | None = N
     Returns (o (B, T, Hq, D) bf16, cache).
     """
     _check_qkv(q, k_new, v_new, cache)
+    num_valid = kvc.check_append(cache, layer, k_new, v_new)
+    return _decode(q, k_new, v_new, cache, jnp.asarray(layer, jnp.int32), num_valid,
+                   backend=get_backend(), sm_scale=sm_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "sm_scale"))
+def _decode(q, k_new, v_new, cache, layer, num_valid, *, backend, sm_scale):
     T = q.shape[1]
-    cache = kvc.append(cache, layer, k_new, v_new)
+    cache = kvc._append(cache, layer, k_new, v_new, num_valid)
     kv_lengths = jnp.minimum(cache.lengths + T, cache.max_len)
-    backend = get_backend()
     k_scale, v_scale = _kernel_scales(cache)
     if backend in ("pallas", "interpret") and T <= MAX_KERNEL_TOKENS:
         from pallas_kernels import decode_attention as kernel
@@ -131,9 +139,14 @@ def prefill(q, k, v, cache: KVCache, *, layer, lengths, sm_scale: float | None =
     lengths = jnp.asarray(lengths, jnp.int32)
     if lengths.shape != (B,):
         raise ValueError(f"lengths: expected shape ({B},), got {lengths.shape}")
-    cache = kvc.append(cache, layer, k, v, num_valid=lengths)
-    o = _causal_attention(q, k, v, sm_scale)
-    return o, cache
+    num_valid = kvc.check_append(cache, layer, k, v, lengths)
+    return _prefill(q, k, v, cache, jnp.asarray(layer, jnp.int32), num_valid, sm_scale=sm_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def _prefill(q, k, v, cache, layer, num_valid, *, sm_scale):
+    cache = kvc._append(cache, layer, k, v, num_valid)
+    return _causal_attention(q, k, v, sm_scale), cache
 
 
 def _causal_attention(q, k, v, sm_scale):

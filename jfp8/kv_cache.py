@@ -41,7 +41,7 @@ except AttributeError:  # pragma: no cover
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
 from jfp8.scaling import scale_from_amax
 
-__all__ = ["KVCache", "append", "advance", "tokens_per_gb", "bytes_per_token", "SCALINGS"]
+__all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token", "SCALINGS"]
 
 SCALINGS = ("per_token_head", "per_tensor")
 # Per-tensor scales set from a first write get one binade of headroom (margin 1 -> x2).
@@ -245,24 +245,42 @@ def append(cache: KVCache, layer, k_new, v_new, *, num_valid=None) -> KVCache:
             prefill): only these count for the overflow check/flag; padding past S_max is dropped.
     Returns the updated cache. Overflow: see the module docstring.
     """
+    num_valid = check_append(cache, layer, k_new, v_new, num_valid)
+    return _append(cache, jnp.asarray(layer, jnp.int32), k_new, v_new, num_valid)
+
+
+def check_append(cache: KVCache, layer, k_new, v_new, num_valid=None):
+    """Validate an `append` (shapes, layer, and overflow when lengths are concrete); returns
+    num_valid as a (B,) int32 array."""
     _check_kv(cache, k_new, v_new)
     B, T = k_new.shape[:2]
     S = cache.max_len
-    needed = cache.lengths + (T if num_valid is None else jnp.asarray(num_valid, jnp.int32))
-    if _is_concrete(needed) and _is_concrete(layer):
+    if isinstance(layer, (int, np.integer)) and not 0 <= layer < cache.num_layers:
+        raise ValueError(f"layer: expected 0 <= layer < {cache.num_layers}, got {layer}")
+    num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else jnp.asarray(num_valid,
+                                                                                    jnp.int32)
+    if num_valid.shape != (B,):
+        raise ValueError(f"num_valid: expected shape ({B},), got {num_valid.shape}")
+    needed = cache.lengths + num_valid
+    if _is_concrete(needed):
         needed_np = np.asarray(jax.device_get(needed))
         if (needed_np > S).any():
-            raise ValueError(f"k_new: writing {T} tokens at lengths {np.asarray(cache.lengths).tolist()}"
-                             f" overflows the cache (S_max={S}) for sequences "
-                             f"{np.nonzero(needed_np > S)[0].tolist()}")
-        if isinstance(layer, (int, np.integer)) and not 0 <= layer < cache.num_layers:
-            raise ValueError(f"layer: expected 0 <= layer < {cache.num_layers}, got {layer}")
-    overflow = cache.overflow | (needed > S)
+            raise ValueError(f"k_new: writing {T} tokens at lengths "
+                             f"{np.asarray(cache.lengths).tolist()} overflows the cache "
+                             f"(S_max={S}) for sequences {np.nonzero(needed_np > S)[0].tolist()}")
+    return num_valid
 
+
+@jax.jit
+def _append(cache: KVCache, layer, k_new, v_new, num_valid) -> KVCache:
+    B, T = k_new.shape[:2]
+    S = cache.max_len
+    overflow = cache.overflow | (cache.lengths + num_valid > S)
     k_scale, v_scale = cache.k_scale, cache.v_scale
     ks_now = vs_now = None
     if cache.scaling == "per_tensor":
         fmt = cache.format
+
         def first_write_scale(x, current):
             fresh = scale_from_amax(jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)), fmt,
                                     PER_TENSOR_MARGIN)
@@ -302,5 +320,12 @@ def advance(cache: KVCache, num_tokens) -> KVCache:
                              f"{np.asarray(n).tolist()} passes the cache's S_max={S}")
         if (new_np < 0).any():
             raise ValueError(f"num_tokens: lengths would become negative: {new_np.tolist()}")
+    return _advance(cache, n)
+
+
+@jax.jit
+def _advance(cache: KVCache, n) -> KVCache:
+    new = cache.lengths + n
+    S = cache.max_len
     return dataclasses.replace(cache, lengths=jnp.clip(new, 0, S),
                                overflow=cache.overflow | (new > S))

@@ -383,7 +383,7 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, 
     """Plain-JAX f32 reference of `decode_attention`, same signature (config/interpret ignored)."""
     del config, interpret
     stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer)
-    B, T, Hq, D = q.shape
+    D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if stacked:
         k, v = k[layer], v[layer]
@@ -392,6 +392,13 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, 
         else:
             k_scale = _per_layer_scalar(k_scale, layer, True)
             v_scale = _per_layer_scalar(v_scale, layer, True)
+    return _reference_jit(q, k, v, jnp.asarray(lengths, jnp.int32), k_scale, v_scale,
+                          sm_scale=sm_scale, per_token=per_token)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "per_token"))
+def _reference_jit(q, k, v, lengths, k_scale, v_scale, *, sm_scale, per_token):
+    B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     kf = k.astype(jnp.float32)
@@ -402,7 +409,7 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, 
     else:
         kf = kf * _per_layer_scalar(k_scale, 0, False)
         vf = vf * _per_layer_scalar(v_scale, 0, False)
-    lengths = jnp.minimum(jnp.asarray(lengths, jnp.int32), S)
+    lengths = jnp.minimum(lengths, S)
     qg = q.astype(jnp.float32).reshape(B, T, Hkv, G, D)
     s = jnp.einsum("bthgd,bshd->bhgts", qg, kf, precision=lax.Precision.HIGHEST) * sm_scale
     pos = jnp.arange(S)
