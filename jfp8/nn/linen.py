@@ -80,9 +80,10 @@ def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None):
             Recipe.per_tensor(act_format=recipe.act_format)
         return matmul(x, kernel, bias=bias, out_dtype=out_dtype, recipe=act_recipe)
     if uses_training_path(recipe):
-        y = training.fp8_matmul_train(x, kernel, meta, recipe=recipe, out_dtype=jnp.float32)
-    else:
-        y = _dynamic_matmul(x, kernel, recipe)
+        # The GEMM writes out_dtype itself (bf16 activations: half the bytes of an f32 result).
+        y = training.fp8_matmul_train(x, kernel, meta, recipe=recipe, out_dtype=out_dtype)
+        return y if bias is None else (y + jnp.asarray(bias).astype(out_dtype)).astype(out_dtype)
+    y = _dynamic_matmul(x, kernel, recipe)
     if bias is not None:
         y = y + jnp.asarray(bias, jnp.float32)
     return y.astype(out_dtype)

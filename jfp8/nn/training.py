@@ -47,6 +47,10 @@ META_TENSORS = ("input", "kernel", "grad")
 
 Meta = dict  # {"input_amax_history": (L,), "input_scale": (), "kernel_...", "grad_..."} f32
 
+# Tuning knobs read when a layer is traced (benchmarks/train_step.py compares them on the H100).
+GEMM_STYLE = "out"        # how scales attach to the FP8 GEMMs: "out", "f32" or "qdq" (`_gemm`)
+FIRST_STEP = "current"    # empty history: "current" (own amax) or "unit" (scale 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -58,6 +62,9 @@ class TrainConfig:
       margin: delayed-scaling headroom in powers of two.
       algorithm: delayed-scaling amax reduction over the history ("max" or "most_recent").
       out_dtype: dtype of y (name string, so the config hashes).
+      gemm: how scales attach to the FP8 GEMMs ("out", "f32", "qdq"; see `_gemm`).
+      first_step: scale of a tensor whose history is all zero: "current" (its own amax) or
+        "unit" (scale 1, TransformerEngine's behaviour; no data dependency at all).
     """
 
     fwd_format: Format = E4M3
@@ -65,12 +72,15 @@ class TrainConfig:
     margin: int = 0
     algorithm: str = "max"
     out_dtype: str = "float32"
+    gemm: str = "out"
+    first_step: str = "current"
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, out_dtype) -> "TrainConfig":
         fwd = recipe.act_format if recipe.act_format is not None else recipe.weight_format
         return cls(fwd_format=as_format(fwd), grad_format=as_format(recipe.grad_format),
-                   margin=int(recipe.margin), out_dtype=jnp.dtype(out_dtype).name)
+                   margin=int(recipe.margin), out_dtype=jnp.dtype(out_dtype).name,
+                   gemm=GEMM_STYLE, first_step=FIRST_STEP)
 
 
 def init_meta(history: int) -> Meta:
@@ -106,6 +116,8 @@ def _scale_for(x, fmt: Format, cfg: TrainConfig, meta, name: str):
     delayed = meta[f"{name}_scale"].astype(jnp.float32).reshape(())
     # The first step has no history: use this tensor's own amax instead of scale 1. `cond`
     # keeps the steady state free of a dependency on this step's reduction.
+    if cfg.first_step == "unit":
+        return delayed, amax
     scale = lax.cond(jnp.max(history) > 0, lambda: delayed,
                      lambda: scale_from_amax(amax, fmt, cfg.margin))
     return scale, amax
@@ -134,7 +146,8 @@ def _ranges_like(*xs):
         start += len(x)
 
 
-def _transpose_lhs(g, x_ndim: int, y, dimension_numbers, swap_ans: bool = False):
+def _transpose_lhs(g, s_g, x_ndim: int, y, s_y, dimension_numbers, out_dtype, cfg,
+                   swap_ans: bool = False):
     """d lhs of dot_general(x, y, dn) given the output cotangent g: g · y contracted back."""
     (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
     x_kept = _remaining(range(x_ndim), x_contract, x_batch)
@@ -145,15 +158,15 @@ def _transpose_lhs(g, x_ndim: int, y, dimension_numbers, swap_ans: bool = False)
         ans_batch, _, ans_y = _ranges_like(x_batch, x_kept, y_kept)
     dims = ((ans_y, tuple(y_kept)), (ans_batch, tuple(y_batch)))
     x_contract_sorted_by_y = list(np.take(np.asarray(x_contract, int), np.argsort(y_contract)))
-    out_axes = np.argsort(list(x_batch) + x_kept + x_contract_sorted_by_y)
-    out = lax.dot_general(g, y, dims, preferred_element_type=jnp.float32)
-    return lax.transpose(out, tuple(int(a) for a in out_axes))
+    out_axes = tuple(int(a) for a in np.argsort(list(x_batch) + x_kept + x_contract_sorted_by_y))
+    out = _gemm(g, s_g, y, s_y, dims, out_dtype, cfg)
+    return out if out_axes == tuple(range(len(out_axes))) else lax.transpose(out, out_axes)
 
 
-def _transpose_rhs(g, x, y_ndim: int, dimension_numbers):
+def _transpose_rhs(g, s_g, x, s_x, y_ndim: int, dimension_numbers, out_dtype, cfg):
     (x_contract, y_contract), (x_batch, y_batch) = dimension_numbers
     swapped = ((y_contract, x_contract), (y_batch, x_batch))
-    return _transpose_lhs(g, y_ndim, x, swapped, swap_ans=True)
+    return _transpose_lhs(g, s_g, y_ndim, x, s_x, swapped, out_dtype, cfg, swap_ans=True)
 
 
 def _normalize_dn(dimension_numbers, lhs_ndim, rhs_ndim):
@@ -164,14 +177,38 @@ def _normalize_dn(dimension_numbers, lhs_ndim, rhs_ndim):
 
 # -- the custom_vjp ------------------------------------------------------------------------------
 
+def _gemm(a_q, s_a, b_q, s_b, dims, out_dtype, cfg: TrainConfig):
+    """(a_q s_a) · (b_q s_b) over `dims` with FP8 operands, f32 accumulation, in `out_dtype`.
+
+    How the scales are attached is what XLA's GEMM rewriter sees (cuBLASLt FP8 on Hopper):
+      "f32"  FP8 dot to f32, times s_a s_b, cast (the f32 product is materialised if XLA does not
+             fold the epilogue);
+      "out"  FP8 dot straight to out_dtype (cuBLASLt accumulates in f32 either way), then the
+             scale in out_dtype: half the bytes of "f32" for a bf16 output;
+      "qdq"  dequantize (convert × scale) then dot, the pattern XLA rewrites into an FP8 GEMM
+             with the scales as cuBLASLt operands.
+    """
+    out_dtype = jnp.dtype(out_dtype)
+    if cfg.gemm == "qdq":
+        deq = lambda q, s: q.astype(out_dtype) * s.astype(out_dtype)
+        return lax.dot_general(deq(a_q, s_a), deq(b_q, s_b), dims, preferred_element_type=out_dtype)
+    if cfg.gemm == "out":
+        acc = lax.dot_general(a_q, b_q, dims, preferred_element_type=out_dtype)
+        return (acc * (s_a * s_b).astype(out_dtype)).astype(out_dtype)
+    acc = lax.dot_general(a_q, b_q, dims, preferred_element_type=jnp.float32)
+    return (acc * (s_a * s_b)).astype(out_dtype)
+
+
+_DENSE_DN = (((1,), (0,)), ((), ()))  # x (M, K) · w (K, N): the Flax Dense layout
+
+
 def _forward(lhs, rhs, meta, dn, cfg: TrainConfig):
     fmt = cfg.fwd_format
     s_x, amax_x = _scale_for(lhs, fmt, cfg, meta, "input")
     s_w, amax_w = _scale_for(rhs, fmt, cfg, meta, "kernel")
     x_q = cast(lhs.astype(jnp.float32) / s_x, fmt)
     w_q = cast(rhs.astype(jnp.float32) / s_w, fmt)
-    acc = lax.dot_general(x_q, w_q, dn, preferred_element_type=jnp.float32)
-    y = (acc * (s_x * s_w)).astype(cfg.out_dtype)
+    y = _gemm(x_q, s_x, w_q, s_w, dn, cfg.out_dtype, cfg)
     return y, (x_q, s_x, amax_x, w_q, s_w, amax_w)
 
 
@@ -192,8 +229,14 @@ def _fp8_dot_general_bwd(dn, cfg, res, g):
     gfmt = cfg.grad_format
     s_g, amax_g = _scale_for(g, gfmt, cfg, meta, "grad")
     g_q = cast(g.astype(jnp.float32) / s_g, gfmt)
-    d_lhs = _transpose_lhs(g_q, x_q.ndim, w_q, dn) * (s_g * s_w)
-    d_rhs = _transpose_rhs(g_q, x_q, w_q.ndim, dn) * (s_x * s_g)
+    if dn == _DENSE_DN:
+        # Written out so each GEMM comes out in its final layout (no transpose of an f32 result):
+        # dx (M, K) = g (M, N) · w (K, N) over N;  dw (K, N) = x (M, K) · g (M, N) over M.
+        d_lhs = _gemm(g_q, s_g, w_q, s_w, (((1,), (1,)), ((), ())), lhs_proto.dtype, cfg)
+        d_rhs = _gemm(x_q, s_x, g_q, s_g, (((0,), (0,)), ((), ())), rhs_proto.dtype, cfg)
+    else:
+        d_lhs = _transpose_lhs(g_q, s_g, x_q.ndim, w_q, s_w, dn, lhs_proto.dtype, cfg)
+        d_rhs = _transpose_rhs(g_q, s_g, x_q, s_x, w_q.ndim, dn, rhs_proto.dtype, cfg)
     if meta is None:
         d_meta = None
     else:
