@@ -133,9 +133,10 @@ def run(args) -> dict:
     for style in ("out", "f32", "qdq"):
         cfg = training.TrainConfig(out_dtype="bfloat16", gemm=style)
         f_style = jax.jit(lambda a, b, sa, sb, cfg=cfg: training._gemm(a, sa, b, sb, dn, jnp.bfloat16, cfg))
+        f_style = f_style.lower(a8, b8, s_a, s_b).compile()
         t, _, _ = bench(f_style, a8, b8, s_a, s_b)
         result["gemm"][f"fp8_{style}_ms"] = t * 1e3
-        result["gemm"][f"fp8_{style}_calls"] = gemm_calls(f_style.lower(a8, b8, s_a, s_b).compile().as_text())
+        result["gemm"][f"fp8_{style}_calls"] = gemm_calls(f_style.as_text())
     print("gemm", json.dumps(result["gemm"]), flush=True)
 
     for kind, modes in (("gelu", args.gelu_modes), ("swiglu", args.swiglu_modes)):
@@ -158,11 +159,18 @@ def run(args) -> dict:
                 g_params, new_meta, g_x = vjp(dy)
                 return g_params, new_meta, g_x
 
-            step = jax.jit(step)
-            compiled = step.lower(params, meta, x, dy).compile()
-            counts = gemm_calls(compiled.as_text())
+            t0 = time.perf_counter()
+            step = jax.jit(step).lower(params, meta, x, dy).compile()
+            compile_s = time.perf_counter() - t0
+            counts = gemm_calls(step.as_text())
+            if args.out and kind == "gelu" and name in args.dump_hlo:
+                os.makedirs(args.out, exist_ok=True)
+                fname = f"hlo_{kind}_{name.replace(':', '_')}.txt"
+                with open(os.path.join(args.out, fname), "w") as fh:
+                    fh.write(step.as_text())
             g_params, meta, g_x = step(params, meta, x, dy)  # fills the amax histories
             t_med, t_min, (g_params, _, g_x) = bench(step, params, meta, x, dy, reps=args.reps)
+            counts["compile_s"] = compile_s
             row = {"mlp": kind, "mode": name, "step_ms": t_med * 1e3, "step_min_ms": t_min * 1e3,
                    "step_tflops": step_flops / t_med / 1e12, "gemm_only_ms":
                    3 * n_gemm * result["gemm"]["bf16_ms" if name == "bf16" else "fp8_ms"], **counts}
@@ -174,6 +182,10 @@ def run(args) -> dict:
                                              for k in g_params}
             result["configs"].append(row)
             print(json.dumps(row), flush=True)
+            if args.out:  # partial results survive a time-out
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "train_step.json"), "w") as fh:
+                    json.dump(result, fh, indent=1)
             del g_params, g_x, meta, variables, params
         base = next(r for r in result["configs"] if r["mlp"] == kind and r["mode"] == "bf16")
         for r in result["configs"]:
@@ -237,9 +249,11 @@ def main():
     p.add_argument("--d-mlp", type=int, default=14336)
     p.add_argument("--gelu-modes", nargs="*", default=[
         "fp8_delayed:out", "fp8_delayed:f32", "fp8_delayed:qdq", "fp8_delayed:out:unit",
-        "fp8_current:out"])
+        "fp8_delayed:out:select", "fp8_current:out"])
     p.add_argument("--swiglu-modes", nargs="*", default=["fp8_delayed:out", "fp8_delayed:qdq"])
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dump-hlo", nargs="*", default=["bf16", "fp8_delayed:out", "fp8_delayed:qdq"],
+                   help="gelu modes whose compiled HLO is written to --out")
     p.add_argument("--plot", help="only plot/tabulate an existing train_step.json")
     args = p.parse_args()
     if args.plot:

@@ -49,7 +49,7 @@ Meta = dict  # {"input_amax_history": (L,), "input_scale": (), "kernel_...", "gr
 
 # Tuning knobs read when a layer is traced (benchmarks/train_step.py compares them on the H100).
 GEMM_STYLE = "out"        # how scales attach to the FP8 GEMMs: "out", "f32" or "qdq" (`_gemm`)
-FIRST_STEP = "current"    # empty history: "current" (own amax) or "unit" (scale 1)
+FIRST_STEP = "current"    # empty history: "current" / "select" (own amax) or "unit" (scale 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +63,9 @@ class TrainConfig:
       algorithm: delayed-scaling amax reduction over the history ("max" or "most_recent").
       out_dtype: dtype of y (name string, so the config hashes).
       gemm: how scales attach to the FP8 GEMMs ("out", "f32", "qdq"; see `_gemm`).
-      first_step: scale of a tensor whose history is all zero: "current" (its own amax) or
-        "unit" (scale 1, TransformerEngine's behaviour; no data dependency at all).
+      first_step: scale of a tensor whose history is all zero: "current" (its own amax, chosen
+        by `lax.cond`), "select" (the same through `jnp.where`) or "unit" (scale 1,
+        TransformerEngine's behaviour; no data dependency at all).
     """
 
     fwd_format: Format = E4M3
@@ -118,6 +119,8 @@ def _scale_for(x, fmt: Format, cfg: TrainConfig, meta, name: str):
     # keeps the steady state free of a dependency on this step's reduction.
     if cfg.first_step == "unit":
         return delayed, amax
+    if cfg.first_step == "select":  # branch-free, but the cast then waits for this amax
+        return jnp.where(jnp.max(history) > 0, delayed, scale_from_amax(amax, fmt, cfg.margin)), amax
     scale = lax.cond(jnp.max(history) > 0, lambda: delayed,
                      lambda: scale_from_amax(amax, fmt, cfg.margin))
     return scale, amax
