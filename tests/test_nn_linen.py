@@ -275,6 +275,13 @@ def test_fp8_dot_general_batch_dims_and_meta():
     np.testing.assert_allclose(gm["input_amax_history"][0], jnp.max(jnp.abs(a)), rtol=1e-6)
 
 
+def test_fp8_einsum():
+    k1, k2 = jax.random.split(jax.random.key(_seed()))
+    x, w = jax.random.normal(k1, (2, 5, 32)), jax.random.normal(k2, (32, 4, 8))
+    f = jax.jit(lambda x, w: jnp.einsum("btd,dhf->bthf", x, w, _dot_general=fnn.fp8_dot_general))
+    assert rel_err(f(x, w), jnp.einsum("btd,dhf->bthf", x, w)) < 1.5 * RMS_E4M3_DOT
+
+
 def test_bf16_compute_dtype():
     x = jax.random.normal(jax.random.key(_seed()), (8, 64), jnp.bfloat16)
     layer = fnn.FP8Dense(32, dtype=jnp.bfloat16, recipe=jfp8.Recipe.delayed())

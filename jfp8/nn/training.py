@@ -259,6 +259,9 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
 
         nn.Dense(features, dot_general=jfp8.nn.fp8_dot_general)
         nn.DenseGeneral(features, axis=(-2, -1), dot_general=jfp8.nn.fp8_dot_general)
+        jnp.einsum("btd,dhf->bthf", x, w, _dot_general=jfp8.nn.fp8_dot_general)
+
+    (`nn.Einsum` takes no dot_general in Flax 0.12; `jnp.einsum`'s `_dot_general` does the job.)
 
     Args:
       lhs, rhs: float arrays (bf16/f16/f32); quantized per tensor to the recipe's forward format
