@@ -35,6 +35,19 @@ ROWS = (  # the target rows first, so a cut-short run still answers the targets
     "w8a8_block+kv_token_head+gptq", "weights_only_block+gptq",
     "weights_only_channel+gptq+fallback10",
 )
+LEVERS = {  # what each row changes, for the levers table
+    "weights_only_channel": "round-to-nearest E4M3 weights, one scale per output channel, BF16 activations",
+    "weights_only_block": "round-to-nearest E4M3 weights, one scale per 128x128 block",
+    "w8a8_block": "+ E4M3 activations per 1x128 token group (the FP8 GEMM recipe)",
+    "w8a8_block+kv_tensor": "+ E4M3 KV cache, one scale per layer (window amax, 2x headroom)",
+    "w8a8_block+kv_token_head": "+ E4M3 KV cache, one scale per (token, head)",
+    "w8a8_block_e5m2+kv_token_head_e5m2": "the same in E5M2 (2 mantissa bits): range is not the problem here",
+    "weights_only_channel+gptq": "lever: GPTQ rounding (Hessian error feedback, act-order, damp 0.01), scales fixed",
+    "weights_only_block+gptq": "lever: GPTQ rounding with 128x128 block scales",
+    "w8a8_block+kv_token_head+gptq": "lever: GPTQ weights in the full W8A8 + FP8 KV recipe",
+    "weights_only_channel+gptq+fallback10": "lever: GPTQ + the most KL-sensitive layers kept BF16 within 10% of linear bytes",
+    "w8a8_block+kv_token_head+gptq+fallback10": "lever: GPTQ + per-layer BF16 fallback within 10% of linear bytes",
+}
 TARGETS = {
     "w8a8_block+kv_token_head": "Δppl ≤ +2.0 %, KL ≤ 0.02, top-1 ≥ 0.92, ≥ 90 % of linear bytes FP8",
     "weights_only": "Δppl ≤ +1.0 %",
@@ -51,7 +64,15 @@ def main(argv=None) -> int:
     p.add_argument("--calib-tokens", type=int, default=4096)
     p.add_argument("--rows", nargs="*", default=list(ROWS))
     p.add_argument("--out", default="benchmarks/results/eval_smollm2")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only re-render <out>.md from a JSON this script wrote")
     a = p.parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            result = json.load(f)
+        with open(a.out + ".md", "w") as f:
+            f.write(render_md(result))
+        return 0
     for path in (a.model, a.text, a.calib):
         if not os.path.exists(path):
             print(f"missing {path}: run .ci/fetch_data.sh first", file=sys.stderr)
@@ -116,9 +137,19 @@ def render_md(result: dict) -> str:
         "```",
         "",
     ]
+    lines += ["| row | what it changes | Δppl % | KL | top-1 |", "|---|---|---|---|---|"]
+    for r in rows[1:]:
+        lines.append(f"| `{r.name}` | {LEVERS.get(r.name, '')} | {r.delta_ppl_pct:+.2f} | {r.kl:.4f} "
+                     f"| {r.agreement:.3f} |")
+    lines.append("")
     for r in rows:
         if r.fallback:
             lines.append(f"- `{r.name}` kept in BF16: {', '.join(r.fallback)}")
+    sens = result.get("layer_sensitivity_kl") or {}
+    for name, per_layer in sens.items():
+        top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:6]
+        lines.append(f"- per-layer KL ({name}, only that layer FP8, {result.get('sensitivity_tokens')} "
+                     f"calibration tokens), worst: " + ", ".join(f"{k} {v:.4f}" for k, v in top))
     lines += ["", "Targets: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items()), ""]
     return "\n".join(lines)
 
