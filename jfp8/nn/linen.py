@@ -9,8 +9,9 @@ The mode follows from the parameters and the recipe, not from a flag:
              calls `jfp8.matmul(x, kernel, bias=...)` directly (Pallas kernels on a Hopper GPU).
   dynamic    `kernel` is a plain (K, N) array (a Dense param tree loads unchanged) and the recipe
              scales currently: the kernel is quantized at call time per the recipe
-             (`Recipe.block128()`, `.rowwise()`, `.weights_only()`...). Differentiable: the
-             backward is the FP8 training backward below (E5M2 output gradient).
+             (`Recipe.block128()`, `.rowwise()`, `.weights_only()`...). Differentiable
+             (straight-through, E5M2 output gradient), but that backward multiplies dequantized
+             operands in f32: to train fast use the per-tensor recipes below.
   training   the recipe is `Recipe.delayed(...)` (or `Recipe.per_tensor()`): per-tensor E4M3
              forward, E5M2 output gradients, f32 master weights, through `jax.custom_vjp`
              (`jfp8.nn.training`). Delayed scaling keeps, per layer, amax histories and scales in
