@@ -240,7 +240,7 @@ def test_fused_projections_equal_separate():
     cfg = dataclasses.replace(VARIANTS["qwen2_tied"], num_kv_heads=2)  # biases; every N a multiple of 128
     hf = random_hf_state(cfg.to_hf(), seed=np.random.SeedSequence().entropy % 2**31)
     tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 16))
-    for recipe in (None, jfp8.Recipe.block128()):
+    for recipe in (jfp8.Recipe.block128(),):  # BF16 kernels concatenate trivially; FP8 joins scales
         model = llama.Llama(cfg, recipe=recipe, dtype=jnp.float32)
         params = checkpoint.params_from_hf(cfg, hf, recipe=recipe, dtype=jnp.float32)
         fmodel, fparams = llama.fuse(model, params)
