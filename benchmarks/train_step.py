@@ -132,11 +132,15 @@ def run(args) -> dict:
     s_a, s_b = jnp.float32(0.01), jnp.float32(0.02)
     for style in ("out", "f32", "qdq"):
         cfg = training.TrainConfig(out_dtype="bfloat16", gemm=style)
-        f_style = jax.jit(lambda a, b, sa, sb, cfg=cfg: training._gemm(a, sa, b, sb, dn, jnp.bfloat16, cfg))
-        f_style = f_style.lower(a8, b8, s_a, s_b).compile()
-        t, _, _ = bench(f_style, a8, b8, s_a, s_b)
-        result["gemm"][f"fp8_{style}_ms"] = t * 1e3
-        result["gemm"][f"fp8_{style}_calls"] = gemm_calls(f_style.as_text())
+        try:
+            f_style = jax.jit(lambda a, b, sa, sb, cfg=cfg: training._gemm(a, sa, b, sb, dn, jnp.bfloat16, cfg))
+            f_style = f_style.lower(a8, b8, s_a, s_b).compile()
+            t, _, _ = bench(f_style, a8, b8, s_a, s_b)
+            result["gemm"][f"fp8_{style}_ms"] = t * 1e3
+            result["gemm"][f"fp8_{style}_calls"] = gemm_calls(f_style.as_text())
+        except Exception as e:
+            result["gemm"][f"fp8_{style}_ms"] = float("nan")
+            result["gemm"][f"fp8_{style}_calls"] = {"fp8_gemm_calls": -1, "error": repr(e)[:500]}
     print("gemm", json.dumps(result["gemm"]), flush=True)
 
     for kind, modes in (("gelu", args.gelu_modes), ("swiglu", args.swiglu_modes)):
@@ -146,52 +150,62 @@ def run(args) -> dict:
         step_flops = 3 * n_gemm * flops  # forward + dgrad + wgrad per layer
         ref_grads = None
         for name in ["bf16"] + [m for m in modes if m != "bf16"]:
-            recipe, training.GEMM_STYLE, training.FIRST_STEP = parse_mode(name)
-            model = MLPBlock(kind, d, f, recipe)
-            variables = jax.jit(model.init)(kp, x)
-            params = variables["params"]
-            meta = {k: v for k, v in variables.items() if k != "params"}
-
-            def step(params, meta, x, dy, model=model):
-                def fwd(p, meta, x):
-                    return model.apply({"params": p, **meta}, x)
-                y, vjp = jax.vjp(fwd, params, meta, x)
-                g_params, new_meta, g_x = vjp(dy)
-                return g_params, new_meta, g_x
-
-            t0 = time.perf_counter()
-            step = jax.jit(step).lower(params, meta, x, dy).compile()
-            compile_s = time.perf_counter() - t0
-            counts = gemm_calls(step.as_text())
-            if args.out and kind == "gelu" and name in args.dump_hlo:
-                os.makedirs(args.out, exist_ok=True)
-                fname = f"hlo_{kind}_{name.replace(':', '_')}.txt"
-                with open(os.path.join(args.out, fname), "w") as fh:
-                    fh.write(step.as_text())
-            g_params, meta, g_x = step(params, meta, x, dy)  # fills the amax histories
-            t_med, t_min, (g_params, _, g_x) = bench(step, params, meta, x, dy, reps=args.reps)
-            counts["compile_s"] = compile_s
-            row = {"mlp": kind, "mode": name, "step_ms": t_med * 1e3, "step_min_ms": t_min * 1e3,
-                   "step_tflops": step_flops / t_med / 1e12, "gemm_only_ms":
-                   3 * n_gemm * result["gemm"]["bf16_ms" if name == "bf16" else "fp8_ms"], **counts}
-            if name == "bf16":
-                ref_grads = (g_params, g_x)
-            else:
-                row["dx_rel_err_vs_bf16"] = rel_err(g_x, ref_grads[1])
-                row["dw_rel_err_vs_bf16"] = {k: rel_err(g_params[k]["kernel"], ref_grads[0][k]["kernel"])
-                                             for k in g_params}
+            try:
+                row, grads = run_config(args, kind, name, x, dy, kp, d, f, step_flops, n_gemm,
+                                        result, ref_grads)
+                if name == "bf16":
+                    ref_grads = grads
+            except Exception as e:  # record and go on: one failing variant must not cost the run
+                row = {"mlp": kind, "mode": name, "error": repr(e)[:2000]}
             result["configs"].append(row)
             print(json.dumps(row), flush=True)
             if args.out:  # partial results survive a time-out
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, "train_step.json"), "w") as fh:
                     json.dump(result, fh, indent=1)
-            del g_params, g_x, meta, variables, params
-        base = next(r for r in result["configs"] if r["mlp"] == kind and r["mode"] == "bf16")
+        base = next((r for r in result["configs"] if r["mlp"] == kind and r["mode"] == "bf16"
+                     and "step_ms" in r), None)
         for r in result["configs"]:
-            if r["mlp"] == kind:
+            if base is not None and r["mlp"] == kind and "step_ms" in r:
                 r["speedup_vs_bf16"] = base["step_ms"] / r["step_ms"]
     return result
+
+
+def run_config(args, kind, name, x, dy, kp, d, f, step_flops, n_gemm, result, ref_grads):
+    """Compile, time and check one (MLP kind, mode) step. Returns (row, (g_params, g_x))."""
+    recipe, training.GEMM_STYLE, training.FIRST_STEP = parse_mode(name)
+    model = MLPBlock(kind, d, f, recipe)
+    variables = jax.jit(model.init)(kp, x)
+    params = variables["params"]
+    meta = {k: v for k, v in variables.items() if k != "params"}
+
+    def step(params, meta, x, dy):
+        def fwd(p, meta, x):
+            return model.apply({"params": p, **meta}, x)
+        y, vjp = jax.vjp(fwd, params, meta, x)
+        g_params, new_meta, g_x = vjp(dy)
+        return g_params, new_meta, g_x
+
+    t0 = time.perf_counter()
+    step = jax.jit(step).lower(params, meta, x, dy).compile()
+    compile_s = time.perf_counter() - t0
+    counts = gemm_calls(step.as_text())
+    if args.out and kind == "gelu" and name in args.dump_hlo:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"hlo_{kind}_{name.replace(':', '_')}.txt"), "w") as fh:
+            fh.write(step.as_text())
+    g_params, meta, g_x = step(params, meta, x, dy)  # fills the amax histories
+    t_med, t_min, (g_params, _, g_x) = bench(step, params, meta, x, dy, reps=args.reps)
+    row = {"mlp": kind, "mode": name, "step_ms": t_med * 1e3, "step_min_ms": t_min * 1e3,
+           "step_tflops": step_flops / t_med / 1e12, "compile_s": compile_s, "gemm_only_ms":
+           3 * n_gemm * result["gemm"]["bf16_ms" if name == "bf16" else "fp8_ms"], **counts}
+    if name != "bf16" and ref_grads is not None:
+        row["dx_rel_err_vs_bf16"] = rel_err(g_x, ref_grads[1])
+        row["dw_rel_err_vs_bf16"] = {k: rel_err(g_params[k]["kernel"], ref_grads[0][k]["kernel"])
+                                     for k in g_params}
+    if not all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves((g_params, g_x))):
+        row["nonfinite_grads"] = True
+    return row, (g_params, g_x)
 
 
 def write_md(result: dict, path: str) -> None:
@@ -210,6 +224,9 @@ def write_md(result: dict, path: str) -> None:
              "", "| MLP | mode | step ms | TFLOP/s | GEMMs alone ms | FP8 GEMMs / GEMMs | speedup vs BF16 | dx rel err |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["configs"]:
+        if "error" in r:
+            lines.append(f"| {r['mlp']} | {r['mode']} | failed: {r['error'][:120]} | | | | | |")
+            continue
         lines.append(f"| {r['mlp']} | {r['mode']} | {r['step_ms']:.2f} | {r['step_tflops']:.0f} | "
                      f"{r['gemm_only_ms']:.2f} | {r['fp8_gemm_calls']}/{r['gemm_calls']} | "
                      f"{r.get('speedup_vs_bf16', float('nan')):.2f}× | "
@@ -222,7 +239,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = result["configs"]
+    rows = [r for r in result["configs"] if "step_ms" in r]
     labels = [f"{r['mlp']}\n{r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
     colors = ["#888888" if r["mode"] == "bf16" else "#1f77b4" for r in rows]

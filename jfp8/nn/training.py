@@ -76,6 +76,14 @@ class TrainConfig:
     gemm: str = "out"
     first_step: str = "current"
 
+    def __post_init__(self):
+        if self.gemm not in ("out", "f32", "qdq"):
+            raise ValueError(f"gemm: expected 'out', 'f32' or 'qdq', got {self.gemm!r}")
+        if self.first_step not in ("current", "select", "unit"):
+            raise ValueError(f"first_step: expected 'current', 'select' or 'unit', got {self.first_step!r}")
+        if self.algorithm not in ("max", "most_recent"):
+            raise ValueError(f"algorithm: expected 'max' or 'most_recent', got {self.algorithm!r}")
+
     @classmethod
     def from_recipe(cls, recipe: Recipe, out_dtype) -> "TrainConfig":
         fwd = recipe.act_format if recipe.act_format is not None else recipe.weight_format
