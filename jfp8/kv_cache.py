@@ -41,7 +41,8 @@ except AttributeError:  # pragma: no cover
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
 from jfp8.scaling import scale_from_amax
 
-__all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token", "SCALINGS"]
+__all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token",
+           "SCALINGS"]
 
 SCALINGS = ("per_token_head", "per_tensor")
 # Per-tensor scales set from a first write get one binade of headroom (margin 1 -> x2).
@@ -141,7 +142,8 @@ class KVCache:
     def nbytes(self) -> int:
         """Device bytes of all arrays of the cache."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-                   for a in (self.k, self.v, self.k_scale, self.v_scale, self.lengths, self.overflow))
+                   for a in (self.k, self.v, self.k_scale, self.v_scale, self.lengths,
+                             self.overflow))
 
     def layer_scales(self, layer):
         """(k_scale, v_scale) for one layer as the attention kernel takes them: per-tensor
@@ -162,7 +164,8 @@ def _resolve_dtype(dtype):
     try:
         fmt = as_format(dtype)
     except (TypeError, ValueError):
-        raise ValueError(f"dtype: expected jfp8.E4M3, jfp8.E5M2 or jnp.bfloat16, got {dtype!r}") from None
+        raise ValueError(f"dtype: expected jfp8.E4M3, jfp8.E5M2 or jnp.bfloat16, "
+                         f"got {dtype!r}") from None
     if fmt.name not in ("e4m3", "e5m2"):
         raise ValueError(f"dtype: expected jfp8.E4M3, jfp8.E5M2 or jnp.bfloat16, got {fmt!r}")
     return jnp.dtype(fmt.dtype), fmt
@@ -316,7 +319,8 @@ def advance(cache: KVCache, num_tokens) -> KVCache:
     if _is_concrete(new):
         new_np = np.asarray(jax.device_get(new))
         if (new_np > S).any():
-            raise ValueError(f"num_tokens: advancing lengths {np.asarray(cache.lengths).tolist()} by "
+            raise ValueError(f"num_tokens: advancing lengths "
+                             f"{np.asarray(cache.lengths).tolist()} by "
                              f"{np.asarray(n).tolist()} passes the cache's S_max={S}")
         if (new_np < 0).any():
             raise ValueError(f"num_tokens: lengths would become negative: {new_np.tolist()}")

@@ -169,8 +169,8 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
         if per_token_scales:
             vs = vs_ref[layer, pl.ds(off, block_k)] if not bounded else _load(
                 vs_ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
-            # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone in the
-            # combine.
+            # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone
+            # in the combine.
             p = p * (vs * v_boost)[None, :]
         v = load_kv(v_ref, off, bounded)                                       # (bk, D)
         acc = acc * alpha[:, None] + lax.dot_general(
@@ -227,7 +227,8 @@ def _validate(q, k, v, lengths, k_scale, v_scale, layer):
     if k.ndim not in (4, 5):
         raise ValueError(f"k: expected (B, S, Hkv, D) or (L, B, S, Hkv, D), got shape {k.shape}")
     if v.shape != k.shape or v.dtype != k.dtype:
-        raise ValueError(f"v: expected shape {k.shape} and dtype {k.dtype} like k, got {v.shape} {v.dtype}")
+        raise ValueError(f"v: expected shape {k.shape} and dtype {k.dtype} like k, "
+                         f"got {v.shape} {v.dtype}")
     stacked = k.ndim == 5
     if stacked and layer is None:
         raise ValueError(f"layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
@@ -240,7 +241,8 @@ def _validate(q, k, v, lengths, k_scale, v_scale, layer):
     if D not in (64, 128):
         raise ValueError(f"q: head dim D must be 64 or 128, got {D}")
     if Hq % Hkv:
-        raise ValueError(f"q: number of query heads Hq={Hq} must be a multiple of Hkv={Hkv} (from k)")
+        raise ValueError(f"q: number of query heads Hq={Hq} must be a multiple of Hkv={Hkv} "
+                         f"(from k)")
     if not 1 <= T <= MAX_QUERY_TOKENS:
         raise ValueError(f"q: expected 1 <= T <= {MAX_QUERY_TOKENS} query tokens, got T={T}")
     if jnp.shape(lengths) != (B,):
@@ -255,7 +257,8 @@ def _validate(q, k, v, lengths, k_scale, v_scale, layer):
     k_mode = _scale_mode("k_scale", k_scale, k.shape, stacked)
     v_mode = _scale_mode("v_scale", v_scale, k.shape, stacked)
     if (k_mode == "token") != (v_mode == "token"):
-        raise ValueError(f"k_scale, v_scale: expected the same granularity, got {k_mode} and {v_mode}")
+        raise ValueError(f"k_scale, v_scale: expected the same granularity, "
+                         f"got {k_mode} and {v_mode}")
     return stacked, k_mode == "token"
 
 

@@ -6,6 +6,8 @@ error (E4M3 per-(token, head): values within 2^-4 of their row max, the output e
 down to a few 1e-2 on Gaussian data; bf16 cache: 2^-8). Between backends on the same cache only
 f16/bf16 rounding differs (4e-3, see tests/test_decode_attention.py).
 """
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,13 @@ L, B, S, HQ, HKV, D = 2, 3, 48, 8, 2, 64
 
 
 def rel_err(out, ref):
-    out = jnp.asarray(out, jnp.float32)
-    ref = jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    """‖out − ref‖ / ‖ref‖ over all elements, in f64 on the host (no per-shape compiles)."""
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _qkv(key, T):
     kq, kk, kv = jax.random.split(key, 3)
     return (jax.random.normal(kq, (B, T, HQ, D), jnp.float32).astype(jnp.bfloat16),
@@ -64,14 +68,14 @@ def _causal_reference(q, k, v):
     return _dense(q, k, v, jnp.broadcast_to(causal, (q.shape[0], T, T)))
 
 
-# The kernel (interpret) runs for the FP8 cases; bf16 caches go through it in
-# tests/test_decode_attention.py already.
-@pytest.mark.parametrize("dtype,scaling,tol,interpret", [
-    (jfp8.E4M3, "per_token_head", 0.05, True),
-    (jfp8.E5M2, "per_tensor", 0.1, True),
-    (jnp.bfloat16, "per_tensor", 2 ** -7, False),
+# The XLA path here; the kernel (interpret mode, slow to compile) runs through the library in
+# test_decode_loop_no_retrace_and_matches_xla and alone in tests/test_decode_attention.py.
+@pytest.mark.parametrize("dtype,scaling,tol", [
+    (jfp8.E4M3, "per_token_head", 0.05),
+    (jfp8.E5M2, "per_tensor", 0.1),
+    (jnp.bfloat16, "per_tensor", 2 ** -7),
 ])
-def test_prefill_then_decode_equals_attention_over_concatenation(dtype, scaling, tol, interpret):
+def test_prefill_then_decode_equals_attention_over_concatenation(dtype, scaling, tol):
     key = jax.random.key(np.random.randint(1 << 30))
     k1, k2 = jax.random.split(key)
     T0, T = 20, 2
@@ -81,10 +85,8 @@ def test_prefill_then_decode_equals_attention_over_concatenation(dtype, scaling,
     o_pre, cache = _prefill_all_layers(cache, qp, kp, vp, lengths)
     np.testing.assert_array_equal(cache.lengths, lengths)
     q, k_new, v_new = _qkv(k2, T)
-    outs = {}
-    for backend in ("xla", "interpret") if interpret else ("xla",):
-        with jfp8.use_backend(backend):
-            outs[backend], c2 = attention.decode(q, k_new, v_new, cache, layer=1)
+    with jfp8.use_backend("xla"):
+        o, c2 = attention.decode(q, k_new, v_new, cache, layer=1)
     np.testing.assert_array_equal(c2.lengths, lengths)   # decode does not advance
     ref_pre = _causal_reference(qp, kp, vp)
     ref = _concat_reference(qp, kp, vp, lengths, q, k_new, v_new)
@@ -92,25 +94,22 @@ def test_prefill_then_decode_equals_attention_over_concatenation(dtype, scaling,
         n = int(lengths[b])
         # Prefill output (valid rows) is plain causal attention over the prompt.
         assert rel_err(o_pre[b, :n], ref_pre[b, :n]) < 2 ** -7
-        for backend, o in outs.items():
-            assert rel_err(o[b], ref[b]) < tol, (backend, b)
-    if "interpret" in outs:
-        assert rel_err(outs["interpret"], outs["xla"]) < 4e-3
+        assert rel_err(o[b], ref[b]) < tol, b
 
 
 def test_decode_loop_no_retrace_and_matches_xla():
-    # A jitted decode step over every layer, cache donated: one trace for all steps.
+    # A jitted decode step (kernel in interpret mode), cache donated: one trace for all steps,
+    # and the kernel agrees with the XLA path step by step.
     cache = KVCache.init(L, B, S, HKV, D)
     lengths = jnp.array([3, 7, 1], jnp.int32)
     qp, kp, vp = _qkv(jax.random.key(0), 8)
     _, cache = _prefill_all_layers(cache, qp, kp, vp, lengths)
 
     def step(cache, q, k, v):
-        outs = []
-        for layer in range(L):
-            o, cache = attention.decode(q, k, v, cache, layer=layer)
-            outs.append(o)
-        return jnp.stack(outs), kvc.advance(cache, q.shape[1])
+        # One layer per step keeps interpret-mode compile time down; the stacked cache's other
+        # layer must stay untouched.
+        o, cache = attention.decode(q, k, v, cache, layer=L - 1)
+        return o[None], kvc.advance(cache, q.shape[1])
 
     with jfp8.use_backend("interpret"):
         step_kernel = jax.jit(chex.assert_max_traces(step, n=1), donate_argnums=0)
@@ -123,9 +122,11 @@ def test_decode_loop_no_retrace_and_matches_xla():
             o, cache = step_kernel(cache, q, k, v)
         with jfp8.use_backend("xla"):
             ref, ref_cache = step_xla(ref_cache, q, k, v)
-        assert o.shape == (L, B, 1, HQ, D)
+        assert o.shape == (1, B, 1, HQ, D)
         assert rel_err(o, ref) < 4e-3
     np.testing.assert_array_equal(cache.lengths, lengths + 3)
+    np.testing.assert_array_equal(np.asarray(cache.k[0], np.float32),
+                                  np.asarray(ref_cache.k[0], np.float32))
 
 
 def test_decode_t_over_16_uses_xla_path():

@@ -4,7 +4,8 @@ Tolerance: the kernel rounds P (and q) to f16 (2^-11) and the output to bf16 (2^
 an ulp); accumulation is f32. The relative Frobenius error against the f32 reference rounded to
 bf16 is therefore well under 2^-8; we assert 4e-3.
 """
-import chex
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +21,10 @@ SMALL = da.DecodeAttentionConfig(block_k=32, target_programs=32, min_blocks_per_
 
 
 def rel_err(out, ref):
-    out = jnp.asarray(out, jnp.float32)
-    ref = jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    """‖out − ref‖ / ‖ref‖ over all elements, in f64 on the host (no per-shape compiles)."""
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def _quantize(x, dtype, per_token):
@@ -38,6 +40,7 @@ def _quantize(x, dtype, per_token):
     return jnp.clip(x / s, -fmax, fmax).astype(dtype), s
 
 
+@functools.partial(jax.jit, static_argnums=tuple(range(1, 10)))
 def _inputs(key, B, T, Hq, Hkv, D, S, dtype, per_token, L=None):
     kq, kk, kv, kc = jax.random.split(key, 4)
     lead = (B,) if L is None else (L, B)
@@ -74,10 +77,14 @@ def test_ragged_lengths_match_reference(dtype, per_token, Hq, Hkv, D):
 
 
 def test_chunked_decode_stacked_layers_causal():
-    # T = 3 new tokens (causal among themselves), stacked (L, B, S, Hkv, D) cache, traced layer.
+    # T = 3 new tokens (causal among themselves), stacked (L, B, S, Hkv, D) cache with one
+    # per-tensor scale per layer (L,), traced layer index. (Stacked per-(token, head) scales run
+    # through the kernel in tests/test_attention.py.)
     L, B, T, Hq, Hkv, D, S = 3, 2, 3, 8, 2, 64, 96
-    q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
-                              jnp.float8_e4m3fn, True, L=L)
+    q, k, v, _, _ = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
+                            jnp.float8_e4m3fn, False, L=L)
+    ks = jnp.array([0.01, 0.03, 0.02], jnp.float32)
+    vs = jnp.array([0.02, 0.005, 0.01], jnp.float32)
     lengths = jnp.array([3, 70], jnp.int32)
     f = jax.jit(lambda q, k, v, lengths, ks, vs, layer: da.decode_attention(
         q, k, v, lengths, ks, vs, layer=layer, config=SMALL, interpret=True))
@@ -90,18 +97,6 @@ def test_chunked_decode_stacked_layers_causal():
     # Causality: the first new token ignores the two after it.
     ref_first = da.decode_attention_reference(q[:, :1], k, v, lengths - 2, ks, vs, layer=1)
     assert rel_err(out[:, :1], ref_first) < TOL
-
-
-def test_per_tensor_scales_stacked_per_layer():
-    L, B, T, Hq, Hkv, D, S = 2, 2, 1, 4, 1, 64, 64
-    key = jax.random.key(np.random.randint(1 << 30))
-    q, k, v, _, _ = _inputs(key, B, T, Hq, Hkv, D, S, jnp.float8_e4m3fn, False, L=L)
-    ks = jnp.array([0.01, 0.03], jnp.float32)
-    vs = jnp.array([0.02, 0.005], jnp.float32)
-    lengths = jnp.array([64, 33], jnp.int32)
-    out = da.decode_attention(q, k, v, lengths, ks, vs, layer=1, config=SMALL, interpret=True)
-    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, layer=1)
-    assert rel_err(out, ref) < TOL
 
 
 def test_reference_matches_dense_attention():

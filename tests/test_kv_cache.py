@@ -1,9 +1,13 @@
 """jfp8.kv_cache: init, quantized append at ragged lengths, advance, overflow, memory calculator."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jfp8
 from jfp8 import kv_cache as kvc
@@ -20,6 +24,7 @@ def _dequant(cache, layer):
     return k * cache.k_scale[layer], v * cache.v_scale[layer]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _rand(key, T, scale=1.0):
     k1, k2 = jax.random.split(key)
     return (jax.random.normal(k1, (B, T, HKV, D)) * scale,
@@ -162,3 +167,27 @@ def test_tokens_per_gb_8b_shape():
     c = KVCache.init(2, 1, 64, 2, 16, dtype=jfp8.E4M3, scaling="per_token_head")
     per_token = kvc.bytes_per_token(2, 2, 16, jfp8.E4M3, "per_token_head")
     assert c.nbytes - 1 * 4 - 1 == 64 * per_token
+
+
+_step_cache = {}
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(0, S), min_size=B, max_size=B), T=st.sampled_from([1, 3]),
+       layer=st.integers(0, L - 1))
+def test_append_advance_match_numpy_model_under_jit(lengths, T, layer):
+    # Any lengths (0 .. S_max, overflow included) and T: the cache equals a numpy model that
+    # writes each sequence's tokens at lengths[b] + t while < S_max and drops the rest.
+    c = kvc.advance(KVCache.init(L, B, S, HKV, D, dtype=jnp.bfloat16), jnp.array(lengths))
+    k_new, v_new = _rand(jax.random.key(sum(lengths) + T), T)
+    if T not in _step_cache:
+        _step_cache[T] = jax.jit(lambda c, layer, k, v: kvc.advance(kvc.append(c, layer, k, v), T))
+    out = _step_cache[T](c, jnp.int32(layer), k_new, v_new)
+    want_k = np.zeros((L, B, S, HKV, D), np.float32)
+    kb = np.asarray(k_new.astype(jnp.bfloat16), np.float32)
+    for b, n in enumerate(lengths):
+        fit = max(0, min(T, S - n))
+        want_k[layer, b, n:n + fit] = kb[b, :fit]
+    np.testing.assert_array_equal(np.asarray(out.k, np.float32), want_k)
+    np.testing.assert_array_equal(out.lengths, np.minimum(np.array(lengths) + T, S))
+    np.testing.assert_array_equal(out.overflow, np.array(lengths) + T > S)
