@@ -72,13 +72,28 @@ def test_reference_perplexity_matches_numpy_reference(ref):
     assert abs(ref.ppl - 27.97) < 0.02
 
 
+def _benchmark_fallback(name):
+    """The layers benchmarks/eval_smollm2.py chose to keep in BF16 for `name` (by measured
+    per-layer KL on lee.cor), from its committed results."""
+    import json
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "eval_smollm2.json")
+    with open(path) as f:
+        rows = {r["name"]: r for r in json.load(f)["rows"]}
+    return rows[name]["fallback"]
+
+
 def test_fp8_perplexity_within_target(ev, ref):
     """The full FP8 recipe (weights per 128x128 block and activations per 1x128 in E4M3, FP8 KV
-    cache per (token, head)), weights GPTQ-rounded on 1024 tokens of lee.cor (disjoint from the
-    eval text): perplexity within the issue's +2.0 % of the reference (measured +1.3 %;
-    round-to-nearest is at +4.3 %), every linear weight in FP8."""
+    cache per (token, head)), weights GPTQ-rounded on 2048 tokens of lee.cor (disjoint from the
+    eval text), the benchmark's 10 % BF16 fallback layers: perplexity within the issue's +2.0 %
+    of the reference, at least 90 % of linear weights in FP8 (round-to-nearest is at +4.3 %)."""
+    from models import calibration
     from models import eval as E
-    calib = ev.tokenize(E.read_text(CALIB))[:1024]
-    row = ev.evaluate(E.EVAL_RECIPES["w8a8_block+kv_token_head+gptq"], ref, calib_tokens=calib)
+    calib = ev.tokenize(E.read_text(CALIB))[:2048]
+    name = "w8a8_block+kv_token_head+gptq+fallback10"
+    keep = _benchmark_fallback(name)
+    base = E.EVAL_RECIPES["w8a8_block+kv_token_head+gptq"]
+    er = base.replace(name=name, recipe=calibration.with_fallback(base.recipe, keep))
+    row = ev.evaluate(er, ref, calib_tokens=calib)
     assert row.delta_ppl_pct <= 2.0, row
-    assert row.fp8_linear_fraction == 1.0 and row.agreement > 0.85 and row.kl < 0.04, row
+    assert row.fp8_linear_fraction >= 0.9 and row.agreement > 0.88 and row.kl < 0.035, row
