@@ -41,10 +41,7 @@ try:  # concrete values are checked eagerly; tracers (under jit) are not
 except AttributeError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
-try:  # The Triton backend module; its names moved between jax releases.
-    from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover
-    plgpu = None
+from pallas_kernels import triton_compat
 
 __all__ = ["DecodeAttentionConfig", "CONFIGS", "config_for", "decode_attention",
            "decode_attention_reference"]
@@ -189,21 +186,11 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
 
 
 def _load(ref, *, mask, other):
-    if plgpu is not None and hasattr(plgpu, "load"):
-        return plgpu.load(ref, mask=mask, other=other)
-    return jnp.where(mask, ref[...], other)  # pragma: no cover
+    return triton_compat.load(ref, mask, other)
 
 
 def _store(ref, val, *, mask):
-    if plgpu is not None and hasattr(plgpu, "store"):
-        plgpu.store(ref, val.astype(ref.dtype), mask=mask)
-    else:  # pragma: no cover
-        ref[...] = val.astype(ref.dtype)
-
-
-def _compiler_params(config: DecodeAttentionConfig):
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=config.num_warps, num_stages=config.num_stages)
+    triton_compat.store(ref, val.astype(ref.dtype), mask)
 
 
 def _scale_mode(name, scale, k_shape, stacked):
@@ -328,7 +315,8 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     out_shape = [jax.ShapeDtypeStruct((B, Hkv, splits, TG, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32)]
-    kw = dict(interpret=True) if interpret else dict(compiler_params=_compiler_params(config))
+    kw = dict(interpret=True) if interpret else triton_compat.compiler_params(
+        num_warps=config.num_warps, num_stages=config.num_stages)
     acc, m, l = pl.pallas_call(
         kernel, grid=(Hkv, splits, B), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, name="jfp8_decode_attention", **kw)(*args)

@@ -30,14 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _triton_fp8_shim
+from pallas_kernels import _triton_fp8_shim, triton_compat
 
-try:  # jax >= 0.4.3x: CompilerParams; older: TritonCompilerParams
-  from jax.experimental.pallas import triton as _pltriton
-  _TritonParams = getattr(_pltriton, "CompilerParams", None) or getattr(
-      _pltriton, "TritonCompilerParams")
-except Exception:  # pragma: no cover - jax without the Triton backend
-  _TritonParams = None
 
 _triton_fp8_shim.install()
 
@@ -320,9 +314,8 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, inter
   k_per_iter = cfg.k_per_iter if num_k % cfg.k_per_iter == 0 else 1
   kernel = functools.partial(_fp8_gemm_kernel, layout=layout, block_k=block_k, num_k=num_k,
                              k_per_iter=k_per_iter, has_bias=has_bias)
-  params = {}
-  if _TritonParams is not None and not interpret:
-    params["compiler_params"] = _TritonParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+  params = {} if interpret else triton_compat.compiler_params(num_warps=cfg.num_warps,
+                                                             num_stages=cfg.num_stages)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),

@@ -40,13 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:
-    from jax.experimental.pallas import triton as _pltriton
-    _TritonParams = getattr(_pltriton, "CompilerParams", None) or getattr(
-        _pltriton, "TritonCompilerParams")
-except Exception:  # pragma: no cover - jax without the Triton backend
-    _pltriton = None
-    _TritonParams = None
+from pallas_kernels import triton_compat
 
 LAYOUTS = ("tensor", "row", "block")
 #: K width of one scale block ("block" weight layout, 1x128 activation groups).
@@ -143,9 +137,7 @@ def _next_pow2(x: int) -> int:
 def _load(ref, mask):
     """Masked load; masked-off lanes are left undefined (callers zero them after the upcast:
     Triton cannot build an FP8 `other` value)."""
-    if mask is None:
-        return ref[...]
-    return _pltriton.load(ref, mask=mask)
+    return triton_compat.load(ref, mask)
 
 
 def _zero_outside(x, mask):
@@ -277,11 +269,7 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     _store(o_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
 
 
-def _store(ref, value, mask):
-    if mask is None:
-        ref[...] = value
-    else:
-        _pltriton.store(ref, value, mask=mask)
+_store = triton_compat.store
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,8 +402,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cf
     if interpret:
         kw = dict(interpret=True)
     else:
-        kw = dict(compiler_params=_TritonParams(num_warps=cfg.num_warps,
-                                                num_stages=cfg.num_stages))
+        kw = triton_compat.compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     out = pl.pallas_call(body, grid=grid, out_shape=out_shape, name="fp8_gemv", **kw)(*operands)
     if final:
         return out

@@ -32,13 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-try:
-    from jax.experimental.pallas import triton as _pltriton
-    _TritonParams = getattr(_pltriton, "CompilerParams", None) or getattr(
-        _pltriton, "TritonCompilerParams")
-except Exception:  # pragma: no cover - jax without the Triton backend
-    _pltriton = None
-    _TritonParams = None
+from pallas_kernels import triton_compat
 
 LAYOUTS = ("group", "tensor")
 #: Width of one activation scale group along K (DeepSeek-V3 1x128 token groups).
@@ -106,7 +100,7 @@ def _next_pow2(x: int) -> int:
 
 
 def _compiler_params(num_warps: int):
-    return dict(compiler_params=_TritonParams(num_warps=num_warps, num_stages=1))
+    return triton_compat.compiler_params(num_warps=num_warps, num_stages=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +111,7 @@ def _div(x, y, exact_div: bool):
     """IEEE f32 division x / y (round to nearest even), elementwise, same shapes."""
     if not exact_div:
         return x / y
-    [out] = _pltriton.elementwise_inline_asm(
+    [out] = triton_compat.pltriton.elementwise_inline_asm(
         "div.rn.f32 $0, $1, $2;", args=[x, y], constraints="=f,f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
     return out
@@ -192,16 +186,10 @@ def _cast_kernel(x_ref, scale_ref, data_ref, *, block_m, block_k, m, k, fmax, ex
 
 
 def _load(ref, mask):
-    if mask is None:
-        return ref[...]
-    return _pltriton.load(ref, mask=mask, other=0)
+    return triton_compat.load(ref, mask, other=0)
 
 
-def _store(ref, value, mask):
-    if mask is None:
-        ref[...] = value
-    else:
-        _pltriton.store(ref, value, mask=mask)
+_store = triton_compat.store
 
 
 # --------------------------------------------------------------------------------------------
