@@ -337,9 +337,11 @@ def stream(model, params, prompts, *, chunk_size: int = 16, max_new_tokens=32, k
 
 
 def cli(argv: list[str]) -> int:
-    """`jfp8 generate MODEL_DIR --prompt TEXT [--kv-dtype fp8|bf16] [--recipe NAME]`."""
+    """`jfp8 generate MODEL --prompt TEXT [--kv-dtype fp8|bf16] [--recipe NAME]`.
+
+    MODEL: an HF checkpoint directory (or a jfp8 save of one), or a llama.cpp .gguf file."""
     ap = argparse.ArgumentParser(prog="jfp8 generate", description=cli.__doc__)
-    ap.add_argument("model_dir")
+    ap.add_argument("model_dir", help="HF checkpoint directory or .gguf file")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="fp8", choices=("fp8", "e5m2", "bf16"))
@@ -355,19 +357,29 @@ def cli(argv: list[str]) -> int:
     from models import checkpoint, llama
     try:
         import os
+        is_gguf = args.model_dir.endswith(".gguf") and os.path.isfile(args.model_dir)
         recipe = args.recipe
         if recipe is None:
-            recipe = None if os.path.exists(os.path.join(args.model_dir, checkpoint.QUANT_FILE)) else "block128"
+            saved = os.path.exists(os.path.join(args.model_dir, checkpoint.QUANT_FILE))
+            recipe = None if saved else "block128"
         elif recipe == "none":
             recipe = None
         t0 = time.perf_counter()
-        model, params = checkpoint.load(args.model_dir, quantize=recipe)
+        if is_gguf:  # llama.cpp file: config, weights and tokenizer all come from it
+            from models import gguf
+            model, params, gguf_file = gguf.load(args.model_dir, quantize=recipe)
+            tok = gguf_file.tokenizer
+            bos = [gguf_file.bos_token_id] if gguf_file.add_bos_token and gguf_file.bos_token_id is not None else []
+            stops = [gguf_file.eos_token_id] if gguf_file.eos_token_id is not None else []
+        else:
+            model, params = checkpoint.load(args.model_dir, quantize=recipe)
+            tok = checkpoint.load_tokenizer(args.model_dir)
+            bos, stops = [], list(model.cfg.eos_token_ids)
         model, params = llama.fuse(model, params)  # q/k/v and gate/up as one matmul each
-        tok = checkpoint.load_tokenizer(args.model_dir)
         load_s = time.perf_counter() - t0
-        prompts = [tok.encode(p).ids for p in args.prompt]
+        prompts = [bos + tok.encode(p).ids for p in args.prompt]
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        stops = list(model.cfg.eos_token_ids)[:MAX_STOP_TOKENS]
+        stops = stops[:MAX_STOP_TOKENS]
     except (ValueError, TypeError) as e:
         print(f"jfp8 generate: {e}", file=sys.stderr)
         return 1

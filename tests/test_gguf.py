@@ -242,3 +242,19 @@ def test_hf_name_rejects_foreign_tensors():
     assert G.hf_name("blk.12.ffn_down.weight") == "model.layers.12.mlp.down_proj.weight"
     with pytest.raises(ValueError, match="'blk.0.ssm_conv1d.weight': not a llama tensor"):
         G.hf_name("blk.0.ssm_conv1d.weight")
+
+
+def test_cli_generate_reads_a_gguf_file(tmp_path, capsys):
+    """`jfp8 generate model.gguf` loads config, weights and tokenizer from the file and decodes
+    exactly what the Python API decodes (greedy, FP8 weights and KV)."""
+    from models import generate, llama
+    write_tiny(tmp_path / "m.gguf", np.random.default_rng(5))
+    assert generate.cli([str(tmp_path / "m.gguf"), "--prompt", "hello world", "--max-new-tokens", "4",
+                         "--recipe", "block128"]) == 0
+    captured = capsys.readouterr()
+    assert "recipe block128" in captured.err
+    model, params, g = G.load(tmp_path / "m.gguf", "block128")
+    model, params = llama.fuse(model, params)
+    prompt = ([g.bos_token_id] if g.add_bos_token else []) + g.tokenizer.encode("hello world").ids
+    [want] = generate.generate(model, params, [prompt], max_new_tokens=4, stop_tokens=[g.eos_token_id])
+    assert captured.out.rstrip("\n") == g.tokenizer.decode(want)
