@@ -26,6 +26,7 @@ bfloat16 as ml_dtypes arrays), because the `safetensors` numpy API cannot read t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -435,10 +436,17 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("--recipe", default="block128",
                     help="block128 | rowwise | per_tensor | weights_only | weights_only_block128")
+    ap.add_argument("--keep", action="append", default=[], metavar="REGEX",
+                    help="keep matching parameter paths in BF16 (repeatable), e.g. a layer that "
+                         "`jfp8 eval` / models.calibration found sensitive: --keep '^layers_29/'")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     try:
-        model, params = load(args.in_dir, quantize=args.recipe)
+        recipe = _as_recipe(args.recipe)
+        if args.keep:  # per-path fallback: overrides to None keep those kernels high precision
+            recipe = dataclasses.replace(recipe, overrides=tuple((k, None) for k in args.keep)
+                                         + tuple(recipe.overrides))
+        model, params = load(args.in_dir, quantize=recipe)
         save(args.out_dir, model, params, tokenizer_from=args.in_dir, overwrite=args.overwrite)
     except (ValueError, TypeError) as e:
         print(f"jfp8 quantize: {e}", file=sys.stderr)

@@ -242,3 +242,19 @@ def test_cli_quantize_then_generate(tmp_path, hf_dir, capsys):
     assert generate.cli([out, "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--kv-dtype", "fp8"]) == 0
     err = capsys.readouterr().err
     assert "tokens/s" in err and "block128" in err
+
+
+def test_cli_quantize_keeps_fallback_layers_in_bf16(tmp_path, hf_dir):
+    """`jfp8 quantize --keep REGEX` writes the matching layers in high precision (per-layer fallback)."""
+    import jfp8
+    path, _ = hf_dir
+    out = str(tmp_path / "q")
+    assert checkpoint.cli([path, out, "--recipe", "block128", "--keep", "^layers_0/self_attn/"]) == 0
+    _, params = checkpoint.load(out)
+    kernels = {"/".join(str(getattr(k, "key", k)) for k in kp): v for kp, v in
+               jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, jfp8.QArray))[0]
+               if str(getattr(kp[-1], "key", "")) == "kernel"}
+    attn = [v for k, v in kernels.items() if k.startswith("layers_0/self_attn/")]
+    mlp = [v for k, v in kernels.items() if k.startswith("layers_0/mlp/")]
+    assert attn and not any(isinstance(v, jfp8.QArray) for v in attn)
+    assert mlp and all(isinstance(v, jfp8.QArray) for v in mlp)
