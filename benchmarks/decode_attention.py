@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(1, 1024), (1, 4096), (1, 32768), (1, 131072), (8, 1024), (8, 4096), (8, 32768),

@@ -119,7 +119,6 @@ def variants():
 def apply_sweep(path):
   """Puts the sweep's best config per kernel (highest summed TFLOP/s over shapes where every
   candidate ran) into the in-process tuning tables of the prefill shape classes."""
-  import dataclasses
   rows = json.load(open(path))["rows"]
   chosen = {}
   for kernel in ("triton_block", "triton_plain", "mosaic"):

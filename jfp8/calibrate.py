@@ -40,7 +40,7 @@ def hessian(x) -> np.ndarray:
     """Second moment of a layer's inputs: x (..., K) -> H = X^T X / n, (K, K) float64."""
     x = np.asarray(x, np.float64)
     if x.ndim < 1:
-        raise ValueError(f"x: expected inputs of shape (..., K), got a scalar")
+        raise ValueError("x: expected inputs of shape (..., K), got a scalar")
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] == 0:
         raise ValueError("x: expected at least one input row, got 0")

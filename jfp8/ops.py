@@ -23,10 +23,9 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from jfp8.formats import as_format
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
-from jfp8.scaling import PerBlock, PerChannel, PerTensor
+from jfp8.scaling import PerChannel, PerTensor
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
 _state = threading.local()
@@ -79,19 +78,6 @@ def get_backend() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # matmul
-
-def scale_layout(x_granularity, w_granularity) -> str:
-    """The kernel scale layout ("tensor", "row", "block") of a pair of 2-D granularities."""
-    if isinstance(x_granularity, PerTensor) and isinstance(w_granularity, PerTensor):
-        return "tensor"
-    if isinstance(x_granularity, PerChannel) and isinstance(w_granularity, PerChannel):
-        return "row"
-    if (isinstance(x_granularity, PerBlock) and isinstance(w_granularity, PerBlock)
-            and x_granularity.block_shape((1, 1)) == (1, 128)
-            and w_granularity.block_shape((1, 1)) == (128, 128)):
-        return "block"
-    return "general"
-
 
 def default_act_recipe(wq: QArray) -> Recipe:
     """The activation quantization that pairs with a weight's granularity."""

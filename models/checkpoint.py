@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp

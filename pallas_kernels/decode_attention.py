@@ -218,7 +218,7 @@ def _validate(q, k, v, lengths, k_scale, v_scale, layer):
                          f"got {v.shape} {v.dtype}")
     stacked = k.ndim == 5
     if stacked and layer is None:
-        raise ValueError(f"layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
+        raise ValueError("layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
     B, T, Hq, D = q.shape
     kB, S, Hkv, kD = k.shape[-4:]
     if kB != B:

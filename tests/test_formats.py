@@ -1,6 +1,5 @@
 """Formats and the FP8 cast, checked against an independent bit-level decoder and ml_dtypes."""
 import chex
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

@@ -12,7 +12,6 @@ Error bounds, and where they come from:
   14 significand bits per the DeepSeek-V3 report) before promotion to f32: f32 output < 2**-10.
 """
 import functools
-import time
 
 import jax
 import jax.numpy as jnp

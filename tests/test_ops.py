@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import jfp8
-from jfp8.ops import scale_layout
 
 
 def test_backend_selection():
@@ -100,13 +99,6 @@ def test_matmul_bad_input():
         jfp8.matmul(jnp.ones((2, 32)), wq, bias=jnp.ones(7))
     with pytest.raises(ValueError, match="wq"):
         jfp8.matmul(jnp.ones((2, 32)), jfp8.quantize(jnp.ones((2, 8, 32)), jfp8.E4M3, jfp8.PerTensor()))
-
-
-def test_scale_layout_names():
-    assert scale_layout(jfp8.PerTensor(), jfp8.PerTensor()) == "tensor"
-    assert scale_layout(jfp8.PerChannel(0), jfp8.PerChannel(0)) == "row"
-    assert scale_layout(jfp8.PerBlock((1, 128)), jfp8.PerBlock((128, 128))) == "block"
-    assert scale_layout(jfp8.PerBlock((1, 32)), jfp8.PerBlock((128, 128))) == "general"
 
 
 def test_recipes():
