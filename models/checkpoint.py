@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jfp8.serialization import write_safetensors  # atomic, FP8/bf16-aware
 from models.configs import LlamaConfig
 
 QUANT_FILE = "jfp8_quant.json"  # marks a jfp8-quantized save; holds recipe + granularities
@@ -56,12 +57,6 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
             yield name, f.get(name)
         except ValueError as e:
             raise ValueError(f"tensor {name!r}: {e}") from None
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: dict | None = None):
-    """Write a safetensors file (bfloat16 / float8 included), atomically (temp file + rename)."""
-    from jfp8.serialization import write_safetensors as _write
-    _write(path, tensors, metadata)
 
 
 def checkpoint_files(path: str) -> list[str]:
