@@ -204,7 +204,6 @@ class Bench:
         return row
 
     def run(self, plan):
-        done_keys = set()
         for kind, item in plan:
             if time.perf_counter() - self.t0 > self.args.budget_s:
                 self.rows.append(dict(kind=kind, preset=item[0], mode=item[1], batch=item[2], ctx=item[3],

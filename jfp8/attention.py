@@ -16,6 +16,7 @@ HF Llama and jax.nn.dot_product_attention); k/v (B, T, Hkv, D); output (B, T, Hq
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -72,16 +73,34 @@ def decode(q, k_new, v_new, cache: KVCache, *, layer, sm_scale: float | None = N
 @functools.partial(jax.jit, static_argnames=("backend", "sm_scale"))
 def _decode(q, k_new, v_new, cache, layer, num_valid, *, backend, sm_scale):
     T = q.shape[1]
-    cache = kvc._append(cache, layer, k_new, v_new, num_valid)
+    cache = _append(cache, layer, k_new, v_new, num_valid, backend=backend)
     kv_lengths = jnp.minimum(cache.lengths + T, cache.max_len)
     k_scale, v_scale = _kernel_scales(cache)
-    if backend in ("pallas", "interpret") and T <= MAX_KERNEL_TOKENS:
+    # The kernel's smallest K/V block is 16 rows (one MMA); tinier caches take the XLA path.
+    if backend in ("pallas", "interpret") and T <= MAX_KERNEL_TOKENS and cache.max_len >= 16:
         from pallas_kernels import decode_attention as kernel
         o = kernel.decode_attention(q, cache.k, cache.v, kv_lengths, k_scale, v_scale, layer=layer,
                                     sm_scale=sm_scale, interpret=backend == "interpret")
     else:
         o = decode_xla(q, cache, layer, kv_lengths, sm_scale=sm_scale)
     return o, cache
+
+
+def _append(cache: KVCache, layer, k_new, v_new, num_valid, *, backend):
+    """kv_cache.append, as one in-place Pallas launch where it applies (per-(token, head) or bf16
+    caches, power-of-two head dim, T <= 16 on the pallas/interpret backends); same bits."""
+    T, D = k_new.shape[1], k_new.shape[3]
+    if backend not in ("pallas", "interpret") or T > MAX_KERNEL_TOKENS or D & (D - 1) or \
+            cache.scaling not in ("per_token_head", "none"):
+        return kvc._append(cache, layer, k_new, v_new, num_valid)
+    from pallas_kernels import kv_append as kernel
+    fp8 = cache.scaling == "per_token_head"
+    k, v, ks, vs = kernel.kv_append(cache.k, cache.v, cache.k_scale if fp8 else None,
+                                    cache.v_scale if fp8 else None, k_new, v_new, cache.lengths,
+                                    layer, interpret=backend == "interpret")
+    overflow = cache.overflow | (cache.lengths + num_valid > cache.max_len)
+    return dataclasses.replace(cache, k=k, v=v, k_scale=ks if fp8 else cache.k_scale,
+                               v_scale=vs if fp8 else cache.v_scale, overflow=overflow)
 
 
 def _kernel_scales(cache: KVCache):

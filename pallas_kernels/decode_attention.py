@@ -71,10 +71,13 @@ class DecodeAttentionConfig:
     dot_dtype: str = "float16"
 
     def num_splits(self, batch: int, kv_heads: int, max_len: int) -> int:
+        """Splits per (sequence, KV head): about target_programs / (B * Hkv), at most one per
+        min_blocks_per_split blocks. Blocks are dealt to splits as evenly as possible (split s
+        holds blocks [s * nb // splits, (s + 1) * nb // splits)), so a program count that is a
+        multiple of the SM count fills the GPU in whole waves."""
         blocks = pl.cdiv(max_len, self.block_k)
-        want = max(1, self.target_programs // (batch * kv_heads))
-        blocks_per_split = max(self.min_blocks_per_split, pl.cdiv(blocks, want))
-        return pl.cdiv(blocks, blocks_per_split)
+        want = max(1, round(self.target_programs / (batch * kv_heads)))
+        return max(1, min(want, blocks // self.min_blocks_per_split))
 
 
 # Keyed by (batch class, max_len class). From the two H100 sweeps in
@@ -102,7 +105,8 @@ def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
 
 
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
-                             block_k: int, blocks_per_split: int, num_queries: int, group: int,
+                             block_k: int, num_blocks: int, num_splits: int, num_queries: int,
+                             group: int,
                              rows: int, max_len: int, per_token_scales: bool, dot_dtype,
                              v_boost: float, sm_scale: float):
     if per_token_scales:
@@ -122,9 +126,9 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     # Query row r = t * G + g sits at position kv_len - T + t and sees positions <= that one.
     last_pos = kv_len - num_queries + jnp.minimum(row_ids // group, num_queries - 1)   # (R,)
 
-    split_len = blocks_per_split * block_k
-    start = i_split * split_len
-    end = jnp.minimum(start + split_len, kv_len)
+    # Split i_split owns blocks [i * nb // splits, (i + 1) * nb // splits): sizes differ by <= 1.
+    start = (i_split * num_blocks) // num_splits * block_k
+    end = jnp.minimum((i_split + 1) * num_blocks // num_splits * block_k, kv_len)
     n_blocks = jnp.maximum(pl.cdiv(end - start, block_k), 0)
     # Blocks every query row sees in full need no mask (all but the last one or two).
     n_full = jnp.clip((kv_len - num_queries + 1 - start) // block_k, 0, n_blocks)
@@ -270,7 +274,6 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     if S < config.block_k:  # a block longer than the whole cache: shrink it (>= 16 for the MMA)
         config = dataclasses.replace(config, block_k=max(16, 1 << (S.bit_length() - 1)))
     splits = config.num_splits(B, Hkv, S)
-    blocks_per_split = pl.cdiv(pl.cdiv(S, config.block_k), splits)
     if k.dtype == jnp.bfloat16 or k.dtype == jnp.float16:
         dot_dtype = k.dtype
     else:
@@ -293,7 +296,8 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         v_boost = float(2.0 ** math.floor(math.log2(float(jnp.finfo(k.dtype).max) / 2)))
 
     kernel = functools.partial(
-        _decode_attention_kernel, block_k=config.block_k, blocks_per_split=blocks_per_split,
+        _decode_attention_kernel, block_k=config.block_k,
+        num_blocks=pl.cdiv(S, config.block_k), num_splits=splits,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
         v_boost=v_boost, sm_scale=sm_scale)
     kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))

@@ -1,0 +1,115 @@
+"""Where a decode step's GPU time goes: per-kernel durations from a profiler trace.
+
+    PYTHONPATH=$PWD python3 benchmarks/profile_decode.py --out $OUT \
+        --rows llama3.1-8b:fp8wkv_w8a16_head:1:4096,llama3.1-8b:bf16:1:4096
+
+Builds the row exactly as `benchmarks/decode_e2e.py` does (random weights, fused q/k/v and gate/up,
+the decode loop in one jit), runs `steps` decode steps under `jax.profiler.trace` and reads the
+Perfetto trace it writes: every GPU kernel's duration, summed by kernel name and divided by the
+number of steps. Writes `profile_decode.json` (per row: kernels sorted by time per step, their
+count per step, the GPU-busy time per step, the measured wall step) and prints a table per row.
+The gap between wall time per step and GPU-busy time per step is launch gaps and idle time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode_e2e  # noqa: E402  (same directory: reuses its model and state set-up)
+from harness import gpu_kernel_times  # noqa: E402
+
+
+def profile_row(bench, preset, mode, B, ctx, steps):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from models import generate as G
+    cfg, model, params = bench.model_params(preset, mode)
+    dec = G.Decoder(model, batch=B, max_len=ctx + 4 * steps + 8, max_new_tokens=4 * steps,
+                    kv_dtype=decode_e2e.MODES[mode][1])
+    cache = dec.init_cache()
+    cache = dataclasses.replace(cache, lengths=jnp.full((B,), ctx, jnp.int32))
+    N = dec.max_new_tokens
+    state = G.DecodeState(cache=cache, tokens=jnp.zeros((B, N), jnp.int32),
+                          num_generated=jnp.ones((B,), jnp.int32),
+                          last=jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, B), jnp.int32),
+                          done=jnp.zeros((B,), bool), step=jnp.ones((), jnp.int32), key=jax.random.PRNGKey(1))
+    stops, max_new = dec._stop_array(()), jnp.full((B,), N, jnp.int32)
+    state = dec.decode_fn(params, state, stops, max_new, jnp.asarray(2, jnp.int32))
+    jax.block_until_ready(state.tokens)
+    u = jnp.asarray(int(state.step) + steps, jnp.int32)
+    t = time.perf_counter()
+    state = dec.decode_fn(params, state, stops, max_new, u)
+    jax.block_until_ready(state.tokens)
+    wall_ms = (time.perf_counter() - t) / steps * 1e3
+    with tempfile.TemporaryDirectory() as d:
+        u = jnp.asarray(int(state.step) + steps, jnp.int32)
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            state = dec.decode_fn(params, state, stops, max_new, u)
+            jax.block_until_ready(state.tokens)
+        times = gpu_kernel_times(d)
+    kernels = sorted(((name, sum(v) / steps, len(v) / steps) for name, v in times.items()),
+                     key=lambda r: -r[1])
+    busy = sum(r[1] for r in kernels)
+    return dict(preset=preset, mode=mode, batch=B, ctx=ctx, steps=steps, wall_ms_per_step=wall_ms,
+                gpu_busy_us_per_step=busy,
+                kernels=[dict(name=n, us_per_step=us, count_per_step=c) for n, us, c in kernels])
+
+
+def apply_overrides(spec: str) -> None:
+    """Patch the kernels' tuning tables for one variant. spec: ';'-separated items
+    `gemv:M_CLASS/N_CLASS/K_CLASS=bn,bk,sk,warps,stages,fma` (pallas_kernels.fp8_gemv.TUNING) or
+    `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)."""
+    import decode_attention as bench_attn
+    from pallas_kernels import decode_attention as da
+    from pallas_kernels import fp8_gemv as gv
+    for item in filter(None, spec.split(";")):
+        kind, rest = item.split(":", 1)
+        key, value = rest.split("=", 1)
+        key = tuple(key.split("/"))
+        if kind == "gemv":
+            bn, bk, sk, warps, stages, fma = (int(v) for v in value.split(","))
+            gv.TUNING[key] = gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
+                                           use_dot=not fma)
+        elif kind == "attn":
+            da.CONFIGS[key] = bench_attn.parse_config(value)
+        else:
+            raise ValueError(f"--variants: unknown kind {kind!r} in {item!r}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--rows", default="llama3.1-8b:fp8wkv_w8a16_head:1:4096")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--variants", default="", help="'|'-separated tuning overrides profiled one "
+                    "after another on every row (see apply_overrides); '' = the tables as committed")
+    args = ap.parse_args(argv)
+    bench = decode_e2e.Bench(argparse.Namespace(smoke=False, fused=True, steps=args.steps, reps=1))
+    results = []
+    for variant in args.variants.split("|"):
+        apply_overrides(variant)
+        for spec in args.rows.split(","):
+            preset, mode, B, ctx = spec.split(":")
+            r = profile_row(bench, preset, mode, int(B), int(ctx), args.steps)
+            r["variant"] = variant
+            results.append(r)
+            print(f"\n## {preset} {mode} B={B} ctx={ctx} [{variant or 'committed tables'}]: wall "
+                  f"{r['wall_ms_per_step']:.3f} ms/step, GPU busy "
+                  f"{r['gpu_busy_us_per_step'] / 1e3:.3f} ms/step")
+            print(f"{'us/step':>9} {'n/step':>7}  kernel")
+            for k in r["kernels"][:args.top]:
+                print(f"{k['us_per_step']:9.1f} {k['count_per_step']:7.1f}  {k['name'][:110]}")
+            with open(os.path.join(args.out, "profile_decode.json"), "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Write T new tokens' K and V into a stacked KV cache in place, quantizing per (token, head).
+
+For every sequence b and new token t (position p = lengths[b] + t; positions >= S_max dropped):
+
+        scale[l, b, p, h] = amax_d |x[b, t, h, d]| * (1 / fmax)   (amax 0 -> 1)   FP8 cache
+        cache[l, b, p, h, :] = RNE-cast(clip(x[b, t, h, :] / scale, -fmax, fmax))
+        cache[l, b, p, h, :] = x[b, t, h, :].astype(bf16)                         bf16 cache
+
+for x = k_new into (k_cache, k_scale) and x = v_new into (v_cache, v_scale), in one launch. The
+numerics are those of `pallas_kernels.quantize` (and so of `jfp8.quantize` with one scale per
+row of D): true f32 division, NaN kept, ±inf saturated, non-finite values left out of the amax.
+
+Why a kernel: XLA runs the same update as a quantize fusion plus one dynamic-update-slice and
+select per array written (K, V and, for FP8, their scales), about ten launches per layer and
+decode step. Here the cache buffers are aliased to the outputs (`input_output_aliases`), so only
+the T new rows are written and the rest of the cache is never touched.
+
+Layout: caches (L, B, S_max, Hkv, D), scales (L, B, S_max, Hkv) f32, new rows (B, T, Hkv, D).
+Grid (B, T): one program writes one token's Hkv x D rows of K and V. Hkv is padded to a power of
+two inside the kernel (masked), D must be a power of two.
+
+Public: `kv_append`, `kv_append_reference`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels import triton_compat
+from pallas_kernels.quantize import _div, _finite_abs, _saturate, _scale_of
+
+__all__ = ["kv_append", "kv_append_reference"]
+
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
+
+
+def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_len, heads,
+                      heads_pad, fp8, fmax, exact_div):
+    if fp8:
+        k_out, v_out, ks_out, vs_out = refs[4:]
+    else:
+        k_out, v_out = refs[2:]
+    b = pl.program_id(0)
+    t = pl.program_id(1)
+    layer = layer_ref[0]
+    pos = lengths_ref[b] + t
+    rows = jnp.arange(heads_pad)
+    row_ok = rows < heads
+    write_ok = row_ok & (pos < max_len)
+    for new_ref, out_ref, scale_ref in ((k_new_ref, k_out, ks_out if fp8 else None),
+                                        (v_new_ref, v_out, vs_out if fp8 else None)):
+        x = triton_compat.load(new_ref.at[b, t, pl.ds(0, heads_pad), :], row_ok[:, None],
+                               other=0.0).astype(jnp.float32)                  # (Hp, D)
+        dst = out_ref.at[layer, b, pos, pl.ds(0, heads_pad), :]
+        if not fp8:
+            triton_compat.store(dst, x.astype(out_ref.dtype), write_ok[:, None])
+            continue
+        scale = _scale_of(jnp.max(_finite_abs(x), axis=1), fmax)                # (Hp,)
+        y = _saturate(_div(x, jnp.broadcast_to(scale[:, None], x.shape), exact_div), fmax)
+        triton_compat.store(dst, y.astype(out_ref.dtype), write_ok[:, None])
+        triton_compat.store(scale_ref.at[layer, b, pos, pl.ds(0, heads_pad)], scale, write_ok)
+
+
+def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
+    if k_cache.ndim != 5:
+        raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache: expected {k_cache.shape} {k_cache.dtype} like k_cache, got "
+                         f"{v_cache.shape} {v_cache.dtype}")
+    dtype = jnp.dtype(k_cache.dtype)
+    if dtype not in CACHE_DTYPES:
+        raise TypeError(f"k_cache: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {dtype}")
+    L, B, S, H, D = k_cache.shape
+    if D & (D - 1):
+        raise ValueError(f"k_cache: head dim D must be a power of two, got {D}")
+    fp8 = dtype in FP8_DTYPES
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if fp8 and (s is None or tuple(s.shape) != (L, B, S, H) or s.dtype != jnp.float32):
+            raise ValueError(f"{name}: expected ({L}, {B}, {S}, {H}) float32 per-(token, head) "
+                             f"scales for an FP8 cache, got "
+                             f"{None if s is None else (tuple(s.shape), s.dtype)}")
+        if not fp8 and s is not None:
+            raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
+    if k_new.ndim != 4 or k_new.shape[0] != B or k_new.shape[2:] != (H, D):
+        raise ValueError(f"k_new: expected (B, T, Hkv, D) = ({B}, T, {H}, {D}), got {k_new.shape}")
+    if v_new.shape != k_new.shape:
+        raise ValueError(f"v_new: expected shape {k_new.shape} like k_new, got {v_new.shape}")
+    if tuple(jnp.shape(lengths)) != (B,):
+        raise ValueError(f"lengths: expected shape ({B},), got {jnp.shape(lengths)}")
+    return fp8
+
+
+def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *,
+              interpret: bool = False):
+    """Quantize and write k_new / v_new at positions lengths[b] + t of `layer`, in place.
+
+    Args:
+      k_cache, v_cache: (L, B, S, Hkv, D) float8_e4m3fn / float8_e5m2 / bfloat16. Inside a jit
+        that donates them or carries them through a loop the update is in place; called eagerly,
+        XLA first copies them (the caller's arrays stay valid).
+      k_scale, v_scale: (L, B, S, Hkv) float32 per-(token, head) scales for an FP8 cache; None
+        for a bf16 cache.
+      k_new, v_new: (B, T, Hkv, D) bfloat16 / float16 / float32.
+      lengths: (B,) int32, the first position written for each sequence; rows landing at
+        positions >= S are dropped (nothing else is touched).
+      layer: int or int32 scalar, 0 <= layer < L (not checked under jit).
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
+    Returns (k_cache, v_cache, k_scale, v_scale) updated (scales None for a bf16 cache).
+    """
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths)
+    return _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new,
+                          jnp.asarray(lengths, jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1),
+                          fp8=fp8, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("fp8", "interpret"))
+def _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *, fp8,
+                   interpret):
+    L, B, S, H, D = k_cache.shape
+    T = k_new.shape[1]
+    fmax = float(jnp.finfo(k_cache.dtype).max) if fp8 else 1.0
+    kernel = functools.partial(
+        _kv_append_kernel, max_len=S, heads=H, heads_pad=max(2, pl.next_power_of_2(H)), fp8=fp8,
+        fmax=fmax, exact_div=not interpret)
+    caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
+    out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+    kw = dict(interpret=True) if interpret else triton_compat.compiler_params(num_warps=1,
+                                                                              num_stages=1)
+    out = pl.pallas_call(
+        kernel, grid=(B, T), out_shape=out_shape, name="jfp8_kv_append",
+        input_output_aliases={4 + i: i for i in range(len(caches))}, **kw,
+    )(lengths, layer, k_new, v_new, *caches)
+    return tuple(out) if fp8 else (out[0], out[1], None, None)
+
+
+def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *,
+                        interpret: bool = False):
+    """Plain-JAX version of `kv_append` (same signature and results; interpret ignored)."""
+    del interpret
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths)
+    B, T = k_new.shape[:2]
+    pos = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T)[None, :]        # (B, T)
+    b_idx = jnp.arange(B)[:, None]
+    out = []
+    for x, cache, scale in ((k_new, k_cache, k_scale), (v_new, v_cache, v_scale)):
+        xf = x.astype(jnp.float32)
+        if fp8:
+            fmax = float(jnp.finfo(cache.dtype).max)
+            amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0), axis=-1)
+            s = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1 / np.float32(fmax)),
+                                                np.finfo(np.float32).tiny), 1.0)
+            y = xf / s[..., None]
+            data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(cache.dtype)
+            scale = scale.at[layer, b_idx, pos].set(s, mode="drop")
+        else:
+            data = xf.astype(cache.dtype)
+        out += [cache.at[layer, b_idx, pos].set(data, mode="drop"), scale]
+    return out[0], out[2], out[1], out[3]
