@@ -19,8 +19,8 @@ scales in L2). One program holds the T*G query rows of one KV head (padded to >=
 MMA), walks its S-split in `block_k` steps with an online softmax in f32 (base 2), upcasts FP8 to
 f16 in registers (exact for E4M3 and E5M2, and a cheaper conversion than to bf16), applies the
 scales after the QK dot (per-token K scales on the logits columns, per-token V scales folded into
-P), skips blocks past the sequence's length, and writes an unnormalised partial (acc, m, l). An XLA
-epilogue combines the splits by log-sum-exp and writes bf16.
+P), skips blocks past the sequence's length, and writes an unnormalised partial (acc, m, l). A
+second small kernel (grid (B, Hkv)) combines the splits by log-sum-exp and writes bf16.
 
 Block sizes, warps, stages and the split count come from `DecodeAttentionConfig` and the
 `CONFIGS` table keyed by shape class (`config_for`); an explicit `config=` overrides.
@@ -71,19 +71,21 @@ class DecodeAttentionConfig:
     dot_dtype: str = "float16"
 
     def num_splits(self, batch: int, kv_heads: int, max_len: int) -> int:
-        """Splits per (sequence, KV head): about target_programs / (B * Hkv), at most one per
-        min_blocks_per_split blocks. Blocks are dealt to splits as evenly as possible (split s
-        holds blocks [s * nb // splits, (s + 1) * nb // splits)), so a program count that is a
-        multiple of the SM count fills the GPU in whole waves."""
+        """Splits per (sequence, KV head): about target_programs / (B * Hkv), each of at most
+        ceil(blocks / that) and at least min_blocks_per_split blocks. The split count is the
+        fewest that keeps the longest split that short (a program's time is its split's length);
+        blocks are then dealt out evenly (split s holds [s * nb // splits, (s + 1) * nb // splits))."""
         blocks = pl.cdiv(max_len, self.block_k)
-        want = max(1, round(self.target_programs / (batch * kv_heads)))
-        return max(1, min(want, blocks // self.min_blocks_per_split))
+        want = max(1, self.target_programs // (batch * kv_heads))
+        blocks_per_split = max(self.min_blocks_per_split, pl.cdiv(blocks, want))
+        return pl.cdiv(blocks, blocks_per_split)
 
 
 # Keyed by (batch class, max_len class). From the two H100 sweeps in
 # benchmarks/results/decode_attention*.json (Hq 32, Hkv 8, D 128; per-shape differences under
 # ~10% are within run-to-run noise there). Classes: batch "1" (B == 1), "small" (B <= 8),
-# "large" (B > 8); max_len "short" (<= 4096) or "long". Fewer, longer programs win once the GPU
+# "large" (B > 8); max_len "short" (<= 8192, so a 4K context plus its generated tokens stays
+# short) or "long". Fewer, longer programs win once the GPU
 # is full (B=8, S=32K: 512 programs of 32 blocks beat 1024 of 16); 2 pipeline stages win where
 # programs are short (B = 1).
 CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
@@ -100,7 +102,7 @@ CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
 def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
     """The tuned config for a shape class (see CONFIGS)."""
     b = "1" if batch == 1 else ("small" if batch <= 8 else "large")
-    s = "short" if max_len <= 4096 else "long"
+    s = "short" if max_len <= 8192 else "long"
     return CONFIGS[(b, s)]
 
 
@@ -187,6 +189,32 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     _store(o_ref, acc, mask=row_mask[:, None])
     _store(m_ref, m, mask=row_mask)
     _store(l_ref, l, mask=row_mask)
+
+
+def _combine_kernel(out_scale_ref, acc_ref, m_ref, l_ref, o_ref, *, splits, rows, chunk):
+    """One (sequence, KV head): o = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max_s m_s).
+
+    acc_ref (splits_pad, rows_pad, D), m_ref / l_ref (splits_pad, rows_pad) f32 (entries past
+    `splits` / `rows` are never written and never read: masked); o_ref (rows, D)."""
+    splits_pad, rows_pad = m_ref.shape
+    r_ok = (jnp.arange(rows_pad) < rows)[None, :]
+    ok = (jnp.arange(splits_pad) < splits)[:, None] & r_ok
+    m = _load(m_ref, mask=ok, other=-jnp.inf)
+    l = _load(l_ref, mask=ok, other=0.0)
+    m_max = m.max(axis=0)                                               # (rows_pad,)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)                  # every split empty
+    l_tot = (l * jnp.exp2(m - m_max[None, :])).sum(axis=0)
+
+    def add_chunk(c, o):
+        part = pl.ds(c * chunk, chunk)
+        okc = ((c * chunk + jnp.arange(chunk)) < splits)[:, None] & r_ok    # (chunk, rows_pad)
+        w = jnp.exp2(_load(m_ref.at[part, :], mask=okc, other=-jnp.inf) - m_max[None, :])
+        a = _load(acc_ref.at[part, :, :], mask=okc[:, :, None], other=0.0)  # (chunk, rows_pad, D)
+        return o + (a * w[:, :, None]).sum(axis=0)
+    o = lax.fori_loop(0, pl.cdiv(splits, chunk), add_chunk,
+                      jnp.zeros(acc_ref.shape[1:], jnp.float32))
+    o = o * (out_scale_ref[0] / jnp.where(l_tot == 0, 1.0, l_tot))[:, None]
+    _store(o_ref.at[pl.ds(0, rows_pad), :], o, mask=r_ok.reshape(rows_pad, 1))
 
 
 def _load(ref, *, mask, other):
@@ -312,13 +340,16 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         scale_spec = pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h))
         in_specs += [scale_spec, scale_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+    # Partials padded to powers of two (splits, rows) so the combine loads whole tiles; only
+    # the first `splits` x TG entries are ever written or read.
+    splits_pad, rows_pad = pl.next_power_of_2(splits), pl.next_power_of_2(TG)
     out_specs = [
         pl.BlockSpec((None, None, None, R, D), lambda h, s, b: (b, h, s, 0, 0)),
         pl.BlockSpec((None, None, None, R), lambda h, s, b: (b, h, s, 0)),
         pl.BlockSpec((None, None, None, R), lambda h, s, b: (b, h, s, 0))]
-    out_shape = [jax.ShapeDtypeStruct((B, Hkv, splits, TG, D), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32),
-                 jax.ShapeDtypeStruct((B, Hkv, splits, TG), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((B, Hkv, splits_pad, rows_pad, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, splits_pad, rows_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, splits_pad, rows_pad), jnp.float32)]
     kw = dict(interpret=True) if interpret else triton_compat.compiler_params(
         num_warps=config.num_warps, num_stages=config.num_stages)
     acc, m, l = pl.pallas_call(
@@ -327,18 +358,30 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     if partials_only:  # benchmarks time the kernel without the combine
         return acc, m, l
 
-    # Log-sum-exp combine of the splits (base 2). Empty splits have m = -inf, l = 0.
-    m_max = m.max(axis=2, keepdims=True)
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    w = jnp.exp2(m - m_max)                                               # (B, Hkv, splits, TG)
-    l_tot = (l * w).sum(axis=2)
-    o = (acc * w[..., None]).sum(axis=2) / jnp.where(l_tot == 0, 1.0, l_tot)[..., None]
+    # Log-sum-exp combine of the splits (base 2; empty splits have m = -inf, l = 0), the value
+    # scale, the bf16 cast: one Pallas launch (XLA needs three fusions for it).
     if per_token:
-        o = o * (1.0 / v_boost)
+        out_scale = jnp.full((1,), 1.0 / v_boost, jnp.float32)
     else:
-        o = o * _per_layer_scalar(v_scale, layer_arr[0], True)
-    o = o.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, Hq, D)
-    return o.astype(jnp.bfloat16)
+        out_scale = _per_layer_scalar(v_scale, layer_arr[0], True).reshape(1)
+    chunk = min(splits_pad, max(1, 8192 // (rows_pad * D)))   # <= 8K f32 per loaded tile
+    o = pl.pallas_call(
+        functools.partial(_combine_kernel, splits=splits, rows=TG, chunk=chunk),
+        grid=(B, Hkv),
+        in_specs=[pl.BlockSpec((1,), lambda b, h: (0,)),
+                  pl.BlockSpec((None, None, splits_pad, rows_pad, D), lambda b, h: (b, h, 0, 0, 0)),
+                  pl.BlockSpec((None, None, splits_pad, rows_pad), lambda b, h: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, splits_pad, rows_pad), lambda b, h: (b, h, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, TG, D), lambda b, h: (b, h, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.bfloat16),
+        name="jfp8_decode_attention_combine",
+        **(dict(interpret=True) if interpret else
+           triton_compat.compiler_params(num_warps=4, num_stages=2)))(out_scale, acc, m, l)
+    # (B, Hkv, T*G, D) -> (B, T, Hq, D): a free reshape when T = 1.
+    o = o.reshape(B, Hkv, T, G, D)
+    if T > 1:
+        o = o.transpose(0, 2, 1, 3, 4)
+    return o.reshape(B, T, Hq, D)
 
 
 def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,

@@ -102,6 +102,11 @@ TUNING: dict[tuple[str, str, str], GemvConfig] = {
 # Few row blocks (N <= 8192): split K so that enough programs fill the 132 SMs.
 TUNING[("m16", "n_small", "k_short")] = dataclasses.replace(_M16, split_k=2)
 TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=4)
+# M = 1 on N <= 8192, chosen inside a real decode step (benchmarks/profile_decode.py, 8B shape,
+# B=1, 4K context; results/profile_decode.json): split-K 4 cut qkv 11.5 -> 10.9 µs and o
+# 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs.
+TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=4)
+TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block_k=256, split_k=4)
 
 
 def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:

@@ -16,7 +16,7 @@ decode step. Here the cache buffers are aliased to the outputs (`input_output_al
 the T new rows are written and the rest of the cache is never touched.
 
 Layout: caches (L, B, S_max, Hkv, D), scales (L, B, S_max, Hkv) f32, new rows (B, T, Hkv, D).
-Grid (B, T): one program writes one token's Hkv x D rows of K and V. Hkv is padded to a power of
+Grid (B, T, 2): one program writes one token's Hkv x D rows of K or of V. Hkv is padded to a power of
 two inside the kernel (masked), D must be a power of two.
 
 Public: `kv_append`, `kv_append_reference`.
@@ -52,18 +52,22 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
     rows = jnp.arange(heads_pad)
     row_ok = rows < heads
     write_ok = row_ok & (pos < max_len)
-    for new_ref, out_ref, scale_ref in ((k_new_ref, k_out, ks_out if fp8 else None),
-                                        (v_new_ref, v_out, vs_out if fp8 else None)):
+
+    def write(new_ref, out_ref, scale_ref):
         x = triton_compat.load(new_ref.at[b, t, pl.ds(0, heads_pad), :], row_ok[:, None],
                                other=0.0).astype(jnp.float32)                  # (Hp, D)
         dst = out_ref.at[layer, b, pos, pl.ds(0, heads_pad), :]
         if not fp8:
             triton_compat.store(dst, x.astype(out_ref.dtype), write_ok[:, None])
-            continue
+            return
         scale = _scale_of(jnp.max(_finite_abs(x), axis=1), fmax)                # (Hp,)
         y = _saturate(_div(x, jnp.broadcast_to(scale[:, None], x.shape), exact_div), fmax)
         triton_compat.store(dst, y.astype(out_ref.dtype), write_ok[:, None])
         triton_compat.store(scale_ref.at[layer, b, pos, pl.ds(0, heads_pad)], scale, write_ok)
+
+    # Grid axis 2 picks K (0) or V (1): two short programs run side by side, not one after.
+    pl.when(pl.program_id(2) == 0)(lambda: write(k_new_ref, k_out, ks_out if fp8 else None))
+    pl.when(pl.program_id(2) == 1)(lambda: write(v_new_ref, v_out, vs_out if fp8 else None))
 
 
 def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
@@ -129,10 +133,10 @@ def _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, la
         fmax=fmax, exact_div=not interpret)
     caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
     out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
-    kw = dict(interpret=True) if interpret else triton_compat.compiler_params(num_warps=1,
+    kw = dict(interpret=True) if interpret else triton_compat.compiler_params(num_warps=4,
                                                                               num_stages=1)
     out = pl.pallas_call(
-        kernel, grid=(B, T), out_shape=out_shape, name="jfp8_kv_append",
+        kernel, grid=(B, T, 2), out_shape=out_shape, name="jfp8_kv_append",
         input_output_aliases={4 + i: i for i in range(len(caches))}, **kw,
     )(lengths, layer, k_new, v_new, *caches)
     return tuple(out) if fp8 else (out[0], out[1], None, None)
