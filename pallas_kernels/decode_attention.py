@@ -81,16 +81,17 @@ class DecodeAttentionConfig:
         return pl.cdiv(blocks, blocks_per_split)
 
 
-# Keyed by (batch class, max_len class). From the two H100 sweeps in
-# benchmarks/results/decode_attention*.json (Hq 32, Hkv 8, D 128; per-shape differences under
-# ~10% are within run-to-run noise there). Classes: batch "1" (B == 1), "small" (B <= 8),
-# "large" (B > 8); max_len "short" (<= 8192, so a 4K context plus its generated tokens stays
-# short) or "long". Fewer, longer programs win once the GPU
-# is full (B=8, S=32K: 512 programs of 32 blocks beat 1024 of 16); 2 pipeline stages win where
-# programs are short (B = 1).
+# Keyed by (batch class, max_len class). Classes: batch "1" (B == 1), "small" (B <= 8), "large"
+# (B > 8); max_len "short" (<= 8192, so a 4K context plus its generated tokens stays short) or
+# "long". From the H100 sweeps in benchmarks/results/decode_attention*.json (Hq 32, Hkv 8, D 128;
+# per-shape differences under ~10% are within run-to-run noise there). Fewer, longer programs win
+# once the GPU is full (B=8, S=32K: 512 programs of 32 blocks beat 1024 of 16); 2 pipeline stages
+# win where programs are short (B = 1). B=1 long from decode_attention_r5.json (>= 2 GB per timed
+# call, kernel time from a profiler trace): 256 programs 35.4 µs vs 512 programs 37.6 µs.
 CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
     ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, num_stages=2),
-    ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=512, num_stages=2),
+    ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=256, min_blocks_per_split=1,
+                                         num_stages=2),
     ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512,
                                               min_blocks_per_split=1),
     ("small", "long"): DecodeAttentionConfig(block_k=128, target_programs=512),
@@ -364,7 +365,9 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         out_scale = jnp.full((1,), 1.0 / v_boost, jnp.float32)
     else:
         out_scale = _per_layer_scalar(v_scale, layer_arr[0], True).reshape(1)
-    chunk = min(splits_pad, max(1, 8192 // (rows_pad * D)))   # <= 8K f32 per loaded tile
+    # Partials of up to 16K f32 are loaded at once (every load issued up front: one memory
+    # latency per program); larger ones in chunks of 8K.
+    chunk = splits_pad if splits_pad * rows_pad * D <= 16384 else max(1, 8192 // (rows_pad * D))
     o = pl.pallas_call(
         functools.partial(_combine_kernel, splits=splits, rows=TG, chunk=chunk),
         grid=(B, Hkv),
@@ -376,7 +379,7 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.bfloat16),
         name="jfp8_decode_attention_combine",
         **(dict(interpret=True) if interpret else
-           triton_compat.compiler_params(num_warps=4, num_stages=2)))(out_scale, acc, m, l)
+           triton_compat.compiler_params(num_warps=8, num_stages=1)))(out_scale, acc, m, l)
     # (B, Hkv, T*G, D) -> (B, T, Hq, D): a free reshape when T = 1.
     o = o.reshape(B, Hkv, T, G, D)
     if T > 1:
