@@ -53,7 +53,9 @@ class EvalRecipe:
       kv_scaling: "per_tensor" or "per_token_head" when kv_format is set.
       calibrate: round the weights with `jfp8.calibrate.gptq_quantize` (needs calibration text).
       fallback_budget: fraction of linear-weight bytes that may stay BF16, chosen by measured
-        per-layer sensitivity on the calibration text (0: none).
+        sensitivity on the calibration text (0: none).
+      fallback_unit: what the fallback keeps in BF16: whole "layer"s or single "projection"s
+        (`models.calibration.fallback_units`).
     """
     name: str
     recipe: Any = None
@@ -61,6 +63,7 @@ class EvalRecipe:
     kv_scaling: str | None = None
     calibrate: bool = False
     fallback_budget: float = 0.0
+    fallback_unit: str = "layer"
 
     def __post_init__(self):
         if (self.kv_format is None) != (self.kv_scaling is None):
@@ -69,6 +72,8 @@ class EvalRecipe:
             raise ValueError(f"kv_scaling: expected one of {KV_MODES}, got {self.kv_scaling!r}")
         if not 0.0 <= self.fallback_budget <= 1.0:
             raise ValueError(f"fallback_budget: expected a fraction in [0, 1], got {self.fallback_budget}")
+        if self.fallback_unit not in ("layer", "projection"):
+            raise ValueError(f"fallback_unit: expected 'layer' or 'projection', got {self.fallback_unit!r}")
 
     def replace(self, **kw) -> "EvalRecipe":
         return dataclasses.replace(self, **kw)
@@ -91,11 +96,15 @@ def _presets() -> dict[str, EvalRecipe]:
             "w8a8_block_e5m2+kv_token_head_e5m2", w8a8_e5, E5, "per_token_head"),
         "kv_token_head_only": EvalRecipe("kv_token_head_only", None, E4, "per_token_head"),
     }
-    # Calibrated variants: GPTQ rounding, and GPTQ + per-layer BF16 fallback within 10% of bytes.
+    # Calibrated variants: GPTQ rounding, and GPTQ + BF16 fallback within 10% of linear bytes,
+    # chosen per projection (qkv, o, gate_up, down of each layer) or per whole layer.
     for base in ("weights_only_channel", "weights_only_block", "w8a8_block+kv_token_head"):
         out[base + "+gptq"] = out[base].replace(name=base + "+gptq", calibrate=True)
         out[base + "+gptq+fallback10"] = out[base].replace(
-            name=base + "+gptq+fallback10", calibrate=True, fallback_budget=0.10)
+            name=base + "+gptq+fallback10", calibrate=True, fallback_budget=0.10,
+            fallback_unit="projection")
+        out[base + "+gptq+layerfallback10"] = out[base].replace(
+            name=base + "+gptq+layerfallback10", calibrate=True, fallback_budget=0.10)
     return out
 
 
@@ -351,15 +360,16 @@ class Evaluator:
         return self._calib_cache[key]
 
     def _sensitivity(self, er: EvalRecipe, calib_tokens, *, log=print):
-        key = ("sens", er.recipe, er.kv_format, er.kv_scaling, er.calibrate, calib_tokens.tobytes())
+        key = ("sens", er.recipe, er.kv_format, er.kv_scaling, er.calibrate, calib_tokens.tobytes(),
+               er.fallback_unit)
         if key not in self._calib_cache:
             from models import calibration
             t = time.time()
             hs = self._hessians(calib_tokens, log=log) if er.calibrate else None
             few = calib_tokens[: self.sensitivity_tokens]
-            self._calib_cache[key] = calibration.layer_sensitivity(self, er, few, hessians=hs,
-                                                                   window=len(few))
-            log(f"  per-layer sensitivity: {time.time() - t:.1f}s")
+            self._calib_cache[key] = calibration.sensitivity(self, er, few, unit=er.fallback_unit,
+                                                             hessians=hs, window=len(few))
+            log(f"  per-{er.fallback_unit} sensitivity: {time.time() - t:.1f}s")
         return self._calib_cache[key]
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -465,6 +475,11 @@ def cli(argv: list[str]) -> int:
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
+    for r in rows:
+        if r.fallback:
+            from models.calibration import fallback_patterns
+            print(f"{r.name}: kept in BF16 {', '.join(r.fallback)}; jfp8 quantize " +
+                  " ".join(f"--keep '{p}'" for p in fallback_patterns(r.fallback)))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "text": a.text, "tokens": int(ref.windows.size),

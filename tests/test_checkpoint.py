@@ -244,17 +244,24 @@ def test_cli_quantize_then_generate(tmp_path, hf_dir, capsys):
     assert "tokens/s" in err and "block128" in err
 
 
-def test_cli_quantize_keeps_fallback_layers_in_bf16(tmp_path, hf_dir):
-    """`jfp8 quantize --keep REGEX` writes the matching layers in high precision (per-layer fallback)."""
+def test_cli_quantize_keeps_fallback_units_in_bf16(tmp_path, hf_dir):
+    """`jfp8 quantize --keep REGEX` writes the matching kernels in high precision: the patterns
+    `models.calibration.fallback_patterns` gives for a chosen fallback (q/k/v as one fused unit,
+    a down_proj); the saved model still fuses (`jfp8 generate` runs it fused)."""
     import jfp8
+    from models import calibration, llama
     path, _ = hf_dir
     out = str(tmp_path / "q")
-    assert checkpoint.cli([path, out, "--recipe", "block128", "--keep", "^layers_0/self_attn/"]) == 0
-    _, params = checkpoint.load(out)
+    keep = calibration.fallback_patterns(["layers_0/self_attn/qkv_proj", "layers_0/mlp/down_proj"])
+    assert checkpoint.cli([path, out, "--recipe", "block128"] + [a for k in keep for a in ("--keep", k)]) == 0
+    model, params = checkpoint.load(out)
     kernels = {"/".join(str(getattr(k, "key", k)) for k in kp): v for kp, v in
                jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, jfp8.QArray))[0]
-               if str(getattr(kp[-1], "key", "")) == "kernel"}
-    attn = [v for k, v in kernels.items() if k.startswith("layers_0/self_attn/")]
-    mlp = [v for k, v in kernels.items() if k.startswith("layers_0/mlp/")]
-    assert attn and not any(isinstance(v, jfp8.QArray) for v in attn)
-    assert mlp and all(isinstance(v, jfp8.QArray) for v in mlp)
+               if str(getattr(kp[-1], "key", "")) == "kernel" and str(kp[0].key).startswith("layers_")}
+    bf16 = {k for k, v in kernels.items() if not isinstance(v, jfp8.QArray)}
+    assert bf16 == {"layers_0/self_attn/q_proj/kernel", "layers_0/self_attn/k_proj/kernel",
+                    "layers_0/self_attn/v_proj/kernel", "layers_0/mlp/down_proj/kernel"}
+    _, fused = llama.fuse(model, params)
+    assert not isinstance(fused["layers_0"]["self_attn"]["qkv_proj"]["kernel"], jfp8.QArray)
+    assert isinstance(fused["layers_0"]["mlp"]["gate_up_proj"]["kernel"], jfp8.QArray)
+    assert isinstance(fused["layers_0"]["self_attn"]["o_proj"]["kernel"], jfp8.QArray)

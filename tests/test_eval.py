@@ -1,5 +1,7 @@
 """models.eval (perplexity, agreement, KL, bytes, simulated FP8 KV) and models.calibration,
 on small random decoders."""
+import dataclasses
+import itertools
 import json
 
 import jax
@@ -163,7 +165,7 @@ def test_gptq_params_reduce_layer_output_error(ev):
 
 def test_sensitivity_and_choose_fallback(ev):
     tokens = _tokens(64)
-    sens = C.layer_sensitivity(ev, E.EVAL_RECIPES["w8a8_block"], tokens, window=64)
+    sens = C.sensitivity(ev, E.EVAL_RECIPES["w8a8_block"], tokens, window=64)
     assert set(sens) == {"layers_0", "layers_1"} and all(v > 0 for v in sens.values())
     worst = max(sens, key=sens.get)
     assert C.choose_fallback(sens, ev.params, 0.5) == [worst]   # each layer is half the bytes
@@ -171,6 +173,66 @@ def test_sensitivity_and_choose_fallback(ev):
     assert sorted(C.choose_fallback(sens, ev.params, 1.0)) == ["layers_0", "layers_1"]
     with pytest.raises(ValueError, match="budget"):
         C.choose_fallback(sens, ev.params, 1.5)
+
+
+@pytest.mark.parametrize("name", ["w8a8_block+kv_token_head+gptq", "weights_only_channel"])
+def test_projection_sensitivity_is_the_fp8_forward(ev, name):
+    """Each projection's KL from the one-compile masked forward equals the real FP8 model
+    (QArray kernels through FP8Dense, W8A8 activations) with only that projection in FP8."""
+    tokens = _tokens(64)
+    er = E.EVAL_RECIPES[name]
+    hs = C.collect_hessians(ev.model, ev.params, tokens, window=64) if er.calibrate else None
+    sens = C.sensitivity(ev, er, tokens, unit="projection", hessians=hs, window=64)
+    units = C.fallback_units(ev.params, "projection")
+    assert set(sens) == set(units) and len(sens) == 4 * CFG.num_layers
+    assert sorted(units["layers_1/self_attn/qkv_proj"]) == [f"layers_1/self_attn/{p}_proj/kernel" for p in "kqv"]
+    ref = ev.reference(tokens, 64)
+    plain = er.replace(kv_format=None, kv_scaling=None)
+    rng = np.random.default_rng()
+    for unit in rng.choice(sorted(sens), 2, replace=False):
+        only = C.with_fallback(er.recipe, [u for u in units if u != unit])
+        params = C.gptq_params(ev.params, only, hs) if er.calibrate else jfp8.quantize_params(ev.params, only)
+        assert {p for p, x in E._leaves_with_paths(params) if isinstance(x, jfp8.QArray)} == set(units[unit])
+        _, _, kl = ev.stats(plain.replace(recipe=only), params, ref.windows, ref)
+        # Same operands and f32 dots in both paths; 1e-5 relative covers XLA's op fusion order.
+        assert abs(sens[unit] - kl.mean()) <= 1e-5 * kl.mean() + 1e-9, (unit, sens[unit], kl.mean())
+
+
+def test_choose_fallback_is_the_best_subset_within_budget(ev):
+    units = C.fallback_units(ev.params, "projection")
+    rng = np.random.default_rng()
+    names = sorted(units)  # 8: two layers of qkv, o, gate_up, down
+    sens = {n: float(rng.exponential()) for n in names}
+    sizes = {n: sum(int(np.prod(np.shape(_leaf(ev.params, p)))) for p in units[n]) for n in names}
+    total = sum(int(np.prod(np.shape(_leaf(ev.params, p)))) for ps in units.values() for p in ps)
+    budget = float(rng.uniform(0.05, 0.3))
+    best = max((s for r in range(len(names) + 1) for s in itertools.combinations(names, r)
+                if sum(sizes[n] for n in s) <= budget * total),
+               key=lambda s: sum(sens[n] for n in s))
+    chosen = C.choose_fallback(sens, ev.params, budget)
+    assert np.isclose(sum(sens[n] for n in chosen), sum(sens[n] for n in best))  # brute force
+    assert chosen == sorted(chosen, key=lambda n: -sens[n])
+    # The recipe keeps exactly those projections in high precision, within the byte budget.
+    params = jfp8.quantize_params(ev.params, C.with_fallback(jfp8.Recipe.block128(), chosen))
+    kept = {path for path, leaf in E._leaves_with_paths(params)
+            if path.endswith("_proj/kernel") and not isinstance(leaf, jfp8.QArray)}
+    assert kept == {p for n in chosen for p in units[n]}
+    assert E.fp8_linear_fraction(params) >= 1.0 - budget
+    # A fused model (q/k/v and gate/up joined) keeps the same units in high precision.
+    fmodel, fparams = llama.fuse(ev.model, params)
+    fkept = {path for path, leaf in E._leaves_with_paths(fparams)
+             if path.endswith("_proj/kernel") and not isinstance(leaf, jfp8.QArray)}
+    assert fkept == {f"{n}/kernel" for n in chosen}  # unit names are the fused model's paths
+    with pytest.raises(ValueError, match="names no linear kernel"):
+        C.choose_fallback({"layers_9/mlp": 1.0}, ev.params, 0.5)
+    with pytest.raises(ValueError, match="unit: expected one of"):
+        C.fallback_units(ev.params, "head")
+
+
+def _leaf(params, path):
+    for k in path.split("/"):
+        params = params[k]
+    return params
 
 
 def test_bad_input(ev):
