@@ -51,28 +51,27 @@ def _m_class(m: int) -> str:
     return "m1" if m == 1 else ("m16" if m <= 16 else "m64")
 
 
-def weight_layout(wq: QArray) -> str | None:
-    """The kernel scale layout of a 2-D (N, K) weight, or None if no kernel takes it."""
-    g = wq.granularity
+def _scale_layout(q: QArray, block: tuple[int, int], block_name: str) -> str | None:
+    """The kernel name of a 2-D QArray's scale layout: "tensor", "row" (one scale per row), or
+    `block_name` for `block`-shaped scale blocks; None if no kernel takes it."""
+    g = q.granularity
     if isinstance(g, PerTensor):
         return "tensor"
     if isinstance(g, PerChannel) and g.axis % 2 == 0:
         return "row"
-    if isinstance(g, PerBlock) and g.block_shape(wq.shape) == (128, 128):
-        return "block"
+    if isinstance(g, PerBlock) and g.block_shape(q.shape) == block:
+        return block_name
     return None
+
+
+def weight_layout(wq: QArray) -> str | None:
+    """The kernel scale layout of a 2-D (N, K) weight: "tensor", "row", "block" (128x128) or None."""
+    return _scale_layout(wq, (128, 128), "block")
 
 
 def act_kind(xq: QArray) -> str | None:
-    """The activation scale kind of a 2-D (M, K) QArray: "tensor", "row", "group" or None."""
-    g = xq.granularity
-    if isinstance(g, PerTensor):
-        return "tensor"
-    if isinstance(g, PerChannel) and g.axis % 2 == 0:
-        return "row"
-    if isinstance(g, PerBlock) and g.block_shape(xq.shape) == (1, 128):
-        return "group"
-    return None
+    """The activation scale kind of a 2-D (M, K) QArray: "tensor", "row", "group" (1x128) or None."""
+    return _scale_layout(xq, (1, 128), "group")
 
 
 def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:

@@ -21,7 +21,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jfp8 import kv_cache as kvc
 from jfp8.kv_cache import KVCache
@@ -111,31 +110,19 @@ def _kernel_scales(cache: KVCache):
 
 
 def decode_xla(q, cache: KVCache, layer, kv_lengths, *, sm_scale: float | None = None):
-    """Plain XLA decode attention (f32 softmax over the dequantized layer), any T.
+    """Plain XLA decode attention (f32 softmax over the dequantized layer), any T: the kernel's
+    reference math (`pallas_kernels.decode_attention.reference_math`) on one layer of the cache.
 
     Query t of sequence b sits at position kv_lengths[b] - T + t and sees positions <= it.
     """
-    B, T, Hq, D = q.shape
-    Hkv = cache.num_kv_heads
-    G = Hq // Hkv
-    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    k = cache.k[layer].astype(jnp.float32)
-    v = cache.v[layer].astype(jnp.float32)
-    if cache.scaling == "per_token_head":
-        k = k * cache.k_scale[layer][..., None]
-        v = v * cache.v_scale[layer][..., None]
-    elif cache.scaling == "per_tensor":
-        k = k * cache.k_scale[layer]
-        v = v * cache.v_scale[layer]
-    qg = q.astype(jnp.float32).reshape(B, T, Hkv, G, D)
-    s = jnp.einsum("bthgd,bshd->bhgts", qg, k, precision=lax.Precision.HIGHEST) * sm_scale
-    pos = jnp.arange(cache.max_len)
-    last = kv_lengths[:, None] - T + jnp.arange(T)[None, :]                 # (B, T)
-    visible = pos[None, None, :] <= last[:, :, None]                         # (B, T, S)
-    s = jnp.where(visible[:, None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhgts,bshd->bthgd", p, v, precision=lax.Precision.HIGHEST)
-    return o.reshape(B, T, Hq, D).astype(jnp.bfloat16)
+    from pallas_kernels.decode_attention import reference_math
+    D = q.shape[-1]
+    sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    scaled = cache.scaling != "none"
+    return reference_math(q, cache.k[layer], cache.v[layer], kv_lengths,
+                          cache.k_scale[layer] if scaled else None,
+                          cache.v_scale[layer] if scaled else None,
+                          sm_scale=sm_scale, per_token=cache.scaling == "per_token_head")
 
 
 def prefill(q, k, v, cache: KVCache, *, layer, lengths, sm_scale: float | None = None):

@@ -44,7 +44,7 @@ except AttributeError:  # pragma: no cover
 from pallas_kernels import triton_compat
 
 __all__ = ["DecodeAttentionConfig", "CONFIGS", "config_for", "decode_attention",
-           "decode_attention_reference"]
+           "decode_attention_reference", "reference_math"]
 
 _LOG2E = math.log2(math.e)
 MAX_QUERY_TOKENS = 16
@@ -433,12 +433,16 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, 
         else:
             k_scale = _per_layer_scalar(k_scale, layer, True)
             v_scale = _per_layer_scalar(v_scale, layer, True)
-    return _reference_jit(q, k, v, jnp.asarray(lengths, jnp.int32), k_scale, v_scale,
+    return reference_math(q, k, v, jnp.asarray(lengths, jnp.int32), k_scale, v_scale,
                           sm_scale=sm_scale, per_token=per_token)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "per_token"))
-def _reference_jit(q, k, v, lengths, k_scale, v_scale, *, sm_scale, per_token):
+def reference_math(q, k, v, lengths, k_scale, v_scale, *, sm_scale: float, per_token: bool):
+    """The reference's math without its kernel-shape checks (any T): f32 attention of q
+    (B, T, Hq, D) over one layer's k, v (B, S, Hkv, D) dequantized with per-(token, head) scales
+    (B, S, Hkv) (per_token) or scalar scales (None = 1); query t of sequence b sits at
+    lengths[b] - T + t and sees positions <= it. Returns (B, T, Hq, D) bfloat16."""
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
