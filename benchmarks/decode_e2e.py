@@ -88,6 +88,25 @@ def weight_bytes_read(cfg, params):
     return total
 
 
+def decode_setup(model, cfg, mode, B, ctx, max_len, max_new_tokens):
+    """(Decoder, DecodeState, stops, max_new) for timing decode steps: a cache already holding
+    `ctx` tokens per sequence (zeros: attention reads every byte regardless), random last tokens."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from models import generate as G
+    dec = G.Decoder(model, batch=B, max_len=max_len, max_new_tokens=max_new_tokens,
+                    kv_dtype=MODES[mode][1])
+    cache = dataclasses.replace(dec.init_cache(), lengths=jnp.full((B,), ctx, jnp.int32))
+    N = dec.max_new_tokens
+    state = G.DecodeState(cache=cache, tokens=jnp.zeros((B, N), jnp.int32),
+                          num_generated=jnp.ones((B,), jnp.int32),
+                          last=jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, B), jnp.int32),
+                          done=jnp.zeros((B,), bool), step=jnp.ones((), jnp.int32),
+                          key=jax.random.PRNGKey(1))
+    return dec, state, dec._stop_array(()), jnp.full((B,), N, jnp.int32)
+
+
 class Bench:
     def __init__(self, args):
         import jax
@@ -120,7 +139,6 @@ class Bench:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from models import generate as G
         cfg, model, params = self.model_params(preset, mode)
         steps, reps = self.args.steps, self.args.reps
         max_len = ctx + steps * (reps + 2) + 8
@@ -133,18 +151,8 @@ class Bench:
         if in_use + cache_need + WORKSPACE > self.args.device_mem:
             row.update(status=f"does not fit ({(in_use + cache_need) / 1e9:.0f} GB needed)")
             return row
-        dec = G.Decoder(model, batch=B, max_len=max_len, max_new_tokens=steps * (reps + 3),
-                        kv_dtype=MODES[mode][1])
-        cache = dec.init_cache()
-        cache = dataclasses.replace(cache, lengths=jnp.full((B,), ctx, jnp.int32))
-        N = dec.max_new_tokens
-        state = G.DecodeState(cache=cache, tokens=jnp.zeros((B, N), jnp.int32),
-                              num_generated=jnp.ones((B,), jnp.int32),
-                              last=jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, B), jnp.int32),
-                              done=jnp.zeros((B,), bool), step=jnp.ones((), jnp.int32),
-                              key=jax.random.PRNGKey(1))
-        stops = dec._stop_array(())
-        max_new = jnp.full((B,), N, jnp.int32)
+        dec, state, stops, max_new = decode_setup(model, cfg, mode, B, ctx, max_len,
+                                                  steps * (reps + 3))
         t = time.perf_counter()
         state = dec.decode_fn(params, state, stops, max_new, jnp.asarray(2, jnp.int32))
         jax.block_until_ready(state.tokens)
@@ -176,7 +184,7 @@ class Bench:
                    host_overhead_frac_in_loop=max(0.0, (min(one) - step_s)) / steps / step_s,
                    bytes_in_use_gb=stats.get("bytes_in_use", 0) / 1e9,
                    peak_gb=stats.get("peak_bytes_in_use", 0) / 1e9, overflow=bool(np.any(state.cache.overflow)))
-        del state, cache, dec
+        del state, dec
         gc.collect()
         return row
 

@@ -13,7 +13,6 @@ The gap between wall time per step and GPU-busy time per step is launch gaps and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -28,19 +27,9 @@ from harness import gpu_kernel_times  # noqa: E402
 def profile_row(bench, preset, mode, B, ctx, steps):
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from models import generate as G
     cfg, model, params = bench.model_params(preset, mode)
-    dec = G.Decoder(model, batch=B, max_len=ctx + 4 * steps + 8, max_new_tokens=4 * steps,
-                    kv_dtype=decode_e2e.MODES[mode][1])
-    cache = dec.init_cache()
-    cache = dataclasses.replace(cache, lengths=jnp.full((B,), ctx, jnp.int32))
-    N = dec.max_new_tokens
-    state = G.DecodeState(cache=cache, tokens=jnp.zeros((B, N), jnp.int32),
-                          num_generated=jnp.ones((B,), jnp.int32),
-                          last=jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, B), jnp.int32),
-                          done=jnp.zeros((B,), bool), step=jnp.ones((), jnp.int32), key=jax.random.PRNGKey(1))
-    stops, max_new = dec._stop_array(()), jnp.full((B,), N, jnp.int32)
+    dec, state, stops, max_new = decode_e2e.decode_setup(model, cfg, mode, B, ctx,
+                                                         ctx + 4 * steps + 8, 4 * steps)
     state = dec.decode_fn(params, state, stops, max_new, jnp.asarray(2, jnp.int32))
     jax.block_until_ready(state.tokens)
     u = jnp.asarray(int(state.step) + steps, jnp.int32)
