@@ -12,7 +12,6 @@ Which kernel, by shape and recipe:
 | case | kernel |
 |---|---|
 | M <= 64, weights-only recipe, x bf16/f16 | `fp8_gemv` W8A16 (FP8 weights upcast in registers) |
-| M <= 16, x bf16/f16/f32, 1x128 FP8 activation groups (the block128 recipe) | `fp8_gemv` with the activation quantize in the kernel (no quantize launch) |
 | M <= 64, FP8 activations (x quantized here, or given as a QArray) | `fp8_gemv` W8A8, or `fp8_gemm` where `DECODE_KERNEL` measured it faster |
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
@@ -44,11 +43,6 @@ DECODE_MAX_M = fp8_gemv.MAX_M
 # projections (equal on lm_head); M = 8..64 gemm wins everywhere (e.g. qkv M = 16: 21.6 vs 37.5 µs,
 # lm_head M = 16: 203 vs 458 µs), the gemv's per-128-K group-scale path being slow at M > 1.
 DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
-# Up to this M, 1x128-group W8A8 runs the decode kernel with the quantize inside it: the W8A16
-# weight stream (results/gemm_decode.md: M = 16 W8A16 with split-K beats fp8_gemm incl. quantize on
-# qkv 16.3 vs 21.6 µs, o 12.4 vs 20.0, down 29.9 vs 56.3, lm_head 190 vs 203; gate_up 57.8 vs 55.0)
-# and no quantize launch. Past 16 rows the gemv's padded-M tensor-core tile is slow.
-FUSED_QUANT_MAX_M = 16
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
@@ -111,14 +105,6 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool):
                                      out_dtype=out_dtype, interpret=interpret)
         return fallback(x2)
 
-    gran = recipe.act_granularity
-    if (not isinstance(x2, QArray) and m <= FUSED_QUANT_MAX_M
-            and isinstance(gran, PerBlock) and gran.block_shape(x2.shape) == (1, 128)
-            and jnp.dtype(recipe.act_format.dtype) in fp8_gemv.FP8_DTYPES
-            and jnp.dtype(x2.dtype) in quantize_kernel.IN_DTYPES):
-        return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
-                                 out_dtype=out_dtype, a_quant=recipe.act_format.dtype,
-                                 interpret=interpret)
     xq = x2 if isinstance(x2, QArray) else quantize_activations(x2, recipe, interpret=interpret)
     kind = act_kind(xq)
     if kind is None:

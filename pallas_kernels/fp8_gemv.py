@@ -9,10 +9,6 @@ Two modes, picked by a's dtype:
 - W8A8: `a: (M, K) float8_e4m3fn` with `a_scale` (1, 1), (M, 1) or (M, ceil(K/128)) float32 (per
   tensor, per token, per 1x128 token group). Both operands are upcast to bf16 (exact), so the
   products are exact too; FP8 tensor cores (wgmma) need M >= 64 and buy nothing at these shapes.
-- W8A8 with the activation quantize fused: `a` bfloat16/float16/float32 and `a_quant` an FP8 dtype:
-  every program quantizes the (M, 128) groups of `a` it reads, exactly as
-  `pallas_kernels.quantize.quantize_fp8(a, layout="group")` does (same scale, same bits), so the
-  result is the W8A8 one above with no quantize launch and no FP8 copy of `a` in memory.
 
 `w: (N, K) float8_e4m3fn` (out, in), K-major, with `w_scale` in the layouts of `fp8_gemm`:
 "tensor" (1, 1), "row" (N, 1), "block" (ceil(N/128), ceil(K/128)). Per-tensor / per-row scales
@@ -44,7 +40,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import triton_compat
 
 LAYOUTS = ("tensor", "row", "block")
@@ -121,10 +116,10 @@ def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
     return m_class, n_class, k_class
 
 
-def config_for(m: int, n: int, k: int, layout: str) -> GemvConfig:
+def config_for(m: int, n: int, k: int, layout: str, *, w8a8: bool = False) -> GemvConfig:
     """The tuned config for a shape, made valid for the layout (block scales need block_n | 128
-    and block_k a multiple of 128) and for the sizes (no tile wider than the padded array).
-    One table serves W8A16 and W8A8: the weight stream, which sets the time, is the same."""
+    and block_k a multiple of 128) and for the sizes (no tile wider than the padded array)."""
+    del w8a8  # one table serves both modes: the weight stream is the same
     cfg = TUNING[_shape_class(m, n, k)]
     if m > 1 and not cfg.use_dot:
         cfg = dataclasses.replace(cfg, use_dot=True)
@@ -156,7 +151,7 @@ def _zero_outside(x, mask):
 
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
-                     prefetch, mask_m, mask_n, mask_k, a_quant, exact_div):
+                     prefetch, mask_m, mask_n, mask_k):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk).
 
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
@@ -176,7 +171,7 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     n0 = i_n * block_n
     k_begin = i_split * k_chunk
     num_steps = k_chunk // block_k
-    k_blocked = a_kind in ("group", "quant") or w_kind == "block"
+    k_blocked = a_kind == "group" or w_kind == "block"
     sub_k = SCALE_BLOCK if k_blocked else block_k
     num_sub = block_k // sub_k
     compute_dtype = jnp.bfloat16 if use_dot else jnp.float32
@@ -217,25 +212,10 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
             tiles.append((a, w, scale_of(k0) if k_blocked else None))
         return tiles
 
-    def quantize_a(a, k0):
-        """(m_pad, 128) high-precision tile -> (its E4M3 values upcast, the group scales laid
-        out like `scale_of`'s): pallas_kernels.quantize's group math, bit for bit."""
-        x = _zero_outside(a.astype(jnp.float32), a_mask(k0))
-        fmax = float(jnp.finfo(a_quant).max)
-        sa = quantize_kernel._scale_of(jnp.max(quantize_kernel._finite_abs(x), axis=1), fmax)
-        y = quantize_kernel._saturate(
-            quantize_kernel._div(x, jnp.broadcast_to(sa[:, None], x.shape), exact_div), fmax)
-        sa = sa.reshape(1, m_pad) if swap_ab else sa.reshape(m_pad, 1)
-        return y.astype(a_quant).astype(compute_dtype), sa
-
     def compute(step, tiles, acc):
         for sub, (a, w, s) in enumerate(tiles):
             k0 = k_begin + step * block_k + sub * sub_k
-            if a_kind == "quant":
-                a, sa = quantize_a(a, k0)
-                s = sa if s is None else sa * s
-            else:
-                a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
+            a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
             w = _zero_outside(w.astype(compute_dtype), w_mask(k0))
             if not use_dot:                               # m_pad == 1: FMA tile (block_n, sub_k)
                 part = w * (a if s is None else a * s)
@@ -315,7 +295,7 @@ def _a_kind(a_scale, m: int, k: int) -> str | None:
     raise ValueError(f"a_scale: expected (1, 1), ({m}, 1) or ({m}, {kb}) float32, got {shape}")
 
 
-def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, a_quant=None):
+def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype):
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     for name, x in (("a", a), ("w", w)):
@@ -333,17 +313,7 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, a_quant=None)
     if jnp.dtype(w.dtype) not in FP8_DTYPES:
         raise TypeError(f"w: expected float8_e4m3fn or float8_e5m2, got {w.dtype}")
     a_dtype = jnp.dtype(a.dtype)
-    if a_quant is not None:
-        if jnp.dtype(a_quant) not in FP8_DTYPES:
-            raise TypeError(f"a_quant: expected float8_e4m3fn or float8_e5m2, got {a_quant}")
-        if a_dtype not in ACT_DTYPES + (jnp.dtype(jnp.float32),):
-            raise TypeError(f"a: expected bfloat16 / float16 / float32 to quantize in the kernel "
-                            f"(a_quant), got {a.dtype}")
-        if a_scale is not None:
-            raise ValueError("a_scale: expected None with a_quant (the kernel computes the 1x128 "
-                             "group scales), got an array")
-        kind = "quant"
-    elif a_dtype in FP8_DTYPES:
+    if a_dtype in FP8_DTYPES:
         if a_scale is None:
             raise ValueError("a_scale: an FP8 `a` (W8A8) needs its scales, got None")
     elif a_dtype in ACT_DTYPES:
@@ -351,8 +321,7 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, a_quant=None)
             raise ValueError(f"a_scale: expected None for a {a_dtype} `a` (W8A16), got an array")
     else:
         raise TypeError(f"a: expected bfloat16 / float16 (W8A16) or float8_e4m3fn (W8A8), got {a.dtype}")
-    if a_quant is None:
-        kind = _a_kind(a_scale, m, k)
+    kind = _a_kind(a_scale, m, k)
     if a_scale is not None and jnp.dtype(a_scale.dtype) != jnp.float32:
         raise TypeError(f"a_scale: expected float32, got {a_scale.dtype}")
     expected = {"tensor": (1, 1), "row": (n, 1),
@@ -370,12 +339,11 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, a_quant=None)
 
 
 def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
-             a_quant=None, config: GemvConfig | None = None, interpret: bool = False):
+             config: GemvConfig | None = None, interpret: bool = False):
     """C = (a · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64).
 
     Args:
-      a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8); or
-        bfloat16/float16/float32 with `a_quant` (W8A8, quantized per 1x128 group in the kernel).
+      a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8).
       w: (N, K) float8_e4m3fn weights.
       a_scale: None, or (1, 1) | (M, 1) | (M, ceil(K/128)) float32.
       w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
@@ -383,17 +351,15 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
       layout: the weight scale layout.
       bias: optional (N,) array, added in f32 before the output cast.
       out_dtype: bfloat16 (default), float16 or float32.
-      a_quant: None, or the FP8 dtype to quantize `a` to per 1x128 group inside the kernel
-        (bit-exact with `quantize_fp8(a, layout="group", dtype=a_quant)`; a_scale must be None).
       config: GemvConfig override; default `config_for(M, N, K, layout)`.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns: (M, N) out_dtype.
     """
-    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, a_quant)
+    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype)
     m, k = a.shape
     n = w.shape[0]
-    cfg = config_for(m, n, k, layout) if config is None else config
-    k_blocked = a_kind in ("group", "quant") or layout == "block"
+    cfg = config_for(m, n, k, layout, w8a8=a_scale is not None) if config is None else config
+    k_blocked = a_kind == "group" or layout == "block"
     if k_blocked and cfg.block_k % SCALE_BLOCK:
         raise ValueError(f"config: block_k must be a multiple of {SCALE_BLOCK} when scales vary "
                          f"along K, got {cfg.block_k}")
@@ -403,14 +369,11 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
     if not cfg.use_dot and m != 1:
         raise ValueError(f"config: use_dot=False needs M == 1, got M={m}")
     return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, layout=layout, a_kind=a_kind,
-                         out_dtype=jnp.dtype(out_dtype), cfg=cfg, interpret=interpret,
-                         a_quant=None if a_quant is None else jnp.dtype(a_quant))
+                         out_dtype=jnp.dtype(out_dtype), cfg=cfg, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "cfg", "interpret",
-                                             "a_quant"))
-def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cfg, interpret,
-                  a_quant=None):
+@functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "cfg", "interpret"))
+def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cfg, interpret):
     m, k = a.shape
     n = w.shape[0]
     m_pad = max(_MIN_DOT_M, _next_pow2(m)) if cfg.use_dot else 1
@@ -421,7 +384,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cf
     grid = (pl.cdiv(n, cfg.block_n), split_k)
     # Scales as rows: a token's scales along the last axis, so one masked (1, m_pad) load
     # fetches them; weight row scales as (1, N) for the same reason.
-    if a_kind in (None, "quant"):
+    if a_kind is None:
         a_s = jnp.ones((1, 1), jnp.float32)
     elif a_kind == "tensor":
         a_s = a_scale
@@ -436,8 +399,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cf
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
         mask_m=m != m_pad,
-        mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0, a_quant=a_quant,
-        exact_div=not interpret)
+        mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
@@ -468,13 +430,11 @@ def _expand(scale, rows: int, cols: int):
 
 
 def fp8_gemv_reference(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
-                       a_quant=None, config=None, interpret=False):
+                       config=None, interpret=False):
     """Plain jax.numpy version of `fp8_gemv` (same signature; config/interpret ignored):
     dequantize both operands in f32, f32 matmul at HIGHEST precision, bias, one output cast."""
     del config, interpret
-    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, a_quant)
-    if a_quant is not None:
-        a, a_scale = quantize_kernel.quantize_fp8_reference(a, layout="group", dtype=a_quant)
+    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype)
     m, k = a.shape
     n = w.shape[0]
     af = a.astype(jnp.float32)

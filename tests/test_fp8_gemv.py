@@ -79,48 +79,6 @@ def test_matches_reference_interpret(m, layout, a_kind, cfg, with_bias, out_dtyp
     assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
 
 
-# In-kernel activation quantize (a_quant): M, weight layout, config (FMA / dot / swapped dot,
-# split-K, block_k spanning two groups); N=200, K=384 again. The reference quantizes with
-# `quantize_fp8_reference` (group layout), so the bounds above hold unchanged.
-QUANT_CASES = [
-    (1, "block", C(32, 256, use_dot=False), jnp.float32),
-    (1, "row", C(32, 128, split_k=2, use_dot=False), jnp.bfloat16),
-    (7, "block", C(32, 256, split_k=2), jnp.float32),
-    (7, "tensor", C(64, 128, swap_ab=True), jnp.float32),
-]
-
-
-@pytest.mark.parametrize("m,layout,cfg,out_dtype", QUANT_CASES)
-def test_in_kernel_activation_quantize(m, layout, cfg, out_dtype):
-    from pallas_kernels import quantize as Q
-    n, k = 200, 384
-    _, w, _, w_scale, bias = make(m, n, k, layout, None, seed=m + 17)
-    key = jax.random.key(m)
-    a = jax.random.normal(key, (m, k), jnp.float32) * jnp.exp(
-        3 * jax.random.normal(jax.random.fold_in(key, 1), (m, 1)))      # rows of very different size
-    a = a.astype(jnp.bfloat16)
-    out = G.fp8_gemv(a, w, None, w_scale, layout=layout, bias=bias, out_dtype=out_dtype,
-                     a_quant=E4M3, config=cfg, interpret=True)
-    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout=layout, bias=bias, out_dtype=out_dtype,
-                               a_quant=E4M3)
-    assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
-    # The same function as quantizing first (the fused quantize kernel) and running W8A8.
-    aq, asc = Q.quantize_fp8(a, layout="group", interpret=True)
-    two_step = G.fp8_gemv(aq, w, asc, w_scale, layout=layout, bias=bias, out_dtype=out_dtype,
-                          config=cfg, interpret=True)
-    assert rel_err(out, two_step) < TOL[jnp.dtype(out_dtype)]
-
-
-def test_in_kernel_activation_quantize_bad_inputs():
-    a, w, _, w_scale, _ = make(1, 200, 384, "block", None, seed=1)
-    with pytest.raises(ValueError, match="a_scale"):
-        G.fp8_gemv(a, w, jnp.ones((1, 3), jnp.float32), w_scale, layout="block", a_quant=E4M3)
-    with pytest.raises(TypeError, match="a_quant"):
-        G.fp8_gemv(a, w, None, w_scale, layout="block", a_quant=jnp.int8)
-    with pytest.raises(TypeError, match="a:"):
-        G.fp8_gemv(a.astype(E4M3), w, None, w_scale, layout="block", a_quant=E4M3)
-
-
 def test_reference_matches_float64():
     m, n, k = 3, 200, 384
     a, w, a_scale, w_scale, bias = make(m, n, k, "block", "group", seed=5)
@@ -202,20 +160,6 @@ def test_gpu_matches_reference(m, layout, a_kind):
             ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout=layout, bias=bias,
                                        out_dtype=out_dtype)
             assert rel_err(out, ref) < GPU_TOL[jnp.dtype(out_dtype)], (n, k, out_dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16])
-def test_gpu_in_kernel_activation_quantize(m):
-    """Compiled: the in-kernel quantize (div.rn.f32, saturating cast) reproduces the reference's
-    activations, so only f32 summation order differs."""
-    _, w, _, w_scale, bias = make(m, 4096, 4096, "block", None, seed=m)
-    a = (jax.random.normal(jax.random.key(m), (m, 4096)) * 10).astype(jnp.bfloat16)
-    out = G.fp8_gemv(a, w, None, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
-                     a_quant=E4M3)
-    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout="block", bias=bias,
-                               out_dtype=jnp.float32, a_quant=E4M3)
-    assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
 
 
 @pytest.mark.gpu

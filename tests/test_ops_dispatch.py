@@ -46,9 +46,7 @@ def weights(recipe, seed=0, n=N, k=K):
 @pytest.mark.parametrize("lead,recipe,out_dtype", [
     ((1,), jfp8.Recipe.weights_only(), jnp.float32),                             # gemv W8A16 (FMA)
     ((7,), jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128))), jnp.bfloat16),   # gemv W8A16 (dot)
-    ((1,), jfp8.Recipe.block128(), jnp.float32),                 # gemv W8A8, quantize in-kernel (FMA)
-    ((3, 3), jfp8.Recipe.block128(), jnp.bfloat16),              # gemv W8A8, quantize in-kernel (dot)
-    ((1,), jfp8.Recipe.rowwise(), jnp.float32),                  # per-token quantize (XLA) + gemv W8A8
+    ((1,), jfp8.Recipe.block128(), jnp.float32),                                 # quantize + gemv W8A8
     ((1, 3), jfp8.Recipe.per_tensor(), jnp.float32),                             # quantize + fp8_gemm
     ((130,), jfp8.Recipe.block128(), jnp.float32),                               # quantize + fp8_gemm
 ])
@@ -110,8 +108,6 @@ def test_gpu_pallas_matches_float64(m, recipe):
     with jfp8.use_backend("pallas"):
         y = jax.jit(lambda x: jfp8.matmul(x, wq, out_dtype=jnp.float32, recipe=recipe))(x)
     ref = _float64_reference(x, wq, recipe)
-    fused_gemv = recipe.act_format is not None and isinstance(recipe.act_granularity, jfp8.PerBlock) \
-        and m <= _matmul_pallas.FUSED_QUANT_MAX_M
-    fp8_cores = recipe.act_format is not None and not fused_gemv and (
+    fp8_cores = recipe.act_format is not None and (
         m > 64 or _matmul_pallas.DECODE_KERNEL[_matmul_pallas._m_class(m)] == "gemm")
     assert rel_err(y, ref) < (2.0**-10 if fp8_cores else 1e-4)
