@@ -20,7 +20,13 @@ reads x twice because its scale depends on every element: a single pass would ne
 barrier, which Pallas' Triton backend cannot express; the partial amaxes (one f32 per tile) are
 reduced by XLA between the passes.
 
-Public: `quantize_fp8`, `quantize_fp8_reference`, `QuantizeConfig`, `config_for`.
+With the scale known before the data (static or delayed scaling, TransformerEngine's recipe:
+the scale comes from the amax history of earlier steps), `cast_fp8` is the per-tensor quantize in
+one pass: it casts with the given scale and returns this tensor's amax for the history, read from
+the same tiles (x is read once).
+
+Public: `quantize_fp8`, `quantize_fp8_reference`, `cast_fp8`, `cast_fp8_reference`,
+`QuantizeConfig`, `config_for`.
 """
 from __future__ import annotations
 
@@ -185,6 +191,21 @@ def _cast_kernel(x_ref, scale_ref, data_ref, *, block_m, block_k, m, k, fmax, ex
     _store(data_ref.at[tile], y.astype(data_ref.dtype), mask)
 
 
+def _cast_amax_kernel(x_ref, scale_ref, data_ref, amax_ref, *, block_m, block_k, m, k, fmax,
+                      exact_div, masked):
+    """One tile: the cast with the given scale, and the tile's finite amax, from one read."""
+    i_m = pl.program_id(0)
+    i_k = pl.program_id(1)
+    mask = _tile_mask(i_m, i_k, block_m, block_k, m, k, masked)
+    tile = (pl.ds(i_m * block_m, block_m), pl.ds(i_k * block_k, block_k))
+    x = _load(x_ref.at[tile], mask).astype(jnp.float32)
+    scale = jnp.broadcast_to(scale_ref[pl.ds(0, 1), pl.ds(0, 1)], x.shape)
+    y = _saturate(_div(x, scale, exact_div), fmax)
+    _store(data_ref.at[tile], y.astype(data_ref.dtype), mask)
+    amax_ref[pl.ds(i_m, 1), pl.ds(i_k, 1)] = jnp.max(
+        jnp.max(_finite_abs(x), axis=1, keepdims=True), axis=0, keepdims=True)
+
+
 def _load(ref, mask):
     return triton_compat.load(ref, mask, other=0)
 
@@ -280,3 +301,54 @@ def quantize_fp8_reference(x, *, layout="group", dtype=jnp.float8_e4m3fn, config
     full = jnp.repeat(scale, GROUP, axis=1)[:, :k] if layout == "group" else scale
     data = jnp.clip(xf / full, -fmax, fmax).astype(dtype)
     return data, scale
+
+
+def cast_fp8(x, scale, *, dtype=jnp.float8_e4m3fn, config: QuantizeConfig | None = None,
+             interpret: bool = False):
+    """Per-tensor FP8 cast with a given scale (static / delayed scaling), one pass over x.
+
+    Args:
+      x: (M, K) bfloat16 / float16 / float32.
+      scale: (1, 1) float32 > 0 (x ~ data * scale), e.g. from `jfp8.delayed_scaling_update`.
+      dtype: float8_e4m3fn (default) or float8_e5m2.
+      config, interpret: as for `quantize_fp8`.
+    Returns:
+      data: (M, K) `dtype` = RNE-cast(clip(x / scale, -fmax, fmax)) (NaN kept, ±inf -> ±fmax);
+      amax: () float32, max |x| over the finite elements (0 if none): the next history entry.
+    """
+    _check(x, "tensor", dtype)
+    if not hasattr(scale, "shape") or tuple(scale.shape) != (1, 1) or \
+            jnp.dtype(scale.dtype) != jnp.float32:
+        raise ValueError(f"scale: expected a (1, 1) float32 array, got "
+                         f"{getattr(scale, 'shape', None)} {getattr(scale, 'dtype', type(scale))}")
+    m, k = x.shape
+    cfg = config_for(m, k) if config is None else config
+    return _cast_jit(x, scale, dtype=jnp.dtype(dtype), cfg=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "cfg", "interpret"))
+def _cast_jit(x, scale, *, dtype, cfg, interpret):
+    m, k = x.shape
+    block_m, block_k = cfg.block_m, cfg.block_k
+    grid = (pl.cdiv(m, block_m), pl.cdiv(k, block_k))
+    kw = dict(interpret=True) if interpret else _compiler_params(cfg.num_warps)
+    data, partial_amax = pl.pallas_call(
+        functools.partial(_cast_amax_kernel, block_m=block_m, block_k=block_k, m=m, k=k,
+                          fmax=float(jnp.finfo(dtype).max), exact_div=not interpret,
+                          masked=m % block_m != 0 or k % block_k != 0),
+        grid=grid, out_shape=(jax.ShapeDtypeStruct((m, k), dtype),
+                              jax.ShapeDtypeStruct(grid, jnp.float32)),
+        name="fp8_cast_amax", **kw)(x, scale)
+    return data, jnp.max(partial_amax)
+
+
+def cast_fp8_reference(x, scale, *, dtype=jnp.float8_e4m3fn, config=None, interpret=False):
+    """Plain jax.numpy version of `cast_fp8` (same signature and results)."""
+    del config, interpret
+    _check(x, "tensor", dtype)
+    xf = x.astype(jnp.float32)
+    fmax = float(jnp.finfo(dtype).max)
+    y = xf / scale
+    data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(dtype)
+    amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
+    return data, amax

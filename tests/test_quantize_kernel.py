@@ -100,3 +100,39 @@ def test_gpu_bit_exact_vs_xla(m, k, layout):
     q_data, q_scale = xla_quantize(x, jfp8.E4M3, layout)
     assert_same_bits(data, q_data)
     np.testing.assert_array_equal(np.asarray(scale), np.asarray(q_scale))
+
+
+# cast_fp8 (per-tensor cast with a given scale + amax, one pass): bit-exact vs the reference and
+# vs jfp8's own math for a static scale (cast(x / scale) after the clip, amax of the finite |x|).
+@pytest.mark.parametrize("m,k,dtype,fp8,cfg", [
+    (7, 200, jnp.bfloat16, jnp.float8_e4m3fn, Q.QuantizeConfig(block_m=4, groups=1)),
+    (130, 520, jnp.float32, jnp.float8_e5m2, None),
+])
+def test_cast_fp8_interpret(m, k, dtype, fp8, cfg):
+    x = inputs(m, k, dtype, seed=m * k)
+    scale = jnp.full((1, 1), 0.37, jnp.float32)       # a stale (delayed) scale: some values saturate
+    data, amax = Q.cast_fp8(x, scale, dtype=fp8, config=cfg, interpret=True)
+    r_data, r_amax = Q.cast_fp8_reference(x, scale, dtype=fp8)
+    assert_same_bits(data, r_data)
+    assert float(amax) == float(r_amax) == float(jnp.max(jnp.where(
+        jnp.isfinite(x.astype(jnp.float32)), jnp.abs(x.astype(jnp.float32)), 0)))
+    assert_same_bits(data, jfp8.cast(x.astype(jnp.float32) / scale, FMT[jnp.dtype(fp8)]))
+
+
+def test_cast_fp8_bad_scale():
+    x = inputs(4, 128, jnp.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="scale"):
+        Q.cast_fp8(x, jnp.ones((1,), jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="scale"):
+        Q.cast_fp8(x, jnp.ones((1, 1), jnp.bfloat16), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(1, 4096), (2048, 4096), (7, 200)])
+def test_gpu_cast_fp8_bit_exact(m, k):
+    x = inputs(m, k, jnp.bfloat16, seed=m + 1)
+    scale = jnp.full((1, 1), 1.7, jnp.float32)
+    data, amax = Q.cast_fp8(x, scale)
+    r_data, r_amax = Q.cast_fp8_reference(x, scale)
+    assert_same_bits(data, r_data)
+    assert float(amax) == float(r_amax)
