@@ -39,7 +39,7 @@ except AttributeError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
-from jfp8.scaling import scale_from_amax
+from jfp8.scaling import reciprocal, scale_from_amax
 
 __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token",
            "SCALINGS"]
@@ -230,8 +230,8 @@ def _quantize_rows(x, cache: KVCache, layer, scale_now):
     if cache.scaling == "per_token_head":
         amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0), axis=-1)     # (B, T, Hkv)
         scale = scale_from_amax(amax, fmt)
-        return cast(xf / scale[..., None], fmt), scale
-    return cast(xf / scale_now, fmt), None
+        return cast(xf * reciprocal(scale)[..., None], fmt), scale
+    return cast(xf * reciprocal(scale_now), fmt), None
 
 
 def append(cache: KVCache, layer, k_new, v_new, *, num_valid=None) -> KVCache:

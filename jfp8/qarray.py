@@ -18,7 +18,7 @@ import numpy as np
 
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
 from jfp8.scaling import (Granularity, PerBlock, as_granularity, compute_scale, expand_scale,
-                          scale_shape)
+                          reciprocal, scale_shape)
 
 
 @jax.tree_util.register_dataclass
@@ -107,7 +107,8 @@ def quantize(x, fmt, granularity: Granularity, *, scale=None, margin: int | floa
       scale: optional static scale (calibrated), broadcastable f32 of `scale_shape`; default is
         current scaling (this tensor's amax per block).
       margin: extra headroom in powers of two (scale * 2**margin).
-    Returns: QArray with data = saturating RNE cast of x_f32 / scale.
+    Returns: QArray with data = saturating RNE cast of x_f32 * (1 / scale) (the reciprocal
+      rounded once, `jfp8.scaling.reciprocal`).
     """
     fmt = as_format(fmt)
     granularity = as_granularity(granularity)
@@ -126,8 +127,7 @@ def quantize(x, fmt, granularity: Granularity, *, scale=None, margin: int | floa
         except ValueError:
             raise ValueError(f"scale: expected shape {expected} (or broadcastable) for x of shape "
                              f"{x.shape} with {granularity!r}, got {scale.shape}") from None
-    full = expand_scale(scale, x.shape, granularity)
-    data = cast(x.astype(jnp.float32) / full, fmt)
+    data = cast(x.astype(jnp.float32) * expand_scale(reciprocal(scale), x.shape, granularity), fmt)
     return QArray(data=data, scale=scale, format=fmt, granularity=granularity)
 
 

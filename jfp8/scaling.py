@@ -126,6 +126,17 @@ def block_amax(x: jax.Array, granularity: Granularity) -> jax.Array:
     return jnp.max(blocked, axis=tuple(range(1, blocked.ndim, 2)))
 
 
+def reciprocal(scale: jax.Array) -> jax.Array:
+    """1 / scale in f32, rounded once (an IEEE division on the scale array itself).
+
+    Quantization computes x * reciprocal(scale), not x / scale: XLA rewrites a division by a
+    broadcast scale into exactly this multiply on some paths and not on others (the two differ
+    when x / scale lands within an ulp of an FP8 rounding midpoint), so the library writes the
+    multiply itself and every backend (XLA, the Pallas kernels, numpy) computes the same bits.
+    """
+    return jnp.float32(1.0) / jnp.asarray(scale, jnp.float32)
+
+
 def scale_from_amax(amax: jax.Array, fmt: Format, margin: int | float = 0) -> jax.Array:
     """scale = amax * 2**margin / fmax in f32; amax 0 (or non-finite) gives 1.
 

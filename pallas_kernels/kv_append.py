@@ -3,12 +3,12 @@
 For every sequence b and new token t (position p = lengths[b] + t; positions >= S_max dropped):
 
         scale[l, b, p, h] = amax_d |x[b, t, h, d]| * (1 / fmax)   (amax 0 -> 1)   FP8 cache
-        cache[l, b, p, h, :] = RNE-cast(clip(x[b, t, h, :] / scale, -fmax, fmax))
+        cache[l, b, p, h, :] = RNE-cast(clip(x[b, t, h, :] * (1 / scale), -fmax, fmax))
         cache[l, b, p, h, :] = x[b, t, h, :].astype(bf16)                         bf16 cache
 
 for x = k_new into (k_cache, k_scale) and x = v_new into (v_cache, v_scale), in one launch. The
 numerics are those of `pallas_kernels.quantize` (and so of `jfp8.quantize` with one scale per
-row of D): true f32 division, NaN kept, ±inf saturated, non-finite values left out of the amax.
+row of D): x times the reciprocal of its scale rounded once, NaN kept, ±inf saturated, non-finite values left out of the amax.
 
 Why a kernel: XLA runs the same update as a quantize fusion plus one dynamic-update-slice and
 select per array written (K, V and, for FP8, their scales), about ten launches per layer and
@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.quantize import _div, _finite_abs, _saturate, _scale_of
+from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference"]
 
@@ -61,7 +61,7 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
             triton_compat.store(dst, x.astype(out_ref.dtype), write_ok[:, None])
             return
         scale = _scale_of(jnp.max(_finite_abs(x), axis=1), fmax)                # (Hp,)
-        y = _saturate(_div(x, jnp.broadcast_to(scale[:, None], x.shape), exact_div), fmax)
+        y = _saturate(x * _rcp(scale, exact_div)[:, None], fmax)
         triton_compat.store(dst, y.astype(out_ref.dtype), write_ok[:, None])
         triton_compat.store(scale_ref.at[layer, b, pos, pl.ds(0, heads_pad)], scale, write_ok)
 
@@ -158,7 +158,7 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
             amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0), axis=-1)
             s = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1 / np.float32(fmax)),
                                                 np.finfo(np.float32).tiny), 1.0)
-            y = xf / s[..., None]
+            y = xf * (1.0 / s)[..., None]
             data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(cache.dtype)
             scale = scale.at[layer, b_idx, pos].set(s, mode="drop")
         else:

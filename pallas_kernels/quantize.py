@@ -1,7 +1,7 @@
 """Fused FP8 activation quantization (amax, scale, saturating cast), Pallas lowered through Triton.
 
     scale[g] = amax_g * (1 / fmax)   (amax over the finite |x| of group g; amax 0 -> scale 1)
-    data     = RNE-cast(clip(x_f32 / scale[g], -fmax, fmax))   (NaN stays NaN, ±inf -> ±fmax)
+    data     = RNE-cast(clip(x_f32 * (1 / scale[g]), -fmax, fmax))   (NaN stays NaN, ±inf -> ±fmax)
 
 `x: (M, K) bfloat16 | float16 | float32` -> `(data: (M, K) float8_e4m3fn (or e5m2), scale)` with
 
@@ -13,8 +13,10 @@
 The numerics are exactly `jfp8.quantize(x, fmt, PerBlock((1, 128)) | PerTensor())` as XLA runs it:
 the scale is amax times the f32 constant RN(1/fmax) (XLA's algebraic simplifier rewrites
 `amax / fmax` into that product, so this is what `jfp8.scaling.scale_from_amax` computes), floored
-at the smallest normal f32; x / scale is a true f32 division (on the GPU through `div.rn.f32`:
-Triton lowers `/` on f32 to the approximate `div.full.f32`); the clip before the cast keeps NaN
+at the smallest normal f32; x is multiplied by the reciprocal of its scale, rounded once
+(`jfp8.scaling.reciprocal`; on the GPU through `div.rn.f32`: Triton lowers `/` on f32 to the
+approximate `div.full.f32`), not divided by it, because XLA turns a division by a broadcast scale
+into that multiply on some paths and not others; the clip before the cast keeps NaN
 (the Triton lowering of max/min is `maxnumf`, which would turn NaN into -fmax). The per-tensor layout
 reads x twice because its scale depends on every element: a single pass would need a grid-wide
 barrier, which Pallas' Triton backend cannot express; the partial amaxes (one f32 per tile) are
@@ -113,13 +115,14 @@ def _compiler_params(num_warps: int):
 # kernel bodies
 
 
-def _div(x, y, exact_div: bool):
-    """IEEE f32 division x / y (round to nearest even), elementwise, same shapes."""
+def _rcp(s, exact_div: bool):
+    """1 / s in f32 rounded once (IEEE division, as `jfp8.scaling.reciprocal`), elementwise."""
+    one = jnp.ones(s.shape, jnp.float32)
     if not exact_div:
-        return x / y
+        return one / s
     [out] = triton_compat.pltriton.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[x, y], constraints="=f,f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+        "div.rn.f32 $0, $1, $2;", args=[one, s], constraints="=f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(s.shape, jnp.float32)])
     return out
 
 
@@ -161,8 +164,7 @@ def _group_kernel(x_ref, data_ref, scale_ref, *, block_m, groups, m, k, fmax, ex
     x3 = x.reshape(block_m, groups, GROUP)
     amax = jnp.max(_finite_abs(x3), axis=2)                              # (block_m, groups)
     scale = _scale_of(amax, fmax)
-    scale3 = jnp.broadcast_to(scale[:, :, None], x3.shape)
-    y = _saturate(_div(x3, scale3, exact_div), fmax).reshape(block_m, block_k)
+    y = _saturate(x3 * _rcp(scale, exact_div)[:, :, None], fmax).reshape(block_m, block_k)
     _store(data_ref.at[tile], y.astype(data_ref.dtype), mask)
     kb = -(-k // GROUP)
     scale_tile = (pl.ds(i_m * block_m, block_m), pl.ds(i_k * groups, groups))
@@ -186,8 +188,7 @@ def _cast_kernel(x_ref, scale_ref, data_ref, *, block_m, block_k, m, k, fmax, ex
     mask = _tile_mask(i_m, i_k, block_m, block_k, m, k, masked)
     tile = (pl.ds(i_m * block_m, block_m), pl.ds(i_k * block_k, block_k))
     x = _load(x_ref.at[tile], mask).astype(jnp.float32)
-    scale = jnp.broadcast_to(scale_ref[pl.ds(0, 1), pl.ds(0, 1)], x.shape)
-    y = _saturate(_div(x, scale, exact_div), fmax)
+    y = _saturate(x * _rcp(scale_ref[pl.ds(0, 1), pl.ds(0, 1)], exact_div), fmax)
     _store(data_ref.at[tile], y.astype(data_ref.dtype), mask)
 
 
@@ -199,8 +200,7 @@ def _cast_amax_kernel(x_ref, scale_ref, data_ref, amax_ref, *, block_m, block_k,
     mask = _tile_mask(i_m, i_k, block_m, block_k, m, k, masked)
     tile = (pl.ds(i_m * block_m, block_m), pl.ds(i_k * block_k, block_k))
     x = _load(x_ref.at[tile], mask).astype(jnp.float32)
-    scale = jnp.broadcast_to(scale_ref[pl.ds(0, 1), pl.ds(0, 1)], x.shape)
-    y = _saturate(_div(x, scale, exact_div), fmax)
+    y = _saturate(x * _rcp(scale_ref[pl.ds(0, 1), pl.ds(0, 1)], exact_div), fmax)
     _store(data_ref.at[tile], y.astype(data_ref.dtype), mask)
     amax_ref[pl.ds(i_m, 1), pl.ds(i_k, 1)] = jnp.max(
         jnp.max(_finite_abs(x), axis=1, keepdims=True), axis=0, keepdims=True)
@@ -299,7 +299,7 @@ def quantize_fp8_reference(x, *, layout="group", dtype=jnp.float8_e4m3fn, config
         amax = jnp.max(a).reshape(1, 1)
     scale = _scale_of(amax, fmax)
     full = jnp.repeat(scale, GROUP, axis=1)[:, :k] if layout == "group" else scale
-    data = jnp.clip(xf / full, -fmax, fmax).astype(dtype)
+    data = jnp.clip(xf * (1.0 / full), -fmax, fmax).astype(dtype)
     return data, scale
 
 
@@ -313,7 +313,7 @@ def cast_fp8(x, scale, *, dtype=jnp.float8_e4m3fn, config: QuantizeConfig | None
       dtype: float8_e4m3fn (default) or float8_e5m2.
       config, interpret: as for `quantize_fp8`.
     Returns:
-      data: (M, K) `dtype` = RNE-cast(clip(x / scale, -fmax, fmax)) (NaN kept, ±inf -> ±fmax);
+      data: (M, K) `dtype` = RNE-cast(clip(x * (1 / scale), -fmax, fmax)) (NaN kept, ±inf -> ±fmax);
       amax: () float32, max |x| over the finite elements (0 if none): the next history entry.
     """
     _check(x, "tensor", dtype)
@@ -348,7 +348,7 @@ def cast_fp8_reference(x, scale, *, dtype=jnp.float8_e4m3fn, config=None, interp
     _check(x, "tensor", dtype)
     xf = x.astype(jnp.float32)
     fmax = float(jnp.finfo(dtype).max)
-    y = xf / scale
+    y = xf * (1.0 / scale)
     data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(dtype)
     amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0))
     return data, amax

@@ -25,7 +25,8 @@ def _reference_dequant(x, fmt, block):
             b = x[i:i + block[0], j:j + block[1]]
             amax = np.float32(np.abs(b).max())
             scale = np.float32(amax) * np.float32(1 / fmt.max) if amax > 0 else np.float32(1)
-            q = np.clip((b.astype(np.float32) / scale), -fmt.max, fmt.max).astype(fmt.dtype)
+            q = np.clip((b.astype(np.float32) * (np.float32(1) / scale)), -fmt.max,
+                        fmt.max).astype(fmt.dtype)
             out[i:i + block[0], j:j + block[1]] = q.astype(np.float64) * np.float64(scale)
     return out
 
@@ -170,3 +171,24 @@ def test_write_is_atomic_and_truncation_is_detected(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05")
     with pytest.raises(ValueError, match="not a safetensors"):
         read_safetensors(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("granularity", [jfp8.PerTensor(), jfp8.PerBlock((1, 128)),
+                                         jfp8.PerBlock((128, 128))], ids=repr)
+def test_quantize_multiplies_by_the_rounded_reciprocal(granularity):
+    """data = cast(x * RN(1 / scale)), bit for bit with numpy, also where x / scale and
+    x * (1 / scale) round to different FP8 values: bf16 x = 17 n 2^e over a scale of 1.7 puts
+    many quotients on FP8 rounding midpoints. XLA rewrites some divisions by a broadcast scale
+    into this multiply and not others; the library writes the multiply, so every path agrees."""
+    import ml_dtypes
+    rng = np.random.default_rng(3)
+    x = (17 * rng.integers(-64, 64, (256, 256)) * 2.0 ** rng.integers(-12, -4, (256, 256)))
+    x = jnp.asarray(x, jnp.bfloat16)
+    shape = jfp8.scale_shape(x.shape, granularity)
+    q = jfp8.quantize(x, jfp8.E4M3, granularity, scale=jnp.full(shape, 1.7, jnp.float32))
+    y = np.asarray(x, np.float32) * (np.float32(1) / np.float32(1.7))
+    want = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(np.asarray(q.data).view(np.uint8), want.view(np.uint8))
+    # the division would have given different codes here (so this test can tell them apart)
+    div = np.clip(np.asarray(x, np.float32) / np.float32(1.7), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    assert (div.view(np.uint8) != want.view(np.uint8)).any()
