@@ -31,7 +31,7 @@ import numpy as np
 
 from jfp8.formats import Format, as_format
 
-# The smallest scale we ever produce: a normal f32, so x / scale never divides by a flushed zero.
+# The smallest scale we ever produce: a normal f32, so 1 / scale is finite (2**126 at most).
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 

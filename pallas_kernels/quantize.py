@@ -47,8 +47,7 @@ LAYOUTS = ("group", "tensor")
 GROUP = 128
 IN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 OUT_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
-# Scales never go below the smallest normal f32 (jfp8.scaling._MIN_SCALE): x / scale never
-# divides by a flushed zero.
+# Scales never go below the smallest normal f32 (jfp8.scaling._MIN_SCALE): 1 / scale is finite.
 _MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 
