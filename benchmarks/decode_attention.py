@@ -49,26 +49,11 @@ METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_
 
 def _timeit(fn, args, calls=10, rounds=5):
     """Median seconds per call over `rounds` of `calls` back-to-back asynchronous calls."""
-    import jax
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    per_call = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t0) / calls)
-    return statistics.median(per_call)
+    return statistics.median(harness.call_times(fn, *args, calls=calls, reps=rounds, warmup=2)[0])
 
 
 def copy_ceiling_gbs():
-    import jax
-    import jax.numpy as jnp
-    x = jnp.arange(2 ** (22 if INTERPRET else 28), dtype=jnp.uint32)            # 1 GiB
-    f = jax.jit(lambda x: x ^ jnp.uint32(0x5A5A5A5A))
-    t = _timeit(f, (x,))
-    return 2 * x.nbytes / t / 1e9
+    return harness.copy_ceiling_gbs(1 << (24 if INTERPRET else 30))     # 1 GiB on the GPU
 
 
 def build(B, S, n, key):

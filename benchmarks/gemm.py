@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -30,6 +29,8 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from pallas_kernels import _triton_fp8_shim  # noqa: E402
 from pallas_kernels import fp8_gemm as G  # noqa: E402
 from pallas_kernels import fp8_gemm_mgpu as MG  # noqa: E402
@@ -47,24 +48,9 @@ def shapes():
 
 
 def bench(f, *args, calls=10, reps=5, min_batch_s=0.025):
-  """Median seconds per call over `reps` batches of >= `calls` calls, after a warm-up call.
-
-  Batches are made long enough (>= min_batch_s) that host dispatch is amortised."""
-  out = f(*args)
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
-  for _ in range(3):
-    out = f(*args)
-  jax.block_until_ready(out)
-  estimate = (time.perf_counter() - t0) / 3
-  calls = max(calls, int(min_batch_s / max(estimate, 1e-7)) + 1)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      out = f(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / calls)
+  """(median seconds per call over `reps` batches of >= `calls` calls, output), after a warm-up
+  call; batches last >= min_batch_s so host dispatch is amortised (harness.call_times)."""
+  times, out = harness.call_times(f, *args, calls=calls, reps=reps, min_batch_s=min_batch_s)
   return statistics.median(times), out
 
 

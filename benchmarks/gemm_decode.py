@@ -18,11 +18,9 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,9 @@ from jax import lax
 
 from pallas_kernels import fp8_gemv as G
 from pallas_kernels import quantize as Q
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 SHAPES = [(6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"),
           (4096, 14336, "down"), (128256, 4096, "lm_head")]
@@ -62,16 +63,8 @@ def rel_err(out, ref) -> float:
 
 
 def bench(f, *args, n_calls=10, reps=5):
-    out = f(*args)
-    jax.block_until_ready(out)
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n_calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t) / n_calls)
-    return best
+    """Best seconds per call over `reps` batches of `n_calls` back-to-back calls."""
+    return min(harness.call_times(f, *args, calls=n_calls, reps=reps)[0])
 
 
 def timed(op, a, weights, *extra, interpret=False, n_calls=10):
@@ -81,10 +74,7 @@ def timed(op, a, weights, *extra, interpret=False, n_calls=10):
 
 
 def copy_ceiling_gbs(nbytes=1 << 30):
-    x = jnp.zeros((nbytes // 4,), jnp.uint32)
-    f = jax.jit(lambda x: x + jnp.uint32(1))
-    t = bench(f, x, n_calls=20)
-    return 2 * nbytes / t / 1e9
+    return harness.copy_ceiling_gbs(nbytes, calls=20, stat=min)
 
 
 def main():

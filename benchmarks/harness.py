@@ -1,5 +1,9 @@
 """Timing helpers shared by the benchmark scripts.
 
+`call_times`: wall-clock seconds per call over batches of back-to-back asynchronous calls (one
+sync per batch), the scripts' common method; each script reports the statistic it documents.
+`copy_ceiling_gbs`: the device-to-device copy ceiling (read + write bytes) those figures are
+compared with.
 `kernel_time`: GPU time of a jitted call measured from a profiler trace, i.e. the sum of the
 durations of the kernels it launches (no host dispatch, no launch gaps). For calls whose GPU
 work is tens of microseconds, wall-clock timing of back-to-back calls mostly measures host
@@ -12,7 +16,47 @@ import glob
 import gzip
 import json
 import os
+import statistics
 import tempfile
+import time
+
+
+def call_times(f, *args, calls: int = 10, reps: int = 5, warmup: int = 1,
+               min_batch_s: float = 0.0):
+    """([seconds per call of each of `reps` batches], last output) of `f(*args)`.
+
+    `warmup` synchronised calls first. A batch is `calls` back-to-back calls and one sync; with
+    min_batch_s > 0, `calls` is raised (from a 3-call estimate) so a batch lasts at least that
+    long and host dispatch is amortised."""
+    import jax
+    out = None
+    for _ in range(warmup):
+        out = f(*args)
+        jax.block_until_ready(out)
+    if min_batch_s > 0:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            out = f(*args)
+        jax.block_until_ready(out)
+        estimate = (time.perf_counter() - t0) / 3
+        calls = max(calls, int(min_batch_s / max(estimate, 1e-7)) + 1)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / calls)
+    return times, out
+
+
+def copy_ceiling_gbs(nbytes: int = 1 << 30, *, calls: int = 10, stat=statistics.median) -> float:
+    """GB/s of an elementwise uint32 pass over `nbytes` (read + write counted): the copy ceiling."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.arange(nbytes // 4, dtype=jnp.uint32)
+    f = jax.jit(lambda x: x ^ jnp.uint32(0x5A5A5A5A))
+    return 2 * x.nbytes / stat(call_times(f, x, calls=calls)[0]) / 1e9
 
 
 def gpu_kernel_times(trace_dir: str) -> dict[str, list[float]]:

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import jfp8  # noqa: E402
 from jfp8 import nn as fnn  # noqa: E402
 from jfp8.nn import training  # noqa: E402
@@ -59,21 +61,8 @@ class MLPBlock(nn.Module):
 
 
 def bench(f, *args, reps=7, min_batch_s=0.05):
-    out = f(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(3):
-        out = f(*args)
-    jax.block_until_ready(out)
-    estimate = (time.perf_counter() - t0) / 3
-    calls = max(3, int(min_batch_s / max(estimate, 1e-7)) + 1)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / calls)
+    """(median, min seconds per call, output) over `reps` batches lasting >= min_batch_s."""
+    times, out = harness.call_times(f, *args, calls=3, reps=reps, min_batch_s=min_batch_s)
     return statistics.median(times), min(times), out
 
 
