@@ -73,8 +73,8 @@ def test_reference_perplexity_matches_numpy_reference(ref):
 
 
 def _benchmark_fallback(name):
-    """The layers benchmarks/eval_smollm2.py chose to keep in BF16 for `name` (by measured
-    per-layer KL on lee.cor), from its committed results."""
+    """The units (layers or projections) benchmarks/eval_smollm2.py chose to keep in BF16 for
+    `name` (by measured KL on lee.cor), from its committed results."""
     import json
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "eval_smollm2.json")
     with open(path) as f:
@@ -85,7 +85,7 @@ def _benchmark_fallback(name):
 def test_fp8_perplexity_within_target(ev, ref):
     """The full FP8 recipe (weights per 128x128 block and activations per 1x128 in E4M3, FP8 KV
     cache per (token, head)), weights GPTQ-rounded on 2048 tokens of lee.cor (disjoint from the
-    eval text), the benchmark's 10 % BF16 fallback layers: perplexity within the issue's +2.0 %
+    eval text), the benchmark's 10 % BF16 fallback projections: perplexity within the issue's +2.0 %
     of the reference, at least 90 % of linear weights in FP8 (round-to-nearest is at +4.3 %)."""
     from models import calibration
     from models import eval as E
