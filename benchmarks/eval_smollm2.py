@@ -199,6 +199,9 @@ def render_md(result: dict) -> str:
         lines += ["", f"Rows re-run on {result['date']}: {', '.join(merged['rerun_rows'])}; the "
                   f"others are from the run of {merged['earlier_rows_from']} (same model, text, "
                   f"tokens, calibration and reference perplexity)."]
+        for new_name, old_name in merged.get("renamed", {}).items():
+            lines.append(f"`{new_name}` is that run's `{old_name}` row (whole-layer fallback, what "
+                         f"the name meant then).")
     lines += ["", "Targets: " + "; ".join(f"{k}: {v}" for k, v in TARGETS.items()), ""]
     return "\n".join(lines)
 
