@@ -8,7 +8,8 @@ For every sequence b and new token t (position p = lengths[b] + t; positions >= 
 
 for x = k_new into (k_cache, k_scale) and x = v_new into (v_cache, v_scale), in one launch. The
 numerics are those of `pallas_kernels.quantize` (and so of `jfp8.quantize` with one scale per
-row of D): x times the reciprocal of its scale rounded once, NaN kept, ±inf saturated, non-finite values left out of the amax.
+row of D): x times the reciprocal of its scale rounded once, NaN kept, ±inf saturated,
+non-finite values left out of the amax.
 
 Why a kernel: XLA runs the same update as a quantize fusion plus one dynamic-update-slice and
 select per array written (K, V and, for FP8, their scales), about ten launches per layer and
@@ -16,8 +17,8 @@ decode step. Here the cache buffers are aliased to the outputs (`input_output_al
 the T new rows are written and the rest of the cache is never touched.
 
 Layout: caches (L, B, S_max, Hkv, D), scales (L, B, S_max, Hkv) f32, new rows (B, T, Hkv, D).
-Grid (B, T, 2): one program writes one token's Hkv x D rows of K or of V. Hkv is padded to a power of
-two inside the kernel (masked), D must be a power of two.
+Grid (B, T, 2): one program writes one token's Hkv x D rows of K or of V. Hkv is padded to a
+power of two inside the kernel (masked), D must be a power of two.
 
 Public: `kv_append`, `kv_append_reference`.
 """
