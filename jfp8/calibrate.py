@@ -69,8 +69,9 @@ class HessianAccumulator:
 
 
 def _round_fp8(v: np.ndarray, s: np.ndarray, fmt: Format) -> np.ndarray:
-    """FP8 codes of v / s: true f32 division, clip to ±fmax, RNE (as `jfp8.cast`)."""
-    r = (v.astype(np.float32) / s.astype(np.float32))
+    """FP8 codes of v * (1 / s) (the reciprocal rounded once, as `jfp8.quantize` computes it),
+    clipped to ±fmax, RNE (as `jfp8.cast`)."""
+    r = v.astype(np.float32) * (np.float32(1) / s.astype(np.float32))
     return np.clip(r, -fmt.max, fmt.max).astype(fmt.dtype)
 
 
@@ -222,7 +223,7 @@ def _gptq_columns(W, S, U, *, fmt_name: str, block: int):
     cols = jnp.arange(kp)
 
     def round_col(w, s):
-        return jnp.clip(w / s, -fmt.max, fmt.max).astype(fmt.dtype).astype(jnp.float32)
+        return jnp.clip(w * (1.0 / s), -fmt.max, fmt.max).astype(fmt.dtype).astype(jnp.float32)
 
     def block_step(b, carry):
         W, C = carry

@@ -63,7 +63,8 @@ def test_matches_plain_unblocked_loop():
     W = w.astype(np.float64).copy()
     out = np.zeros_like(W)
     for j in range(40):
-        c = np.clip(W[:, j].astype(np.float32) / s, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        c = np.clip(W[:, j].astype(np.float32) * (np.float32(1) / s), -448, 448).astype(
+            ml_dtypes.float8_e4m3fn)
         out[:, j] = c.astype(np.float64) * s
         e = (W[:, j] - out[:, j]) / u[j, j]
         W[:, j + 1:] -= np.outer(e, u[j, j + 1:])
