@@ -38,7 +38,7 @@ from jax import lax
 
 from jfp8.formats import E4M3, E5M2, Format, as_format, cast
 from jfp8.recipe import Recipe
-from jfp8.scaling import DelayedScalingState, delayed_scaling_update, scale_from_amax
+from jfp8.scaling import DelayedScalingState, delayed_scaling_update, reciprocal, scale_from_amax
 
 META_COLLECTION = "fp8_meta"
 # The three tensors whose scales a training matmul keeps: input, kernel (weights), output grad.
@@ -216,8 +216,8 @@ def _forward(lhs, rhs, meta, dn, cfg: TrainConfig):
     fmt = cfg.fwd_format
     s_x, amax_x = _scale_for(lhs, fmt, cfg, meta, "input")
     s_w, amax_w = _scale_for(rhs, fmt, cfg, meta, "kernel")
-    x_q = cast(lhs.astype(jnp.float32) / s_x, fmt)
-    w_q = cast(rhs.astype(jnp.float32) / s_w, fmt)
+    x_q = cast(lhs.astype(jnp.float32) * reciprocal(s_x), fmt)
+    w_q = cast(rhs.astype(jnp.float32) * reciprocal(s_w), fmt)
     y = _gemm(x_q, s_x, w_q, s_w, dn, cfg.out_dtype, cfg)
     return y, (x_q, s_x, amax_x, w_q, s_w, amax_w)
 
@@ -238,7 +238,7 @@ def _fp8_dot_general_bwd(dn, cfg, res, g):
     x_q, s_x, amax_x, w_q, s_w, amax_w, meta, lhs_proto, rhs_proto = res
     gfmt = cfg.grad_format
     s_g, amax_g = _scale_for(g, gfmt, cfg, meta, "grad")
-    g_q = cast(g.astype(jnp.float32) / s_g, gfmt)
+    g_q = cast(g.astype(jnp.float32) * reciprocal(s_g), gfmt)
     if dn == _DENSE_DN:
         # Written out so each GEMM comes out in its final layout (no transpose of an f32 result):
         # dx (M, K) = g (M, N) · w (K, N) over N;  dw (K, N) = x (M, K) · g (M, N) over M.
