@@ -271,12 +271,10 @@ def sensitivity(evaluator, eval_recipe, tokens, *, unit: str = "layer", hessians
     if er.recipe is None:
         raise ValueError(f"eval_recipe: {er.name!r} has no FP8 recipe to measure")
     units = fallback_units(evaluator.params, unit)
-    if qparams is not None:
-        pass
-    elif er.calibrate and hessians is not None:
-        qparams = gptq_params(evaluator.params, er.recipe, hessians)
-    else:
-        qparams = jfp8.quantize_params(evaluator.params, er.recipe)
+    if qparams is None:
+        qparams = (gptq_params(evaluator.params, er.recipe, hessians)
+                   if er.calibrate and hessians is not None
+                   else jfp8.quantize_params(evaluator.params, er.recipe))
     alt = {path[: -len("/kernel")]: jnp.asarray(leaf.dequantize(jnp.float32)).T
            for path, leaf in ((("/".join(p)), v) for p, v in _flat(qparams))
            if isinstance(leaf, jfp8.QArray) and _KERNEL_RE.match(path)}
@@ -285,9 +283,9 @@ def sensitivity(evaluator, eval_recipe, tokens, *, unit: str = "layer", hessians
     out = {}
     for name, paths in units.items():
         on = {p[: -len("/kernel")] for p in paths}
-        mask = {k: jnp.float32(k in on) for k in alt}
-        if not any(k in on for k in alt):
+        if not on & alt.keys():
             continue  # the recipe keeps this unit in high precision anyway
+        mask = {k: jnp.float32(k in on) for k in alt}
         kl = [fn(evaluator.params, alt, mask, jnp.asarray(w[i:i + 1]), ref.logp[i])
               for i in range(len(w))]
         out[name] = float(np.mean([np.asarray(k) for k in kl]))

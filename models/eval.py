@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jfp8
+from models.calibration import SENSITIVITY_UNITS
 
 LINEAR_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KV_MODES = ("per_tensor", "per_token_head")
@@ -72,8 +73,9 @@ class EvalRecipe:
             raise ValueError(f"kv_scaling: expected one of {KV_MODES}, got {self.kv_scaling!r}")
         if not 0.0 <= self.fallback_budget <= 1.0:
             raise ValueError(f"fallback_budget: expected a fraction in [0, 1], got {self.fallback_budget}")
-        if self.fallback_unit not in ("layer", "projection"):
-            raise ValueError(f"fallback_unit: expected 'layer' or 'projection', got {self.fallback_unit!r}")
+        if self.fallback_unit not in SENSITIVITY_UNITS:
+            raise ValueError(f"fallback_unit: expected one of {SENSITIVITY_UNITS}, got "
+                             f"{self.fallback_unit!r}")
 
     def replace(self, **kw) -> "EvalRecipe":
         return dataclasses.replace(self, **kw)

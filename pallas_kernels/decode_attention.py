@@ -109,8 +109,7 @@ def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
 
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, num_blocks: int, num_splits: int, num_queries: int,
-                             group: int,
-                             rows: int, max_len: int, per_token_scales: bool, dot_dtype,
+                             group: int, rows: int, max_len: int, per_token_scales: bool, dot_dtype,
                              v_boost: float, sm_scale: float):
     if per_token_scales:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
