@@ -5,6 +5,11 @@
     o, cache = jfp8.attention.decode(q, k_new, v_new, cache, layer=i)     # T = 1 .. 16 tokens
     ...after every layer: cache = jfp8.kv_cache.advance(cache, T)
 
+`decode_qkv(qkv, cache, layer=i, num_q_heads=Hq, cos=cos, sin=sin)` is `decode` on the fused
+q/k/v projection before RoPE: it splits qkv (B, T, (Hq + 2 Hkv) D), applies `apply_rope` to q and
+k and decodes; on the pallas/interpret backends the split, RoPE and the K/V append are one kernel
+(`pallas_kernels.kv_append.kv_append_qkv`), with the cache bits and output of the unfused path.
+
 Backends (`jfp8.get_backend()`, read at trace time): "pallas" runs the flash-decoding kernel of
 `pallas_kernels.decode_attention` on the FP8 cache; "interpret" the same kernel in interpret mode;
 "xla" a plain XLA path (dequantize to f32, masked softmax in f32), also the one used for T > 16.
@@ -21,12 +26,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jfp8 import kv_cache as kvc
 from jfp8.kv_cache import KVCache
 from jfp8.ops import get_backend
 
-__all__ = ["decode", "prefill", "decode_xla", "MAX_KERNEL_TOKENS"]
+__all__ = ["decode", "decode_qkv", "prefill", "decode_xla", "apply_rope", "MAX_KERNEL_TOKENS"]
 
 MAX_KERNEL_TOKENS = 16   # query tokens per sequence the decode kernel takes (chunked/speculative)
 
@@ -71,8 +77,97 @@ def decode(q, k_new, v_new, cache: KVCache, *, layer, sm_scale: float | None = N
 
 @functools.partial(jax.jit, static_argnames=("backend", "sm_scale"))
 def _decode(q, k_new, v_new, cache, layer, num_valid, *, backend, sm_scale):
-    T = q.shape[1]
     cache = _append(cache, layer, k_new, v_new, num_valid, backend=backend)
+    return _attend(q, cache, layer, backend=backend, sm_scale=sm_scale), cache
+
+
+def apply_rope(x, cos, sin):
+    """RoPE, HF `rotate_half` convention: x (B, T, H, D), cos/sin (B, T, D/2) f32 -> x.dtype.
+
+    Each head's halves x1, x2 become (x1 cos - x2 sin, x2 cos + x1 sin), in f32, cast back to
+    x.dtype (the formula of `kv_append_qkv` and its reference too)."""
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _split_qkv(qkv, num_q_heads: int, num_kv_heads: int):
+    """qkv (B, T, (Hq + 2 Hkv) D) -> q (B, T, Hq, D), k, v (B, T, Hkv, D) (no RoPE)."""
+    B, T, N = qkv.shape
+    D = N // (num_q_heads + 2 * num_kv_heads)
+    heads = qkv.reshape(B, T, num_q_heads + 2 * num_kv_heads, D)
+    return (heads[:, :, :num_q_heads], heads[:, :, num_q_heads:num_q_heads + num_kv_heads],
+            heads[:, :, num_q_heads + num_kv_heads:])
+
+
+def decode_qkv(qkv, cache: KVCache, *, layer, num_q_heads: int, cos, sin,
+               sm_scale: float | None = None):
+    """`decode` on the fused projection: split qkv, `apply_rope` to q and k, append, attend.
+
+    Same results as `decode(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, ...)`
+    for q, k, v the query, key and value heads of qkv: on the pallas/interpret backends, where the
+    K/V append kernel applies (per-(token, head) or bf16 cache, power-of-two D, T <= 16), the
+    split, RoPE and append are one launch (`pallas_kernels.kv_append.kv_append_qkv`); otherwise
+    XLA slices and rotates and `decode`'s path runs.
+
+    Args:
+      qkv: (B, T, (Hq + 2 Hkv) D) bf16/f32: q heads, then k heads, then v heads, before RoPE.
+      cache: KVCache (gives Hkv and D).
+      layer: int or int32 scalar.
+      num_q_heads: Hq, a multiple of the cache's Hkv.
+      cos, sin: (B, T, D/2) f32 RoPE tables of the new positions.
+      sm_scale: softmax scale, default D ** -0.5.
+    Returns (o (B, T, Hq, D) bf16, cache).
+    """
+    Hkv, D = cache.num_kv_heads, cache.head_dim
+    if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1 or num_q_heads % Hkv:
+        raise ValueError(f"num_q_heads: expected a positive multiple of the cache's Hkv={Hkv}, "
+                         f"got {num_q_heads!r}")
+    Hq = int(num_q_heads)
+    if D % 2:
+        raise ValueError(f"cache: RoPE needs an even head dim D, got {D}")
+    if qkv.ndim != 3 or qkv.shape[0] != cache.batch or qkv.shape[2] != (Hq + 2 * Hkv) * D:
+        raise ValueError(f"qkv: expected (B, T, (Hq + 2 Hkv) D) = ({cache.batch}, T, "
+                         f"{(Hq + 2 * Hkv) * D}) for Hq={Hq} and the cache's Hkv={Hkv}, "
+                         f"D={D}, got {qkv.shape}")
+    B, T = qkv.shape[:2]
+    for name, x in (("cos", cos), ("sin", sin)):
+        if tuple(jnp.shape(x)) != (B, T, D // 2):
+            raise ValueError(f"{name}: expected (B, T, D/2) = ({B}, {T}, {D // 2}), got "
+                             f"{tuple(jnp.shape(x))}")
+    new = jax.ShapeDtypeStruct((B, T, Hkv, D), qkv.dtype)
+    try:
+        num_valid = kvc.check_append(cache, layer, new, new)
+    except ValueError as e:   # the overflow message names k_new, which is qkv's part here
+        raise ValueError(str(e).replace("k_new:", "qkv:", 1)) from None
+    return _decode_qkv(qkv, jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32), cache,
+                       jnp.asarray(layer, jnp.int32), num_valid, num_q_heads=Hq,
+                       backend=get_backend(), sm_scale=sm_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("num_q_heads", "backend", "sm_scale"))
+def _decode_qkv(qkv, cos, sin, cache, layer, num_valid, *, num_q_heads, backend, sm_scale):
+    T, D = qkv.shape[1], cache.head_dim
+    if _kernel_append_applies(cache, T, D, backend):
+        from pallas_kernels import kv_append as kernel
+        fp8 = cache.scaling == "per_token_head"
+        q, k, v, ks, vs = kernel.kv_append_qkv(
+            cache.k, cache.v, cache.k_scale if fp8 else None, cache.v_scale if fp8 else None, qkv,
+            cos, sin, cache.lengths, layer, num_q_heads=num_q_heads,
+            interpret=backend == "interpret")
+        cache = _replace_appended(cache, k, v, ks, vs, num_valid)
+    else:
+        q, k, v = _split_qkv(qkv, num_q_heads, cache.num_kv_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = _append(cache, layer, k, v, num_valid, backend=backend)
+    return _attend(q, cache, layer, backend=backend, sm_scale=sm_scale), cache
+
+
+def _attend(q, cache: KVCache, layer, *, backend, sm_scale):
+    """Decode attention of q (B, T, Hq, D) over the cache, its T new tokens already appended."""
+    T = q.shape[1]
     kv_lengths = jnp.minimum(cache.lengths + T, cache.max_len)
     k_scale, v_scale = _kernel_scales(cache)
     # The kernel's smallest K/V block is 16 rows (one MMA); tinier caches take the XLA path.
@@ -82,24 +177,36 @@ def _decode(q, k_new, v_new, cache, layer, num_valid, *, backend, sm_scale):
                                     sm_scale=sm_scale, interpret=backend == "interpret")
     else:
         o = decode_xla(q, cache, layer, kv_lengths, sm_scale=sm_scale)
-    return o, cache
+    return o
+
+
+def _kernel_append_applies(cache: KVCache, T: int, D: int, backend: str) -> bool:
+    """Whether the in-place K/V append kernel runs: per-(token, head) or bf16 caches,
+    power-of-two head dim, T <= 16, pallas/interpret backends."""
+    return backend in ("pallas", "interpret") and T <= MAX_KERNEL_TOKENS and not D & (D - 1) \
+        and cache.scaling in ("per_token_head", "none")
 
 
 def _append(cache: KVCache, layer, k_new, v_new, num_valid, *, backend):
-    """kv_cache.append, as one in-place Pallas launch where it applies (per-(token, head) or bf16
-    caches, power-of-two head dim, T <= 16 on the pallas/interpret backends); same bits."""
+    """kv_cache.append, as one in-place Pallas launch where `_kernel_append_applies`; same bits."""
     T, D = k_new.shape[1], k_new.shape[3]
-    if backend not in ("pallas", "interpret") or T > MAX_KERNEL_TOKENS or D & (D - 1) or \
-            cache.scaling not in ("per_token_head", "none"):
+    if not _kernel_append_applies(cache, T, D, backend):
         return kvc._append(cache, layer, k_new, v_new, num_valid)
     from pallas_kernels import kv_append as kernel
     fp8 = cache.scaling == "per_token_head"
     k, v, ks, vs = kernel.kv_append(cache.k, cache.v, cache.k_scale if fp8 else None,
                                     cache.v_scale if fp8 else None, k_new, v_new, cache.lengths,
                                     layer, interpret=backend == "interpret")
+    return _replace_appended(cache, k, v, ks, vs, num_valid)
+
+
+def _replace_appended(cache: KVCache, k, v, k_scale, v_scale, num_valid) -> KVCache:
+    """The cache with the kernel's outputs (scales None for bf16) and the overflow flags set."""
     overflow = cache.overflow | (cache.lengths + num_valid > cache.max_len)
-    return dataclasses.replace(cache, k=k, v=v, k_scale=ks if fp8 else cache.k_scale,
-                               v_scale=vs if fp8 else cache.v_scale, overflow=overflow)
+    return dataclasses.replace(cache, k=k, v=v,
+                               k_scale=cache.k_scale if k_scale is None else k_scale,
+                               v_scale=cache.v_scale if v_scale is None else v_scale,
+                               overflow=overflow)
 
 
 def _kernel_scales(cache: KVCache):

@@ -20,7 +20,18 @@ Layout: caches (L, B, S_max, Hkv, D), scales (L, B, S_max, Hkv) f32, new rows (B
 Grid (B, T, 2): one program writes one token's Hkv x D rows of K or of V. Hkv is padded to a
 power of two inside the kernel (masked), D must be a power of two.
 
-Public: `kv_append`, `kv_append_reference`.
+`kv_append_qkv` takes the fused projection instead, qkv (B, T, (Hq + 2 Hkv) D) holding q, k, v
+head after head, plus the RoPE tables cos, sin (B, T, D/2) f32, and also does the decode step's
+split and RoPE (HF rotate_half, f32 math rounded back to qkv.dtype):
+
+        rope(x) = concat(x1 c - x2 s, x2 c + x1 s)      x1, x2 the halves of each head's D
+        q_out = rope(q);  k_new = rope(k);  v_new = v;   then as above
+
+in one launch (grid (B, T, 3): q, K or V), where XLA runs a slice fusion for v and a concatenate
+fusion for each of q and k. K is rounded to qkv.dtype before it is quantized, so the cache holds
+the bits of the unfused path (RoPE in XLA, then `kv_append`).
+
+Public: `kv_append`, `kv_append_reference`, `kv_append_qkv`, `kv_append_qkv_reference`.
 """
 from __future__ import annotations
 
@@ -34,10 +45,23 @@ from jax.experimental import pallas as pl
 from pallas_kernels import triton_compat
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
-__all__ = ["kv_append", "kv_append_reference"]
+__all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference"]
 
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
+
+
+def _write_rows(xs, dsts, scale_dst, write_ok, *, fp8, fmax, exact_div):
+    """Store f32 column blocks xs[i] (Hp, w_i) of the same Hp rows into the ref views dsts[i];
+    FP8: one scale per row over all blocks, stored into scale_dst (Hp,)."""
+    if fp8:
+        amax = functools.reduce(jnp.maximum, [jnp.max(_finite_abs(x), axis=1) for x in xs])
+        scale = _scale_of(amax, fmax)                                           # (Hp,)
+        rcp = _rcp(scale, exact_div)[:, None]
+        xs = [_saturate(x * rcp, fmax) for x in xs]
+        triton_compat.store(scale_dst, scale, write_ok)
+    for x, dst in zip(xs, dsts):
+        triton_compat.store(dst, x.astype(dst.dtype), write_ok[:, None])
 
 
 def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_len, heads,
@@ -57,18 +81,75 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
     def write(new_ref, out_ref, scale_ref):
         x = triton_compat.load(new_ref.at[b, t, pl.ds(0, heads_pad), :], row_ok[:, None],
                                other=0.0).astype(jnp.float32)                  # (Hp, D)
-        dst = out_ref.at[layer, b, pos, pl.ds(0, heads_pad), :]
-        if not fp8:
-            triton_compat.store(dst, x.astype(out_ref.dtype), write_ok[:, None])
-            return
-        scale = _scale_of(jnp.max(_finite_abs(x), axis=1), fmax)                # (Hp,)
-        y = _saturate(x * _rcp(scale, exact_div)[:, None], fmax)
-        triton_compat.store(dst, y.astype(out_ref.dtype), write_ok[:, None])
-        triton_compat.store(scale_ref.at[layer, b, pos, pl.ds(0, heads_pad)], scale, write_ok)
+        _write_rows([x], [out_ref.at[layer, b, pos, pl.ds(0, heads_pad), :]],
+                    scale_ref.at[layer, b, pos, pl.ds(0, heads_pad)] if fp8 else None, write_ok,
+                    fp8=fp8, fmax=fmax, exact_div=exact_div)
 
     # Grid axis 2 picks K (0) or V (1): two short programs run side by side, not one after.
     pl.when(pl.program_id(2) == 0)(lambda: write(k_new_ref, k_out, ks_out if fp8 else None))
     pl.when(pl.program_id(2) == 1)(lambda: write(v_new_ref, v_out, vs_out if fp8 else None))
+
+
+def _rotate(x1, x2, c, s):
+    """RoPE on the halves of a head (HF rotate_half), f32 in and out: the one formula of the
+    kernel and its reference (jfp8.attention.apply_rope computes the same; no import across)."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *refs, max_len,
+                          q_heads, q_heads_pad, kv_heads, kv_heads_pad, head_dim, fp8, fmax,
+                          exact_div):
+    if fp8:
+        k_out, v_out, ks_out, vs_out, q_out = refs[4:]
+    else:
+        k_out, v_out, q_out = refs[2:]
+    b = pl.program_id(0)
+    t = pl.program_id(1)
+    which = pl.program_id(2)                          # 0: q, 1: K, 2: V
+    layer = layer_ref[0]
+    pos = lengths_ref[b] + t
+    half = head_dim // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    # First head of this program's block in qkv. Traced on purpose: a static nonzero start is
+    # bounds-checked at trace time against the unpadded head count, though masked rows past the
+    # end are never read.
+    h0 = jnp.where(which == 0, 0, q_heads + (which - 1) * kv_heads)
+
+    def load(heads, heads_pad, cols):
+        ok = jnp.arange(heads_pad) < heads
+        return triton_compat.load(qkv_ref.at[b, t, pl.ds(h0, heads_pad), cols], ok[:, None],
+                                  other=0.0).astype(jnp.float32)               # (Hp, w)
+
+    def rope(heads, heads_pad):
+        c = cos_ref[b, t, :][None, :]
+        s = sin_ref[b, t, :][None, :]
+        r1, r2 = _rotate(load(heads, heads_pad, lo), load(heads, heads_pad, hi), c, s)
+        # apply_rope's final cast: K is quantized from the rounded values, as in the XLA path.
+        return [r.astype(qkv_ref.dtype).astype(jnp.float32) for r in (r1, r2)]
+
+    def write_q():
+        ok = jnp.arange(q_heads_pad) < q_heads
+        for r, cols in zip(rope(q_heads, q_heads_pad), (lo, hi)):
+            triton_compat.store(q_out.at[b, t, pl.ds(0, q_heads_pad), cols], r.astype(q_out.dtype),
+                                ok[:, None])
+
+    kv_rows = pl.ds(0, kv_heads_pad)
+    write_ok = (jnp.arange(kv_heads_pad) < kv_heads) & (pos < max_len)
+    kw = dict(fp8=fp8, fmax=fmax, exact_div=exact_div)
+
+    def write_k():
+        _write_rows(rope(kv_heads, kv_heads_pad),
+                    [k_out.at[layer, b, pos, kv_rows, lo], k_out.at[layer, b, pos, kv_rows, hi]],
+                    ks_out.at[layer, b, pos, kv_rows] if fp8 else None, write_ok, **kw)
+
+    def write_v():
+        _write_rows([load(kv_heads, kv_heads_pad, slice(None))],
+                    [v_out.at[layer, b, pos, kv_rows, :]],
+                    vs_out.at[layer, b, pos, kv_rows] if fp8 else None, write_ok, **kw)
+
+    pl.when(which == 0)(write_q)
+    pl.when(which == 1)(write_k)
+    pl.when(which == 2)(write_v)
 
 
 def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
@@ -166,3 +247,89 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
             data = xf.astype(cache.dtype)
         out += [cache.at[layer, b_idx, pos].set(data, mode="drop"), scale]
     return out[0], out[2], out[1], out[3]
+
+
+def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q_heads):
+    """Validate `kv_append_qkv`'s arguments; returns (fp8, Hq, Hkv, D)."""
+    if k_cache.ndim != 5:
+        raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
+    _, B, _, H, D = k_cache.shape
+    if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1:
+        raise ValueError(f"num_q_heads: expected a positive int, got {num_q_heads!r}")
+    Hq = int(num_q_heads)
+    if qkv.ndim != 3 or qkv.shape[0] != B or qkv.shape[2] != (Hq + 2 * H) * D:
+        raise ValueError(f"qkv: expected (B, T, (Hq + 2 Hkv) D) = ({B}, T, {(Hq + 2 * H) * D}) "
+                         f"for Hq={Hq}, the cache's Hkv={H} and D={D}, got {qkv.shape}")
+    B, T = qkv.shape[:2]
+    for name, x in (("cos", cos), ("sin", sin)):
+        if tuple(x.shape) != (B, T, D // 2) or x.dtype != jnp.float32:
+            raise ValueError(f"{name}: expected ({B}, {T}, {D // 2}) float32 (B, T, D/2), got "
+                             f"{tuple(x.shape)} {x.dtype}")
+    new = jax.ShapeDtypeStruct((B, T, H, D), qkv.dtype)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, new, new, lengths)
+    return fp8, Hq, H, D
+
+
+def kv_append_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
+                  num_q_heads: int, interpret: bool = False):
+    """Split qkv, RoPE q and k, write k and v as `kv_append` does, in place; return q rotated.
+
+    Args:
+      k_cache, v_cache, k_scale, v_scale, lengths, layer, interpret: as for `kv_append`.
+      qkv: (B, T, (Hq + 2 Hkv) D) bfloat16 / float16 / float32, the fused q/k/v projection
+        (q heads, then k heads, then v heads; D per head), before RoPE.
+      cos, sin: (B, T, D/2) float32 RoPE tables of the T new positions.
+      num_q_heads: Hq.
+    Returns (q (B, T, Hq, D) qkv.dtype rotated, k_cache, v_cache, k_scale, v_scale) (scales None
+    for a bf16 cache).
+    """
+    fp8, Hq, _, _ = _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths,
+                               num_q_heads)
+    return _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin,
+                              jnp.asarray(lengths, jnp.int32),
+                              jnp.asarray(layer, jnp.int32).reshape(1), num_q_heads=Hq, fp8=fp8,
+                              interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("num_q_heads", "fp8", "interpret"))
+def _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
+                       num_q_heads, fp8, interpret):
+    L, B, S, H, D = k_cache.shape
+    T = qkv.shape[1]
+    Hq = num_q_heads
+    fmax = float(jnp.finfo(k_cache.dtype).max) if fp8 else 1.0
+    kernel = functools.partial(
+        _kv_append_qkv_kernel, max_len=S, q_heads=Hq, q_heads_pad=max(2, pl.next_power_of_2(Hq)),
+        kv_heads=H, kv_heads_pad=max(2, pl.next_power_of_2(H)), head_dim=D, fp8=fp8, fmax=fmax,
+        exact_div=not interpret)
+    caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
+    out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+    out_shape.append(jax.ShapeDtypeStruct((B, T, Hq, D), qkv.dtype))
+    kw = dict(interpret=True) if interpret else triton_compat.compiler_params(num_warps=4,
+                                                                              num_stages=1)
+    out = pl.pallas_call(
+        kernel, grid=(B, T, 3), out_shape=out_shape, name="jfp8_kv_append_qkv",
+        input_output_aliases={5 + i: i for i in range(len(caches))}, **kw,
+    )(lengths, layer, qkv.reshape(B, T, Hq + 2 * H, D), cos, sin, *caches)
+    q = out[-1]
+    return (q,) + tuple(out[:-1]) if fp8 else (q, out[0], out[1], None, None)
+
+
+def kv_append_qkv_reference(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
+                            num_q_heads: int, interpret: bool = False):
+    """Plain-JAX version of `kv_append_qkv` (same signature and results; interpret ignored):
+    slice, RoPE in f32 cast back to qkv.dtype, then `kv_append_reference`."""
+    del interpret
+    _, Hq, H, D = _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths,
+                             num_q_heads)
+    B, T = qkv.shape[:2]
+    heads = qkv.reshape(B, T, Hq + 2 * H, D)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+
+    def rope(x):
+        x = x.astype(jnp.float32)
+        r1, r2 = _rotate(x[..., :D // 2], x[..., D // 2:], c, s)
+        return jnp.concatenate([r1, r2], axis=-1).astype(qkv.dtype)
+
+    q, k, v = rope(heads[:, :, :Hq]), rope(heads[:, :, Hq:Hq + H]), heads[:, :, Hq + H:]
+    return (q,) + kv_append_reference(k_cache, v_cache, k_scale, v_scale, k, v, lengths, layer)

@@ -1,4 +1,6 @@
 """pallas_kernels.kv_append (interpret mode) against its reference and jfp8.kv_cache.append."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 
 import jfp8
+from jfp8 import attention
 from jfp8 import kv_cache as kvc
 from pallas_kernels import kv_append as K
 
@@ -122,5 +125,92 @@ def test_gpu_kernel_matches_reference_bitwise(dtype):
     lengths = jnp.array([0, 100, 298, 299], jnp.int32)
     got = jax.jit(K.kv_append)(*caches, k_new, v_new, lengths, 2)
     want = K.kv_append_reference(*caches, k_new, v_new, lengths, 2)
+    for g, w in zip(got, want):
+        _bits_equal(g, w)
+
+
+# --- kv_append_qkv: split + RoPE + append from the fused projection --------------------------
+def _qkv_inputs(B, T, Hq, H, D, seed):
+    """qkv (B, T, (Hq + 2 H) D) bf16 with a wide range and special values in a k head, and RoPE
+    tables of random positions."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(B, T, Hq + 2 * H, D)) * np.exp(rng.normal(size=(B, T, Hq + 2 * H, 1)) * 3)
+    x[0, 0, Hq + 1, :4] = [np.nan, np.inf, 1e30, -3e-40]   # a k head: non-finite, huge, subnormal
+    x[-1, -1, Hq + H] = 0.0                                 # an all-zero v row: scale 1
+    angles = rng.integers(0, 4096, size=(B, T, 1)) * (10000.0 ** (-np.arange(D // 2) / (D // 2)))
+    return (jnp.asarray(x.reshape(B, T, -1), jnp.bfloat16),
+            jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+@pytest.mark.parametrize("T,Hq,H,D", [(1, 6, 3, 16), (3, 12, 2, 32), (3, 6, 3, 32)])
+def test_qkv_kernel_matches_reference_bitwise(dtype, T, Hq, H, D):
+    """Rotated q, cache data and scales equal the reference (slice, RoPE in f32 cast to bf16,
+    kv_append_reference) byte for byte: the same f32 math in the same order."""
+    B, S = 2, 11
+    caches = _caches(dtype, L=2, B=B, S=S, H=H, D=D, seed=T + Hq)
+    qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=D + T)
+    lengths = jnp.array([int(np.random.default_rng(T).integers(0, S - T)), S - 2], jnp.int32)
+    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 1, num_q_heads=Hq, interpret=True)
+    want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 1, num_q_heads=Hq)
+    assert got[0].shape == (B, T, Hq, D) and got[0].dtype == qkv.dtype
+    for g, w in zip(got, want):
+        _bits_equal(g, w)
+    _bits_equal(got[1][0], caches[0][0])                   # layer 0 untouched
+
+
+def test_qkv_equals_rope_then_kv_append():
+    """The fused kernel writes what RoPE in XLA followed by the K/V-only kernel writes."""
+    B, T, Hq, H, D = 2, 2, 6, 3, 16
+    caches = _caches(jnp.float8_e4m3fn, L=2, B=B, S=9, H=H, D=D, seed=4)
+    qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=8)
+    lengths = jnp.array([3, 8], jnp.int32)
+    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 0, num_q_heads=Hq, interpret=True)
+    heads = qkv.reshape(B, T, Hq + 2 * H, D)
+    q = attention.apply_rope(heads[:, :, :Hq], cos, sin)
+    k = attention.apply_rope(heads[:, :, Hq:Hq + H], cos, sin)
+    want = K.kv_append(*caches, k, heads[:, :, Hq + H:], lengths, 0, interpret=True)
+    for g, w in zip(got, (q,) + tuple(want)):
+        _bits_equal(g, w)
+
+
+def test_qkv_bad_inputs():
+    k, v, ks, vs = _caches(jnp.float8_e4m3fn, B=2, H=2, D=16)
+    qkv, cos, sin = _qkv_inputs(2, 1, 4, 2, 16, seed=0)
+    lengths = jnp.zeros((2,), jnp.int32)
+    call = lambda **kw: K.kv_append_qkv(*[kw.get(n, x) for n, x in (
+        ("k", k), ("v", v), ("ks", ks), ("vs", vs), ("qkv", qkv), ("cos", cos), ("sin", sin),
+        ("lengths", lengths))], 0, num_q_heads=kw.get("hq", 4), interpret=True)
+    with pytest.raises(ValueError, match="qkv"):
+        call(hq=6)
+    with pytest.raises(ValueError, match="qkv"):
+        call(qkv=qkv[:1])
+    with pytest.raises(ValueError, match="num_q_heads"):
+        call(hq=0)
+    with pytest.raises(ValueError, match="cos"):
+        call(cos=cos[..., :4])
+    with pytest.raises(ValueError, match="sin"):
+        call(sin=sin.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="k_scale"):
+        call(ks=None)
+    with pytest.raises(ValueError, match="lengths"):
+        call(lengths=lengths[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+@pytest.mark.parametrize("Hq,H", [(32, 8), (12, 3)])
+def test_gpu_qkv_kernel_matches_reference_bitwise(dtype, Hq, H):
+    """Compiled through Triton against the eager reference (eager: XLA may otherwise keep the
+    rotated k in f32 across a fusion, xla_allow_excess_precision). A mismatch in q or the cache
+    that is one bf16 ulp of RoPE would point at FMA contraction of x1 c - x2 s differing between
+    Triton and XLA."""
+    B, T, D = 4, 3, 128
+    caches = _caches(dtype, L=3, B=B, S=300, H=H, D=D, seed=5)
+    qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=6)
+    lengths = jnp.array([0, 100, 298, 299], jnp.int32)
+    got = jax.jit(functools.partial(K.kv_append_qkv, num_q_heads=Hq))(
+        *caches, qkv, cos, sin, lengths, 2)
+    want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 2, num_q_heads=Hq)
     for g, w in zip(got, want):
         _bits_equal(g, w)
