@@ -28,7 +28,13 @@ Notes that apply (notes/h100.md): time decode kernels as a decode step runs them
 weights in one jit); XLA's FP8-upcast dot reads FP8 at 56-79% of the copy ceiling, which is the
 figure to beat. The tuning table comes from benchmarks/gemm_decode.py (results/gemm_decode.json).
 
-Public: `fp8_gemv`, `fp8_gemv_reference`, `GemvConfig`, `config_for`.
+Prologues (W8A16): the activation transform before a decode matmul can run inside the kernel's
+activation load instead of as its own XLA launch: "rmsnorm" (the RMSNorm before qkv and
+gate/up; each program reduces its rows over all of K, so it pays off at M = 1) and "swiglu"
+(silu(gate) * up before down). `rms_norm_reference` / `swiglu_reference` state their numerics.
+
+Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
+`config_for`.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ SCALE_BLOCK = 128
 #: Largest M this path takes; larger M belongs to the GEMM (fp8_gemm).
 MAX_M = 64
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+#: Activation transforms the kernel can fuse into its input load (W8A16).
+PROLOGUES = (None, "rmsnorm", "swiglu")
 ACT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_DOT_M = 16  # Triton's dot needs at least 16 rows
@@ -64,6 +72,8 @@ class GemvConfig:
       use_dot: tensor-core dot on M padded to 16 rows; False = elementwise FMA (M == 1 only).
       swap_ab: compute (Wtile · Aᵀ) so the weight tile is the dot's left operand.
       prefetch: carry the next step's raw tiles through the loop (manual double buffering).
+      fp8_dot: W8A8 only: feed the raw FP8 tiles to the tensor-core dot (no upcast of the
+        weight); needs use_dot and K a multiple of the K chunk (no masked K lanes).
       num_warps, num_stages: Triton launch parameters (stages = software-pipelining depth).
     """
     block_n: int = 64
@@ -72,6 +82,7 @@ class GemvConfig:
     use_dot: bool = True
     swap_ab: bool = False
     prefetch: bool = False
+    fp8_dot: bool = False
     num_warps: int = 4
     num_stages: int = 3
 
@@ -151,21 +162,22 @@ def _zero_outside(x, mask):
 
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
-                     prefetch, mask_m, mask_n, mask_k):
+                     prefetch, fp8_dot, prologue, eps, mask_m, mask_n, mask_k):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk).
 
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
     scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
-    o_ref (M, N) when `final`, else (split_k * m_pad, N) f32 partials.
+    o_ref (M, N) when `final`, else (split_k * m_pad, N) f32 partials. With prologue
+    "rmsnorm" a norm_ref (1, K) comes before bias_ref; with "swiglu" a_ref is (M, 2K) [gate | up].
 
     With `prefetch`, the loop carries the raw tiles (and block scales) of the next step, so
     their loads are in flight while the current step computes (Triton's own pipeliner only
     covers loads that feed a dot).
     """
-    if has_bias:
-        bias_ref, o_ref = rest
-    else:
-        (o_ref,) = rest
+    rest = list(rest)
+    norm_ref = rest.pop(0) if prologue == "rmsnorm" else None
+    bias_ref = rest.pop(0) if has_bias else None
+    (o_ref,) = rest
     i_n = pl.program_id(0)
     i_split = pl.program_id(1)
     n0 = i_n * block_n
@@ -202,12 +214,36 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
             s = sa if s is None else sa * s
         return s
 
+    inv_rms = None
+    if prologue == "rmsnorm":   # every program reduces its rows over the whole of K (L2 reads)
+        def sum_squares(i, ss):
+            k0 = i * sub_k
+            x = _zero_outside(_load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0)
+                                    ).astype(jnp.float32), a_mask(k0))
+            return ss + jnp.sum(x * x, axis=1, keepdims=True)
+        ss = lax.fori_loop(0, pl.cdiv(k, sub_k), sum_squares, jnp.zeros((m_pad, 1), jnp.float32))
+        inv_rms = lax.rsqrt(ss / k + eps)                                          # (m_pad, 1)
+
+    def prologue_of(a_raw, k0):
+        """The matmul's input tile from the loaded one(s): RMSNorm or SwiGLU, rounded to a's
+        dtype exactly as `rms_norm_reference` / `swiglu_reference` round."""
+        if prologue == "rmsnorm":
+            mk = None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
+            nw = _zero_outside(_load(norm_ref.at[pl.ds(0, 1), pl.ds(k0, sub_k)], mk), mk)
+            y = (a_raw.astype(jnp.float32) * inv_rms).astype(a_raw.dtype)
+            return (y.astype(jnp.float32) * nw.astype(jnp.float32)).astype(a_raw.dtype)
+        gate, up = a_raw
+        g = gate.astype(jnp.float32)
+        return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+
     def fetch(step):
         """Raw (not yet upcast) tiles of one step, and their block scales."""
         tiles = []
         for sub in range(num_sub):
             k0 = k_begin + step * block_k + sub * sub_k
             a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
+            if prologue == "swiglu":
+                a = (a, _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k + k0, sub_k)], a_mask(k0)))
             w = _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)], w_mask(k0))
             tiles.append((a, w, scale_of(k0) if k_blocked else None))
         return tiles
@@ -215,8 +251,12 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     def compute(step, tiles, acc):
         for sub, (a, w, s) in enumerate(tiles):
             k0 = k_begin + step * block_k + sub * sub_k
-            a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
-            w = _zero_outside(w.astype(compute_dtype), w_mask(k0))
+            if prologue is not None:
+                a = prologue_of(a, k0)
+            if not fp8_dot:
+                # fp8_dot: undefined masked-off M / N lanes only reach output rows never stored
+                a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
+                w = _zero_outside(w.astype(compute_dtype), w_mask(k0))
             if not use_dot:                               # m_pad == 1: FMA tile (block_n, sub_k)
                 part = w * (a if s is None else a * s)
             elif swap_ab:                                 # (block_n, m_pad)
@@ -295,16 +335,32 @@ def _a_kind(a_scale, m: int, k: int) -> str | None:
     raise ValueError(f"a_scale: expected (1, 1), ({m}, 1) or ({m}, {kb}) float32, got {shape}")
 
 
-def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype):
+def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None, norm_weight=None):
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     for name, x in (("a", a), ("w", w)):
         if not hasattr(x, "shape") or len(x.shape) != 2:
             raise ValueError(f"{name}: expected a 2-D array, got shape {getattr(x, 'shape', None)}")
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue: expected one of {PROLOGUES}, got {prologue!r}")
     m, k = a.shape
     n, kw = w.shape
+    if prologue == "swiglu":
+        if k != 2 * kw:
+            raise ValueError(f"a: the swiglu prologue takes (M, 2K) = [gate | up] with K={kw} "
+                             f"(w is {w.shape}), got {a.shape}")
+        k = kw
     if kw != k:
         raise ValueError(f"w: expected (N, K) with K={k} (a is {a.shape}), got {w.shape}")
+    if prologue is not None and (a_scale is not None or jnp.dtype(a.dtype) not in ACT_DTYPES):
+        raise TypeError(f"a: prologue {prologue!r} needs bfloat16/float16 activations (W8A16), "
+                        f"got {a.dtype}{' with a_scale' if a_scale is not None else ''}")
+    if prologue == "rmsnorm":
+        if not hasattr(norm_weight, "shape") or tuple(norm_weight.shape) != (k,):
+            raise ValueError(f"norm_weight: expected shape ({k},) for the rmsnorm prologue, got "
+                             f"{getattr(norm_weight, 'shape', None)}")
+    elif norm_weight is not None:
+        raise ValueError(f"norm_weight: only the rmsnorm prologue takes one (prologue={prologue!r})")
     if m < 1 or m > MAX_M:
         raise ValueError(f"a: expected 1 <= M <= {MAX_M} rows (decode path; use fp8_gemm for "
                          f"more), got M={m}")
@@ -339,11 +395,17 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype):
 
 
 def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
+             prologue: str | None = None, norm_weight=None, eps: float = 1e-6,
              config: GemvConfig | None = None, interpret: bool = False):
-    """C = (a · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64).
+    """C = (P(a) · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64).
+
+    P is the identity, or a prologue fused into the kernel's activation load (W8A16 only):
+    "rmsnorm" = `rms_norm_reference(a, norm_weight, eps)`, every program reducing its rows over K
+    (cheap at M = 1, M-fold L2 rereads beyond); "swiglu" = `swiglu_reference(a)` on a = [gate | up].
 
     Args:
-      a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8).
+      a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8); (M, 2K) for the
+        swiglu prologue.
       w: (N, K) float8_e4m3fn weights.
       a_scale: None, or (1, 1) | (M, 1) | (M, ceil(K/128)) float32.
       w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
@@ -351,13 +413,16 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
       layout: the weight scale layout.
       bias: optional (N,) array, added in f32 before the output cast.
       out_dtype: bfloat16 (default), float16 or float32.
+      prologue: None, "rmsnorm" or "swiglu".
+      norm_weight: (K,) RMSNorm weight (prologue "rmsnorm").
+      eps: RMSNorm epsilon (prologue "rmsnorm").
       config: GemvConfig override; default `config_for(M, N, K, layout)`.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns: (M, N) out_dtype.
     """
-    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype)
-    m, k = a.shape
-    n = w.shape[0]
+    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight)
+    m = a.shape[0]
+    n, k = w.shape
     cfg = config_for(m, n, k, layout, w8a8=a_scale is not None) if config is None else config
     k_blocked = a_kind == "group" or layout == "block"
     if k_blocked and cfg.block_k % SCALE_BLOCK:
@@ -368,19 +433,25 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
                          f"{cfg.block_n}")
     if not cfg.use_dot and m != 1:
         raise ValueError(f"config: use_dot=False needs M == 1, got M={m}")
-    return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, layout=layout, a_kind=a_kind,
-                         out_dtype=jnp.dtype(out_dtype), cfg=cfg, interpret=interpret)
+    return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, layout=layout, a_kind=a_kind,
+                         out_dtype=jnp.dtype(out_dtype), prologue=prologue,
+                         eps=float(eps) if prologue == "rmsnorm" else 0.0, cfg=cfg,
+                         interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "cfg", "interpret"))
-def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cfg, interpret):
-    m, k = a.shape
-    n = w.shape[0]
+@functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "prologue", "eps",
+                                             "cfg", "interpret"))
+def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, out_dtype,
+                  prologue, eps, cfg, interpret):
+    m = a.shape[0]
+    n, k = w.shape
     m_pad = max(_MIN_DOT_M, _next_pow2(m)) if cfg.use_dot else 1
     split_k = cfg.split_k
     k_chunk = pl.cdiv(pl.cdiv(k, split_k), cfg.block_k) * cfg.block_k
     split_k = pl.cdiv(k, k_chunk)  # drop programs that would own no K at all
     final = split_k == 1
+    fp8_dot = (cfg.fp8_dot and cfg.use_dot and a_kind is not None and k % k_chunk == 0
+               and a.dtype == w.dtype)
     grid = (pl.cdiv(n, cfg.block_n), split_k)
     # Scales as rows: a token's scales along the last axis, so one masked (1, m_pad) load
     # fetches them; weight row scales as (1, N) for the same reason.
@@ -392,13 +463,15 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, *, layout, a_kind, out_dtype, cf
         a_s = a_scale.T                                    # (1, M) or (Kb, M)
     w_s = w_scale.reshape(1, n) if layout == "row" else w_scale
     operands = [a, w, a_s, w_s]
+    if prologue == "rmsnorm":
+        operands.append(norm_weight.astype(a.dtype).reshape(1, k))
     if bias is not None:
         operands.append(bias.reshape(1, n))
     body = functools.partial(
         _fp8_gemv_kernel, m=m, n=n, k=k, m_pad=m_pad, block_n=cfg.block_n, block_k=cfg.block_k,
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
-        mask_m=m != m_pad,
+        fp8_dot=fp8_dot, prologue=prologue, eps=eps, mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -429,12 +502,32 @@ def _expand(scale, rows: int, cols: int):
     return full[:rows, :cols]
 
 
+def rms_norm_reference(x, weight, eps: float):
+    """RMSNorm as HF Llama computes it: x (..., K) normalised in f32, cast to x.dtype, times
+    weight (K,) in x.dtype (one rounding: the product of two x.dtype values is exact in f32)."""
+    x32 = x.astype(jnp.float32)
+    y = (x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return (y.astype(jnp.float32) * weight.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def swiglu_reference(x):
+    """SwiGLU on x (..., 2F) = [gate | up]: silu(gate) * up in f32, rounded once to x.dtype."""
+    f = x.shape[-1] // 2
+    g = x[..., :f].astype(jnp.float32)
+    return (g / (1.0 + jnp.exp(-g)) * x[..., f:].astype(jnp.float32)).astype(x.dtype)
+
+
 def fp8_gemv_reference(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
-                       config=None, interpret=False):
-    """Plain jax.numpy version of `fp8_gemv` (same signature; config/interpret ignored):
-    dequantize both operands in f32, f32 matmul at HIGHEST precision, bias, one output cast."""
+                       prologue=None, norm_weight=None, eps=1e-6, config=None, interpret=False):
+    """Plain jax.numpy version of `fp8_gemv` (same signature; config/interpret ignored): the
+    prologue, then both operands dequantized in f32, f32 matmul at HIGHEST precision, bias, one
+    output cast."""
     del config, interpret
-    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype)
+    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight)
+    if prologue == "rmsnorm":
+        a = rms_norm_reference(a, norm_weight, eps)
+    elif prologue == "swiglu":
+        a = swiglu_reference(a)
     m, k = a.shape
     n = w.shape[0]
     af = a.astype(jnp.float32)

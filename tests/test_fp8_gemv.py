@@ -79,6 +79,79 @@ def test_matches_reference_interpret(m, layout, a_kind, cfg, with_bias, out_dtyp
     assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
 
 
+# Fused prologues (W8A16). The kernel rounds its prologue output to bf16 as the reference does,
+# from f32 values that can differ in the last bit (mean-square summation order; exp / rsqrt
+# implementations): such an element flips by one bf16 ulp (2**-8 relative), moving the output by
+# 2**-8 |a_k w_k| for that k. With N(0,1) activations and K=384 a handful of flips stay below 1e-3
+# of max|ref| (measured: 0 flips on the CPU); the bf16-output bound is the one above.
+PROLOGUE_CASES = [
+    (1, "rmsnorm", "block", None, jnp.float32),                     # tuned FMA config, split-K
+    (1, "rmsnorm", "row", C(16, 128, use_dot=False), jnp.bfloat16),  # more programs than K steps
+    (7, "rmsnorm", "tensor", C(32, 128, split_k=2), jnp.float32),
+    (1, "swiglu", "block", None, jnp.bfloat16),
+    (5, "swiglu", "row", C(64, 256, split_k=2, swap_ab=True), jnp.float32),
+]
+PROLOGUE_TOL = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2.0**-7}
+
+
+@pytest.mark.parametrize("m,prologue,layout,cfg,out_dtype", PROLOGUE_CASES)
+def test_prologue_matches_reference_interpret(m, prologue, layout, cfg, out_dtype):
+    n, k = 200, 384
+    _, w, _, w_scale, bias = make(m, n, k, layout, None, seed=m * 7 + len(prologue))
+    ks = jax.random.split(jax.random.key(m), 2)
+    width = 2 * k if prologue == "swiglu" else k
+    a = (jax.random.normal(ks[0], (m, width)) * 3).astype(jnp.bfloat16)
+    kw = dict(layout=layout, bias=bias, out_dtype=out_dtype, prologue=prologue)
+    if prologue == "rmsnorm":
+        kw.update(norm_weight=jax.random.uniform(ks[1], (k,), jnp.float32, 0.5, 2.0).astype(jnp.bfloat16),
+                  eps=1e-5)
+    out = G.fp8_gemv(a, w, None, w_scale, config=cfg, interpret=True, **kw)
+    ref = G.fp8_gemv_reference(a, w, None, w_scale, **kw)
+    assert out.shape == (m, n) and out.dtype == jnp.dtype(out_dtype)
+    assert rel_err(out, ref) < PROLOGUE_TOL[jnp.dtype(out_dtype)]
+
+
+def test_prologue_references():
+    """The prologue formulas against float64 numpy (f32 math, one rounding to bf16)."""
+    x = (jax.random.normal(jax.random.key(0), (3, 256)) * 4).astype(jnp.bfloat16)
+    w = jax.random.uniform(jax.random.key(1), (256,), jnp.float32, 0.5, 2.0).astype(jnp.bfloat16)
+    x64 = np.asarray(x, np.float64)
+    y = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + 1e-5)
+    want = np.asarray(jnp.asarray(y, jnp.bfloat16), np.float64) * np.asarray(w, np.float64)
+    got = np.asarray(G.rms_norm_reference(x, w, 1e-5), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2.0**-7)     # one bf16 rounding of each side
+    g, u = x64[:, :128], x64[:, 128:]
+    want = g / (1 + np.exp(-g)) * u
+    np.testing.assert_allclose(np.asarray(G.swiglu_reference(x), np.float64), want, rtol=2.0**-8,
+                               atol=1e-30)
+
+
+def test_prologue_bad_inputs():
+    a, w, _, ws = _args(m=1, layout="row")
+    with pytest.raises(ValueError, match="prologue"):
+        G.fp8_gemv(a, w, None, ws, layout="row", prologue="gelu", interpret=True)
+    with pytest.raises(ValueError, match="norm_weight"):
+        G.fp8_gemv(a, w, None, ws, layout="row", prologue="rmsnorm", interpret=True)
+    with pytest.raises(ValueError, match="norm_weight"):
+        G.fp8_gemv(a, w, None, ws, layout="row", norm_weight=jnp.ones((384,)), interpret=True)
+    with pytest.raises(ValueError, match="a: the swiglu prologue"):
+        G.fp8_gemv(a, w, None, ws, layout="row", prologue="swiglu", interpret=True)
+    a8 = a.astype(E4M3)
+    with pytest.raises(TypeError, match="a: prologue"):
+        G.fp8_gemv(a8, w, jnp.ones((1, 1)), ws, layout="row", prologue="rmsnorm",
+                   norm_weight=jnp.ones((384,)), interpret=True)
+
+
+def test_fp8_dot_variant_interpret():
+    """W8A8 with the raw FP8 tiles fed to the dot (`fp8_dot`): same products, same sums."""
+    a, w, a_scale, w_scale, bias = make(16, 200, 384, "block", "group", seed=11)
+    cfg = C(64, 128, swap_ab=True, fp8_dot=True)
+    out = G.fp8_gemv(a, w, a_scale, w_scale, layout="block", out_dtype=jnp.float32, config=cfg,
+                     interpret=True)
+    ref = reference(a, w, a_scale, w_scale, layout="block", out_dtype=jnp.float32)
+    assert rel_err(out, ref) < TOL[jnp.dtype(jnp.float32)]
+
+
 def test_reference_matches_float64():
     m, n, k = 3, 200, 384
     a, w, a_scale, w_scale, bias = make(m, n, k, "block", "group", seed=5)
@@ -168,6 +241,32 @@ def test_gpu_matches_reference(m, layout, a_kind):
 def test_gpu_variants(cfg):
     m = 1 if not cfg.use_dot else 16
     a, w, a_scale, w_scale, bias = make(m, 6144, 4096, "block", None, seed=3)
+    out = G.fp8_gemv(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32, config=cfg)
+    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32)
+    assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,prologue", [(1, "rmsnorm"), (16, "rmsnorm"), (1, "swiglu"), (16, "swiglu")])
+def test_gpu_prologue(m, prologue):
+    n, k = 4096, 4096
+    _, w, _, w_scale, bias = make(m, n, k, "block", None, seed=5)
+    a = (jax.random.normal(jax.random.key(m), (m, 2 * k if prologue == "swiglu" else k)) * 3
+         ).astype(jnp.bfloat16)
+    kw = dict(layout="block", bias=bias, out_dtype=jnp.float32, prologue=prologue)
+    if prologue == "rmsnorm":
+        kw.update(norm_weight=jax.random.uniform(jax.random.key(2), (k,), jnp.float32, 0.5, 2
+                                                 ).astype(jnp.bfloat16), eps=1e-5)
+    out = G.fp8_gemv(a, w, None, w_scale, **kw)
+    ref = G.fp8_gemv_reference(a, w, None, w_scale, **kw)
+    assert rel_err(out, ref) < 1e-3   # PROLOGUE_TOL's argument; K=4096 on tensor cores / FMA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_fp8_dot(m):
+    a, w, a_scale, w_scale, bias = make(m, 6144, 4096, "block", "group", seed=9)
+    cfg = C(64, 256, split_k=4, swap_ab=True, fp8_dot=True, num_stages=4)
     out = G.fp8_gemv(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32, config=cfg)
     ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, layout="block", bias=bias, out_dtype=jnp.float32)
     assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
