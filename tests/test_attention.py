@@ -181,3 +181,91 @@ def test_prefill_overflow_outside_jit_raises():
     # Padding past S_max is fine when the valid tokens fit.
     o, cache = attention.prefill(q, k, v, cache, layer=0, lengths=jnp.array([3, 8, 1]))
     assert not bool(cache.overflow.any())
+
+
+# --- decode_qkv: the fused projection, split + RoPE + append in one kernel -------------------
+def _qkv_step(Hq, Hkv, Dh, T, seed, B=2):
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(rng.normal(size=(B, T, (Hq + 2 * Hkv) * Dh)), jnp.bfloat16)
+    angles = rng.integers(0, 4096, size=(B, T, 1)) * (10000.0 ** (-np.arange(Dh // 2) / (Dh // 2)))
+    return qkv, jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+
+
+def _unfused(qkv, cache, cos, sin, Hq):
+    """What models/llama.py did before decode_qkv: slice, RoPE, decode."""
+    B, T = qkv.shape[:2]
+    Hkv, Dh = cache.num_kv_heads, cache.head_dim
+    heads = qkv.reshape(B, T, Hq + 2 * Hkv, Dh)
+    q = attention.apply_rope(heads[:, :, :Hq], cos, sin)
+    k = attention.apply_rope(heads[:, :, Hq:Hq + Hkv], cos, sin)
+    return attention.decode(q, k, heads[:, :, Hq + Hkv:], cache, layer=1)
+
+
+# interpret + per_token_head / bf16: the fused kernel; interpret + per_tensor and xla: XLA RoPE.
+@pytest.mark.parametrize("backend,dtype,scaling", [
+    ("interpret", jfp8.E4M3, "per_token_head"),
+    ("interpret", jnp.bfloat16, "per_tensor"),
+    ("interpret", jfp8.E4M3, "per_tensor"),
+    ("xla", jfp8.E4M3, "per_token_head"),
+])
+def test_decode_qkv_equals_slice_rope_decode(backend, dtype, scaling):
+    """Same cache bits (data, scales, overflow) and output as slicing + apply_rope + decode, both
+    jitted, with one sequence overflowing (its rows past S_max dropped). Interpret: exact. XLA:
+    the output within 2^-8, since XLA may keep the rotated q in f32 inside a fusion in one graph
+    and not the other (xla_allow_excess_precision); the caches still agree bit for bit."""
+    Hq, Hkv, Dh, T, S_ = 6, 3, 64, 3, 24
+    cache = KVCache.init(2, 2, S_, Hkv, Dh, dtype=dtype, scaling=scaling)
+    qkv0, c0, s0 = _qkv_step(Hq, Hkv, Dh, 8, seed=1)
+    heads = qkv0.reshape(2, 8, Hq + 2 * Hkv, Dh)
+    for layer in range(2):                                  # a prompt in the cache first
+        _, cache = attention.prefill(heads[:, :, :Hq], heads[:, :, Hq:Hq + Hkv],
+                                     heads[:, :, Hq + Hkv:], cache, layer=layer,
+                                     lengths=jnp.array([5, 8]))
+    cache = kvc.advance(cache, jnp.array([5, S_ - 2], jnp.int32))   # sequence 1 overflows
+    qkv, cos, sin = _qkv_step(Hq, Hkv, Dh, T, seed=2)
+    fused = jax.jit(lambda a, c, cs, sn: attention.decode_qkv(a, c, layer=1, num_q_heads=Hq,
+                                                              cos=cs, sin=sn))
+    with jfp8.use_backend(backend):
+        o, got = fused(qkv, cache, cos, sin)
+        ref, want = jax.jit(functools.partial(_unfused, Hq=Hq))(qkv, cache, cos, sin)
+    assert o.shape == (2, T, Hq, Dh) and o.dtype == jnp.bfloat16
+    if backend == "interpret":
+        np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(ref, np.float32))
+    else:
+        assert rel_err(o, ref) < 2 ** -8
+    np.testing.assert_array_equal(got.overflow, [False, True])
+    for name in ("k", "v", "k_scale", "v_scale", "overflow", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name), np.float32),
+                                      np.asarray(getattr(want, name), np.float32), name)
+
+
+def test_apply_rope_rotates_pairs():
+    """apply_rope = the complex rotation (x1 + i x2) e^{i theta} per pair (d, d + D/2), f32."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)
+    theta = rng.uniform(0, 10, size=(2, 3, 4)).astype(np.float32)
+    got = attention.apply_rope(jnp.asarray(x), jnp.cos(theta), jnp.sin(theta))
+    z = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * theta)[:, :, None, :]
+    np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-5)
+    from models import llama
+    np.testing.assert_array_equal(llama.apply_rope(jnp.asarray(x), jnp.cos(theta),
+                                                   jnp.sin(theta)), got)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(Hq=5), "num_q_heads"),
+    (dict(N=(HQ + 2 * HKV) * D - 1), "qkv"),
+    (dict(B=2), "qkv"),
+    (dict(cos=(B, 1, D)), "cos"),
+    (dict(sin=(B, 2, D // 2)), "sin"),
+    (dict(lengths=S - 1, T=2), "qkv: writing 2 tokens"),
+])
+def test_decode_qkv_bad_inputs(bad, match):
+    cache = kvc.advance(KVCache.init(1, B, S, HKV, D), jnp.full((B,), bad.get("lengths", 0)))
+    T = bad.get("T", 1)
+    qkv = jnp.zeros((bad.get("B", B), T, bad.get("N", (HQ + 2 * HKV) * D)), jnp.bfloat16)
+    cos = jnp.zeros(bad.get("cos", (B, T, D // 2)), jnp.float32)
+    sin = jnp.zeros(bad.get("sin", (B, T, D // 2)), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        attention.decode_qkv(qkv, cache, layer=0, num_q_heads=bad.get("Hq", HQ), cos=cos,
+                             sin=sin)
