@@ -16,6 +16,11 @@ Which kernel, by shape and recipe:
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
 
+A prologue (`jfp8.RMSNorm`, `jfp8.SwiGLU`) runs inside `fp8_gemv` on the W8A16 path (RMSNorm
+only at M <= `FUSED_RMSNORM_MAX_M`: every program of the kernel reduces its rows over all of K,
+so each extra row is rereads; one row is 8 KB of L2 per program for K = 4096); otherwise XLA
+applies it before the chosen kernel.
+
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerBlock, PerChannel, PerTensor
@@ -36,6 +42,8 @@ from pallas_kernels import quantize as quantize_kernel
 
 #: Largest M the decode kernel takes.
 DECODE_MAX_M = fp8_gemv.MAX_M
+#: Largest M at which the decode kernel computes an RMSNorm prologue itself.
+FUSED_RMSNORM_MAX_M = 1
 
 # W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M == 1 /
 # M <= 16 / M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100,
@@ -89,18 +97,29 @@ def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:
     return QArray(data=data, scale=scale, format=fmt, granularity=gran)
 
 
-def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool):
-    """y (M, N) = x2 · wqᵀ (+ bias) on the Pallas kernels, falling back to XLA where none fits."""
+def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
+           prologue: RMSNorm | SwiGLU | None = None):
+    """y (M, N) = P(x2) · wqᵀ (+ bias) on the Pallas kernels, falling back to XLA where none fits."""
     from jfp8 import ops  # the XLA path lives there; imported late (ops imports this module lazily)
 
     w_layout = weight_layout(wq)
     m = x2.shape[0]
     fallback = lambda x: ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype, recipe=recipe)
+    gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
+                  and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
+    if prologue is not None:
+        fused = gemv_w8a16 and (isinstance(prologue, SwiGLU) or m <= FUSED_RMSNORM_MAX_M)
+        if fused:
+            kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
+            norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
+            return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
+                                     out_dtype=out_dtype, prologue=kind, interpret=interpret, **norm)
+        x2 = prologue(x2)
     if w_layout is None or m == 0:
         return fallback(x2)
 
     if not isinstance(x2, QArray) and recipe.act_format is None:          # W8A16
-        if m <= DECODE_MAX_M and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES:
+        if gemv_w8a16:
             return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
                                      out_dtype=out_dtype, interpret=interpret)
         return fallback(x2)

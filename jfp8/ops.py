@@ -3,6 +3,7 @@
     jfp8.set_backend("auto" | "xla" | "pallas" | "interpret")
     with jfp8.use_backend("interpret"): ...
     y = jfp8.matmul(x, wq)                      # x (..., K) bf16 or QArray; wq QArray (N, K)
+    y = jfp8.matmul(h, wq, prologue=jfp8.RMSNorm(w, eps))   # the norm fused where a kernel can
 
 Backends: "xla" runs plain XLA (dequantize + f32 dot, or XLA's FP8 dot_general on a GPU for
 per-tensor scales); "pallas" runs the Pallas kernels compiled for the GPU; "interpret" runs the
@@ -23,6 +24,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerChannel, PerTensor
@@ -98,8 +100,9 @@ def _check_weight(wq) -> None:
         raise ValueError("wq: per-channel weights must be scaled along axis 0 (N, output channels)")
 
 
-def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe | None = None):
-    """y = x · wᵀ with FP8 weights (and FP8 activations unless the recipe is weights-only).
+def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe | None = None,
+           prologue: RMSNorm | SwiGLU | None = None):
+    """y = P(x) · wᵀ with FP8 weights (and FP8 activations unless the recipe is weights-only).
 
     Args:
       x: (..., K) bf16/f16/f32 array, quantized on the fly per `recipe`'s activation settings, or a
@@ -110,10 +113,18 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
       recipe: activation quantization; default pairs with wq's granularity (per-tensor with
         per-tensor, per-token with per-channel, 1×128 with 128×128). A weights-only recipe keeps x
         in high precision (W8A16).
+      prologue: optional `jfp8.RMSNorm` / `jfp8.SwiGLU` (jfp8.prologue) applied to x first, fused
+        into the decode kernel where it has it (W8A16; RMSNorm at M == 1), in XLA otherwise.
+        With SwiGLU x is (..., 2K) = [gate | up].
     Returns: (..., N) array of out_dtype.
     """
     _check_weight(wq)
     n, k = wq.shape
+    if prologue is not None and not isinstance(prologue, (RMSNorm, SwiGLU)):
+        raise TypeError(f"prologue: expected jfp8.RMSNorm, jfp8.SwiGLU or None, got {prologue!r}")
+    if prologue is not None and isinstance(x, QArray):
+        raise TypeError("x: a prologue needs a high-precision x, got a QArray")
+    k_in = k if prologue is None else prologue.in_features(k)
     if isinstance(x, QArray):
         if x.ndim != 2:
             raise ValueError(f"x: expected a 2-D (M, K) QArray, got shape {x.shape}")
@@ -123,21 +134,23 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
         if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"x: expected a float array (..., K), got {x.dtype} of shape {x.shape}")
         lead, xk = x.shape[:-1], x.shape[-1]
-    if xk != k:
-        raise ValueError(f"x: expected last dim K={k} to match wq (N, K)={wq.shape}, got {xk}")
+    if xk != k_in:
+        raise ValueError(f"x: expected last dim {k_in} to match wq (N, K)={wq.shape}"
+                         f"{'' if prologue is None else ' and the prologue'}, got {xk}")
     if bias is not None:
         bias = jnp.asarray(bias)
         if bias.shape != (n,):
             raise ValueError(f"bias: expected shape ({n},), got {bias.shape}")
     recipe = default_act_recipe(wq) if recipe is None else recipe
 
-    x2 = x if isinstance(x, QArray) else x.reshape(-1, k)
+    x2 = x if isinstance(x, QArray) else x.reshape(-1, k_in)
     backend = get_backend()
     if backend in ("pallas", "interpret"):
         from jfp8 import _matmul_pallas  # the kernels' wiring; imported only when used
         y = _matmul_pallas.matmul(x2, wq, bias=bias, out_dtype=out_dtype, recipe=recipe,
-                                  interpret=backend == "interpret")
+                                  prologue=prologue, interpret=backend == "interpret")
     else:
+        x2 = x2 if prologue is None else prologue(x2)
         y = _matmul_xla(x2, wq, bias=bias, out_dtype=out_dtype, recipe=recipe)
     return y.reshape(*lead, n)
 

@@ -111,3 +111,42 @@ def test_gpu_pallas_matches_float64(m, recipe):
     fp8_cores = recipe.act_format is not None and (
         m > 64 or _matmul_pallas.DECODE_KERNEL[_matmul_pallas._m_class(m)] == "gemm")
     assert rel_err(y, ref) < (2.0**-10 if fp8_cores else 1e-4)
+
+
+# Prologues: the interpret backend fuses them into fp8_gemv (RMSNorm at M == 1, SwiGLU at any
+# M <= 64, W8A16), the XLA path applies the same formula first. The fused bf16 prologue output can
+# flip one ulp where the f32 value differs in its last bit (tests/test_fp8_gemv.py: PROLOGUE_TOL),
+# so f32 outputs agree to 1e-3 of max|ref| rather than the 1e-5 of plain matmuls.
+@pytest.mark.parametrize("lead,kind,recipe", [
+    ((1,), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),   # fused
+    ((1, 3), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),  # M=3: XLA first
+    ((2, 1), "swiglu", jfp8.Recipe.weights_only()),                           # fused, per-channel
+    ((1,), "swiglu", jfp8.Recipe.block128()),                                 # W8A8: XLA first
+])
+def test_prologue_interpret_matches_xla(lead, kind, recipe):
+    wq = weights(recipe, seed=3)
+    width = 2 * K if kind == "swiglu" else K
+    x = (jax.random.normal(jax.random.key(4), (*lead, width)) * 2).astype(jnp.bfloat16)
+    norm_w = jax.random.uniform(jax.random.key(5), (K,), jnp.float32, 0.5, 2).astype(jnp.bfloat16)
+    prologue = jfp8.RMSNorm(norm_w, 1e-5) if kind == "rmsnorm" else jfp8.SwiGLU()
+    y, y_xla = both(x, wq, recipe=recipe, out_dtype=jnp.float32, prologue=prologue)
+    assert y.shape == (*lead, N)
+    assert rel_err(y, y_xla) < 1e-3
+    with jfp8.use_backend("xla"):   # the XLA path is exactly "prologue, then matmul"
+        want = jfp8.matmul(prologue(x), wq, recipe=recipe, out_dtype=jnp.float32)
+        got = jfp8.matmul(x, wq, recipe=recipe, out_dtype=jnp.float32, prologue=prologue)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_prologue_bad_inputs():
+    wq = weights(jfp8.Recipe.weights_only())
+    x = jnp.ones((2, K), jnp.bfloat16)
+    with pytest.raises(ValueError, match="x: expected last dim 768"):
+        jfp8.matmul(x, wq, prologue=jfp8.SwiGLU())
+    with pytest.raises(TypeError, match="prologue"):
+        jfp8.matmul(x, wq, prologue="rmsnorm")
+    with pytest.raises(ValueError, match="RMSNorm.weight"):
+        jfp8.matmul(x, wq, prologue=jfp8.RMSNorm(jnp.ones((7,)), 1e-5))
+    xq = jfp8.quantize(x.astype(jnp.float32), jfp8.E4M3, jfp8.PerTensor())
+    with pytest.raises(TypeError, match="x: a prologue"):
+        jfp8.matmul(xq, wq, prologue=jfp8.SwiGLU())

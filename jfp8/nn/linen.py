@@ -61,25 +61,32 @@ def uses_training_path(recipe: Recipe) -> bool:
         and isinstance(recipe.weight_granularity, PerTensor)))
 
 
-def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None):
+def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, prologue=None):
     """The FP8Dense computation on explicit arrays (shared by the linen and nnx modules).
 
     Args:
-      x: (..., K) float input.
+      x: (..., K) float input; (..., 2K) with a SwiGLU prologue.
       kernel: QArray (N, K) (inference) or a (K, N) float array (dynamic / training).
       bias: (N,) or None.
       recipe: the jfp8.Recipe.
       out_dtype: dtype of the result.
       meta: delayed-scaling state (`training.init_meta`) or None (current scaling).
+      prologue: optional `jfp8.RMSNorm` / `jfp8.SwiGLU` applied to x first (fused into the
+        inference matmul where a kernel can, see `jfp8.matmul`).
     Returns: (..., N) array of out_dtype.
     """
     x = jnp.asarray(x)
     if isinstance(kernel, QArray):
-        if kernel.ndim != 2 or kernel.shape[1] != x.shape[-1]:
-            raise ValueError(f"kernel: expected a QArray (N, K) with K={x.shape[-1]}, got {kernel.shape}")
+        k_in = kernel.shape[-1] if prologue is None else prologue.in_features(kernel.shape[-1])
+        if kernel.ndim != 2 or k_in != x.shape[-1]:
+            raise ValueError(f"kernel: expected a QArray (N, K) taking inputs of width "
+                             f"{x.shape[-1]}, got {kernel.shape}")
         act_recipe = recipe if recipe.act_format is None or recipe.scaling == "current" else \
             Recipe.per_tensor(act_format=recipe.act_format)
-        return matmul(x, kernel, bias=bias, out_dtype=out_dtype, recipe=act_recipe)
+        return matmul(x, kernel, bias=bias, out_dtype=out_dtype, recipe=act_recipe,
+                      prologue=prologue)
+    if prologue is not None:
+        x = prologue(x)
     if uses_training_path(recipe):
         # The GEMM writes out_dtype itself (bf16 activations: half the bytes of an f32 result).
         y = training.fp8_matmul_train(x, kernel, meta, recipe=recipe, out_dtype=out_dtype)
@@ -161,12 +168,19 @@ class FP8Dense(nn.Module):
     recipe: Recipe | None = None
 
     @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, prologue=None) -> jax.Array:
+        """inputs (..., K) -> (..., features). `prologue` (a `jfp8.RMSNorm` / `jfp8.SwiGLU`) is
+        applied to the inputs first, fused into the FP8 kernel where one can (then inputs are
+        (..., 2K) for SwiGLU)."""
         recipe = resolve_recipe(self.recipe)
         inputs = jnp.asarray(inputs)
-        k = inputs.shape[-1]
-        if self.has_variable("params", "kernel") and isinstance(
-                self.get_variable("params", "kernel"), QArray):
+        pre_quantized = self.has_variable("params", "kernel") and isinstance(
+            self.get_variable("params", "kernel"), QArray)
+        if prologue is not None and not pre_quantized:
+            inputs, prologue = prologue(inputs), None
+        k = inputs.shape[-1] if prologue is None else \
+            self.get_variable("params", "kernel").shape[-1]
+        if pre_quantized:
             # Pre-quantized (N, K): read it as is; `self.param` would check it against the
             # (K, N) initializer shape.
             kernel = self.get_variable("params", "kernel")
@@ -192,4 +206,5 @@ class FP8Dense(nn.Module):
             out_dtype = jnp.result_type(inputs.dtype, self.param_dtype)
         else:
             out_dtype = jnp.result_type(inputs.dtype, kernel.dtype)
-        return fp8_dense_apply(inputs, kernel, bias, recipe=recipe, out_dtype=out_dtype, meta=meta)
+        return fp8_dense_apply(inputs, kernel, bias, recipe=recipe, out_dtype=out_dtype, meta=meta,
+                               prologue=prologue)
