@@ -79,12 +79,11 @@ def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate halves (HF `rotate_half` convention): x (B, T, H, D), cos/sin (B, T, D/2)."""
-    half = x.shape[-1] // 2
-    x1 = x[..., :half].astype(jnp.float32)
-    x2 = x[..., half:].astype(jnp.float32)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    """Rotate halves (HF `rotate_half` convention): x (B, T, H, D), cos/sin (B, T, D/2).
+
+    `jfp8.attention.apply_rope`: one formula for every mode, fused decode included."""
+    from jfp8 import attention
+    return attention.apply_rope(x, cos, sin)
 
 
 def _dense(parent: nn.Module, features: int, use_bias: bool, name: str):
@@ -145,26 +144,34 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         mk = functools.partial(_dense, self)
+        o = None
         if self.fused:
             qkv = mk((Hq + 2 * Hkv) * D, cfg.qkv_bias, name="qkv_proj")(x)
-            q = qkv[..., :Hq * D].reshape(B, T, Hq, D)
-            k = qkv[..., Hq * D:(Hq + Hkv) * D].reshape(B, T, Hkv, D)
-            v = qkv[..., (Hq + Hkv) * D:].reshape(B, T, Hkv, D)
+            if cache is not None and mode == "decode":
+                # Split, RoPE and the K/V append in one launch (kv_append_qkv) where it applies.
+                from jfp8 import attention
+                o, cache = attention.decode_qkv(qkv, cache, layer=self.layer, num_q_heads=Hq,
+                                                cos=cos, sin=sin)
+            else:
+                q = qkv[..., :Hq * D].reshape(B, T, Hq, D)
+                k = qkv[..., Hq * D:(Hq + Hkv) * D].reshape(B, T, Hkv, D)
+                v = qkv[..., (Hq + Hkv) * D:].reshape(B, T, Hkv, D)
         else:
             q = mk(Hq * D, cfg.qkv_bias, name="q_proj")(x).reshape(B, T, Hq, D)
             k = mk(Hkv * D, cfg.qkv_bias, name="k_proj")(x).reshape(B, T, Hkv, D)
             v = mk(Hkv * D, cfg.qkv_bias, name="v_proj")(x).reshape(B, T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            o = causal_attention(q, k, v, lengths)
-        elif mode == "prefill":
-            from jfp8 import attention
-            o, cache = attention.prefill(q, k, v, cache, layer=self.layer, lengths=lengths)
-        elif mode == "decode":
-            from jfp8 import attention
-            o, cache = attention.decode(q, k, v, cache, layer=self.layer)
-        else:
-            raise ValueError(f"mode: expected 'forward', 'prefill' or 'decode', got {mode!r}")
+        if o is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is None:
+                o = causal_attention(q, k, v, lengths)
+            elif mode == "prefill":
+                from jfp8 import attention
+                o, cache = attention.prefill(q, k, v, cache, layer=self.layer, lengths=lengths)
+            elif mode == "decode":
+                from jfp8 import attention
+                o, cache = attention.decode(q, k, v, cache, layer=self.layer)
+            else:
+                raise ValueError(f"mode: expected 'forward', 'prefill' or 'decode', got {mode!r}")
         out = mk(cfg.hidden_size, cfg.o_bias, name="o_proj")(o.astype(self.dtype).reshape(B, T, Hq * D))
         return out, cache
 

@@ -248,3 +248,29 @@ def test_fused_projections_equal_separate():
         a = llama.forward(model, params, tokens)
         b = llama.forward(fmodel, fparams, tokens)
         assert rel_err(b, a) < 1e-5, recipe  # f32 activations; same weights, same sums
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_fused_decode_step_equals_separate(backend):
+    """A fused model's decode step runs `jfp8.attention.decode_qkv` (split, RoPE and the K/V
+    append in one kernel on "interpret"): the logits and cache of separate q/k/v projections.
+    Bound 2^-7: the fused matmul may round its bf16 columns differently (one product, N wider)."""
+    import jfp8
+    from jfp8 import kv_cache
+    cfg = dataclasses.replace(CONFIGS["tiny"], num_layers=1)
+    model = llama.Llama(cfg)
+    params = llama.init_params(model, jax.random.PRNGKey(3))
+    fmodel, fparams = llama.fuse(model, params)
+    cache = kv_cache.advance(kv_cache.KVCache.init(1, 2, 16, cfg.num_kv_heads, cfg.head_dim),
+                             jnp.array([3, 9]))
+    tokens = jnp.array([[5], [7]])
+
+    def step(m, p, c):
+        return m.apply({"params": p}, tokens, c.lengths[:, None], c, None, "decode")
+    with jfp8.use_backend(backend):
+        want, wc = jax.jit(lambda p, c: step(model, p, c))(params, cache)
+        got, gc = jax.jit(lambda p, c: step(fmodel, p, c))(fparams, cache)
+    assert rel_err(got, want) < 2 ** -7
+    for name in ("k", "v"):
+        assert rel_err(np.asarray(getattr(gc, name), np.float32),
+                       np.asarray(getattr(wc, name), np.float32)) < 2 ** -7, name
