@@ -16,10 +16,8 @@ Which kernel, by shape and recipe:
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
 
-A prologue (`jfp8.RMSNorm`, `jfp8.SwiGLU`) runs inside `fp8_gemv` on the W8A16 path (RMSNorm
-only at M <= `FUSED_RMSNORM_MAX_M`: every program of the kernel reduces its rows over all of K,
-so each extra row is rereads; one row is 8 KB of L2 per program for K = 4096); otherwise XLA
-applies it before the chosen kernel.
+A prologue (`jfp8.RMSNorm`, `jfp8.SwiGLU`) runs inside `fp8_gemv` on the W8A16 path; otherwise
+XLA applies it before the chosen kernel.
 
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.
@@ -42,8 +40,6 @@ from pallas_kernels import quantize as quantize_kernel
 
 #: Largest M the decode kernel takes.
 DECODE_MAX_M = fp8_gemv.MAX_M
-#: Largest M at which the decode kernel computes an RMSNorm prologue itself.
-FUSED_RMSNORM_MAX_M = 1
 
 # W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M == 1 /
 # M <= 16 / M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100,
@@ -108,8 +104,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     if prologue is not None:
-        fused = gemv_w8a16 and (isinstance(prologue, SwiGLU) or m <= FUSED_RMSNORM_MAX_M)
-        if fused:
+        if gemv_w8a16:
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
             return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,

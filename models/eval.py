@@ -135,6 +135,8 @@ def _interceptor(next_fun, args, kwargs, context):
             mod.has_variable("params", "kernel") and \
             not isinstance(mod.get_variable("params", "kernel"), jfp8.QArray):
         x = args[0]
+        prologue = kwargs.get("prologue", args[1] if len(args) > 1 else None)
+        x = x if prologue is None else prologue(x)   # jfp8.RMSNorm / SwiGLU (models.llama)
         kernel = mod.get_variable("params", "kernel")
         dtype = mod.dtype or x.dtype
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)

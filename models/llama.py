@@ -52,23 +52,38 @@ Params = Any
 # building blocks
 # ---------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """RMSNorm as HF Llama computes it: normalise in f32, cast to `dtype`, times the weight.
+    """RMSNorm as HF Llama computes it: normalise in f32, cast to `dtype`, times the weight
+    (`jfp8.RMSNorm`, one formula with the fused kernels).
 
     Attributes:
       eps: added to the mean square.
       dtype: output dtype.
       param_dtype: dtype of `weight` (d,).
+
+    __call__(x, deferred=False): the normalised x, or with `deferred` the `jfp8.RMSNorm` itself,
+    for the next matmul to apply as its prologue (fused into the FP8 decode kernel).
     """
     eps: float = 1e-5
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deferred: bool = False):
+        import jfp8
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return y.astype(self.dtype) * w.astype(self.dtype)
+        norm = jfp8.RMSNorm(w.astype(self.dtype), self.eps)
+        return norm if deferred else norm(x.astype(self.dtype))
+
+
+def _project(layer: nn.Module, x, prologue=None):
+    """layer(prologue(x)): an FP8Dense takes the prologue to fuse it, a BF16 Dense gets x
+    transformed first."""
+    if prologue is None:
+        return layer(x)
+    from jfp8.nn import FP8Dense
+    if isinstance(layer, FP8Dense):
+        return layer(x, prologue=prologue)
+    return layer(prologue(x))
 
 
 def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -139,14 +154,18 @@ class Attention(nn.Module):
     fused: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache=None, lengths=None, mode="forward"):
+    def __call__(self, x, cos, sin, cache=None, lengths=None, mode="forward", prologue=None):
+        """x (B, T, d), normalised by `prologue` (a jfp8.RMSNorm) first when given (fused into
+        an FP8 qkv projection's kernel)."""
         cfg = self.cfg
         B, T, _ = x.shape
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         mk = functools.partial(_dense, self)
         o = None
+        if prologue is not None and not self.fused:
+            x, prologue = prologue(x), None     # three projections: normalise once
         if self.fused:
-            qkv = mk((Hq + 2 * Hkv) * D, cfg.qkv_bias, name="qkv_proj")(x)
+            qkv = _project(mk((Hq + 2 * Hkv) * D, cfg.qkv_bias, name="qkv_proj"), x, prologue)
             if cache is not None and mode == "decode":
                 # Split, RoPE and the K/V append in one launch (kv_append_qkv) where it applies.
                 from jfp8 import attention
@@ -185,16 +204,19 @@ class MLP(nn.Module):
     fused: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, prologue=None):
+        """x (B, T, d), normalised by `prologue` (a jfp8.RMSNorm) first when given."""
+        import jfp8
         cfg = self.cfg
         mk = functools.partial(_dense, self)
         if self.fused:
-            gu = mk(2 * cfg.intermediate_size, cfg.mlp_bias, name="gate_up_proj")(x)
-            g, u = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
+            gu = _project(mk(2 * cfg.intermediate_size, cfg.mlp_bias, name="gate_up_proj"), x, prologue)
         else:
-            g = mk(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x)
-            u = mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)
-        return mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj")(nn.silu(g) * u)
+            x = x if prologue is None else prologue(x)
+            gu = jnp.concatenate([mk(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x),
+                                  mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)], -1)
+        # silu(gate) * up, fused into an FP8 down projection's input load (jfp8.SwiGLU)
+        return _project(mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj"), gu, jfp8.SwiGLU())
 
 
 class DecoderLayer(nn.Module):
@@ -209,12 +231,12 @@ class DecoderLayer(nn.Module):
     def __call__(self, h, cos, sin, cache=None, lengths=None, mode="forward"):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h)
+        norm = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h, deferred=True)
         a, cache = Attention(cfg, self.layer, self.recipe, name="self_attn", fused=self.fused, **kw)(
-            a, cos, sin, cache, lengths, mode)
+            h, cos, sin, cache, lengths, mode, norm)
         h = h + a
-        m = MLP(cfg, self.recipe, name="mlp", fused=self.fused, **kw)(
-            RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h))
+        norm = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h, deferred=True)
+        m = MLP(cfg, self.recipe, name="mlp", fused=self.fused, **kw)(h, norm)
         return h + m, cache
 
 
@@ -256,11 +278,11 @@ class Llama(nn.Module):
                 h = jnp.take_along_axis(h, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
             else:
                 h = h[:, -1]
-        h = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h)
+        norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h, deferred=True)
         if cfg.tie_word_embeddings:
-            logits = embed.attend(h)
+            logits = embed.attend(norm(h))
         else:
-            logits = _dense(self, cfg.vocab_size, False, "lm_head")(h)
+            logits = _project(_dense(self, cfg.vocab_size, False, "lm_head"), h, norm)
         return logits.astype(jnp.float32), cache
 
 

@@ -30,8 +30,9 @@ figure to beat. The tuning table comes from benchmarks/gemm_decode.py (results/g
 
 Prologues (W8A16): the activation transform before a decode matmul can run inside the kernel's
 activation load instead of as its own XLA launch: "rmsnorm" (the RMSNorm before qkv and
-gate/up; each program reduces its rows over all of K, so it pays off at M = 1) and "swiglu"
-(silu(gate) * up before down). `rms_norm_reference` / `swiglu_reference` state their numerics.
+gate/up: the kernel scales and rounds; the per-row 1 / rms is one XLA reduction before it,
+which XLA can fuse into the residual add that produced the row) and "swiglu" (silu(gate) * up
+before down). `rms_norm_reference` / `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
 `config_for`.
@@ -168,14 +169,15 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
     scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
     o_ref (M, N) when `final`, else (split_k * m_pad, N) f32 partials. With prologue
-    "rmsnorm" a norm_ref (1, K) comes before bias_ref; with "swiglu" a_ref is (M, 2K) [gate | up].
+    "rmsnorm" norm_ref (1, K) and inv_ref (1, M) (1 / rms per row) come before bias_ref; with
+    "swiglu" a_ref is (M, 2K) [gate | up].
 
     With `prefetch`, the loop carries the raw tiles (and block scales) of the next step, so
     their loads are in flight while the current step computes (Triton's own pipeliner only
     covers loads that feed a dot).
     """
     rest = list(rest)
-    norm_ref = rest.pop(0) if prologue == "rmsnorm" else None
+    norm_ref, inv_ref = (rest.pop(0), rest.pop(0)) if prologue == "rmsnorm" else (None, None)
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
     i_n = pl.program_id(0)
@@ -215,14 +217,10 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         return s
 
     inv_rms = None
-    if prologue == "rmsnorm":   # every program reduces its rows over the whole of K (L2 reads)
-        def sum_squares(i, ss):
-            k0 = i * sub_k
-            x = _zero_outside(_load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0)
-                                    ).astype(jnp.float32), a_mask(k0))
-            return ss + jnp.sum(x * x, axis=1, keepdims=True)
-        ss = lax.fori_loop(0, pl.cdiv(k, sub_k), sum_squares, jnp.zeros((m_pad, 1), jnp.float32))
-        inv_rms = lax.rsqrt(ss / k + eps)                                          # (m_pad, 1)
+    if prologue == "rmsnorm":   # the rows' 1 / rms, (1, M) computed by XLA before the launch
+        mm = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
+        inv_rms = _zero_outside(_load(inv_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], mm), mm)
+        inv_rms = inv_rms.reshape(m_pad, 1)
 
     def prologue_of(a_raw, k0):
         """The matmul's input tile from the loaded one(s): RMSNorm or SwiGLU, rounded to a's
@@ -400,8 +398,9 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
     """C = (P(a) · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64).
 
     P is the identity, or a prologue fused into the kernel's activation load (W8A16 only):
-    "rmsnorm" = `rms_norm_reference(a, norm_weight, eps)`, every program reducing its rows over K
-    (cheap at M = 1, M-fold L2 rereads beyond); "swiglu" = `swiglu_reference(a)` on a = [gate | up].
+    "rmsnorm" = `rms_norm_reference(a, norm_weight, eps)` (the rows' 1 / rms reduced by XLA before
+    the launch, the normalisation in the kernel); "swiglu" = `swiglu_reference(a)` on
+    a = [gate | up].
 
     Args:
       a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8); (M, 2K) for the
@@ -464,7 +463,9 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
     w_s = w_scale.reshape(1, n) if layout == "row" else w_scale
     operands = [a, w, a_s, w_s]
     if prologue == "rmsnorm":
-        operands.append(norm_weight.astype(a.dtype).reshape(1, k))
+        # The per-row reduction is XLA's (one small fusion, which XLA can merge into the op that
+        # produced `a`); rereading all of K in every program cost 2-4x the matmul (H200).
+        operands += [norm_weight.astype(a.dtype).reshape(1, k), rms_inv_reference(a, eps).reshape(1, m)]
     if bias is not None:
         operands.append(bias.reshape(1, n))
     body = functools.partial(
@@ -502,11 +503,16 @@ def _expand(scale, rows: int, cols: int):
     return full[:rows, :cols]
 
 
+def rms_inv_reference(x, eps: float):
+    """1 / rms of each row of x (..., K): rsqrt(mean(x**2) + eps) in f32, shape (..., 1)."""
+    x32 = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm_reference(x, weight, eps: float):
     """RMSNorm as HF Llama computes it: x (..., K) normalised in f32, cast to x.dtype, times
     weight (K,) in x.dtype (one rounding: the product of two x.dtype values is exact in f32)."""
-    x32 = x.astype(jnp.float32)
-    y = (x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    y = (x.astype(jnp.float32) * rms_inv_reference(x, eps)).astype(x.dtype)
     return (y.astype(jnp.float32) * weight.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
