@@ -16,8 +16,11 @@ Which kernel, by shape and recipe:
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
 
-A prologue (`jfp8.RMSNorm`, `jfp8.SwiGLU`) runs inside `fp8_gemv` on the W8A16 path; otherwise
-XLA applies it before the chosen kernel.
+A SwiGLU prologue runs inside `fp8_gemv` on the W8A16 path. RMSNorm (and SwiGLU elsewhere) is
+applied by XLA before the chosen kernel: the kernel's fused RMSNorm (`fp8_gemv(prologue=
+"rmsnorm")`) made the decode GEMVs it fed 1.5-1.7x slower inside an 8B decode step on the H200
+(gate_up 35.6 -> 53.7 µs, qkv 9.1 -> 16.0 µs per call; results/profile_decode_h200.json), more
+than the two ~1.3 µs launches it saves, so `FUSED_PROLOGUES` leaves it out.
 
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.
@@ -40,6 +43,8 @@ from pallas_kernels import quantize as quantize_kernel
 
 #: Largest M the decode kernel takes.
 DECODE_MAX_M = fp8_gemv.MAX_M
+#: Prologues dispatch fuses into the decode kernel (measured faster inside a decode step).
+FUSED_PROLOGUES = (SwiGLU,)
 
 # W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M == 1 /
 # M <= 16 / M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100,
@@ -104,7 +109,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     if prologue is not None:
-        if gemv_w8a16:
+        if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES):
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
             return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
