@@ -13,8 +13,9 @@ regardless), `steps` tokens per call, best of `reps` calls. Modes:
   fp8w    FP8 weights (Recipe.block128 via jfp8.matmul), BF16 KV cache
   fp8wkv  FP8 weights + FP8 E4M3 KV cache (per token-head scales)
 Byte limit of a step = (weight bytes read: every linear kernel + lm_head, QArray scales included;
-KV bytes read: K and V of ctx tokens over all layers, scales included) / copy ceiling (2936 GB/s,
-notes/h100.md). `frac` = limit / measured. Host overhead: one call per token vs the in-loop step.
+KV bytes read: K and V of ctx tokens over all layers, scales included) / copy ceiling (measured
+at the start of the run on a GPU, `harness.copy_ceiling_gbs`; 2936 GB/s, notes/h100.md's H100
+figure, for CPU smoke runs). `frac` = limit / measured. Host overhead: one call per token vs the in-loop step.
 Max 32K-token batch in 70 GB: (70e9 - weight bytes - 2 GB workspace) / cache bytes per sequence.
 Rows are written to JSON as they finish; `--budget-s` stops the sweep early (rows left are listed).
 """
@@ -31,7 +32,7 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
-COPY_GBPS = 2936.0          # device-to-device copy ceiling, notes/h100.md
+COPY_GBPS = 2936.0          # device-to-device copy ceiling; main() measures it on a GPU
 MEM_BUDGET = 70e9           # "largest batch of 32K-token sequences in 70 GB"
 WORKSPACE = 2e9             # activations / XLA workspace reserved in that estimate
 CAP_MODES = ("bf16", "fp8w", "fp8wkv")  # the 32K-capacity table (weights-only variants read the same bytes)
@@ -385,6 +386,13 @@ def main(argv=None):
         if args.rows:
             plan = [("decode", (p, m, int(b), int(c))) for p, m, b, c in
                     (r.split(":") for r in args.rows.split(","))]
+    global COPY_GBPS
+    import jax
+    if jax.devices()[0].platform == "gpu":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import harness
+        COPY_GBPS = harness.copy_ceiling_gbs(1 << 30, calls=20, stat=min)
+        print(f"# copy ceiling {COPY_GBPS:.0f} GB/s (measured)", flush=True)
     bench = Bench(args)
     print(f"# device {bench.jax.devices()[0]}, backend {bench.jfp8.get_backend()}, {len(plan)} rows", flush=True)
     bench.run(plan)
