@@ -16,8 +16,11 @@ Which kernel, by shape and recipe:
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
 
-A SwiGLU prologue runs inside `fp8_gemv` on the W8A16 path. RMSNorm (and SwiGLU elsewhere) is
-applied by XLA before the chosen kernel: the kernel's fused RMSNorm (`fp8_gemv(prologue=
+A SwiGLU prologue runs inside `fp8_gemv` on the W8A16 path at M <= `FUSED_PROLOGUE_MAX_M`: every
+program recomputes the prologue of its K range for all M rows, M * N / block_n evaluations of
+exp per K column, nothing at M = 1 but half the weight's element count at M = 16, which made the
+8B step at B = 16 slower than BF16 on the H200 (results/decode_e2e_h200.json, 9.3 vs 6.5 ms).
+RMSNorm (and SwiGLU elsewhere) is applied by XLA before the chosen kernel: the kernel's fused RMSNorm (`fp8_gemv(prologue=
 "rmsnorm")`) made the decode GEMVs it fed 1.5-1.7x slower inside an 8B decode step on the H200
 (gate_up 35.6 -> 53.7 µs, qkv 9.1 -> 16.0 µs per call; results/profile_decode_h200.json), more
 than the two ~1.3 µs launches it saves, so `FUSED_PROLOGUES` leaves it out.
@@ -43,8 +46,10 @@ from pallas_kernels import quantize as quantize_kernel
 
 #: Largest M the decode kernel takes.
 DECODE_MAX_M = fp8_gemv.MAX_M
-#: Prologues dispatch fuses into the decode kernel (measured faster inside a decode step).
+#: Prologues dispatch fuses into the decode kernel (measured faster inside a decode step), and
+#: the largest M it does so at.
 FUSED_PROLOGUES = (SwiGLU,)
+FUSED_PROLOGUE_MAX_M = 1
 
 # W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M == 1 /
 # M <= 16 / M <= 64), from the block-layout rows of benchmarks/results/gemm_decode.json (H100,
@@ -109,7 +114,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     if prologue is not None:
-        if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES):
+        if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES) and m <= FUSED_PROLOGUE_MAX_M:
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
             return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
