@@ -95,9 +95,13 @@ CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
     ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512,
                                               min_blocks_per_split=1),
     ("small", "long"): DecodeAttentionConfig(block_k=128, target_programs=512),
-    ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=512, num_stages=2),
-    ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=2048),
+    ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=256),
+    ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=256),
 }
+# B > 8 re-swept on the H200 (decode_attention_h200_b16.json, B=16, FP8 per-tensor cache, µs per
+# layer): S=4K tp256 s3 52.2 vs the H100's tp512 s2 58.5-59.5 and tp1024 62.8; S=32K tp256 312.1
+# vs the H100's tp2048 324.9-337.0 and tp1024 326.6. 8 warps and 256-token blocks lost (68-87 µs
+# at 4K).
 
 
 def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
