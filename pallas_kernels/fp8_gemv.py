@@ -30,9 +30,12 @@ figure to beat. The tuning table comes from benchmarks/gemm_decode.py (results/g
 
 Prologues (W8A16): the activation transform before a decode matmul can run inside the kernel's
 activation load instead of as its own XLA launch: "rmsnorm" (the RMSNorm before qkv and
-gate/up: the kernel scales and rounds; the per-row 1 / rms is one XLA reduction before it,
-which XLA can fuse into the residual add that produced the row) and "swiglu" (silu(gate) * up
-before down). `rms_norm_reference` / `swiglu_reference` state their numerics.
+gate/up: the kernel scales and rounds; the per-row 1 / rms is one XLA reduction before it) and
+"swiglu" (silu(gate) * up before down). Every program computes the prologue of its K range for
+all M rows. Measured inside an 8B decode step on the H200 (results/profile_decode_h200.json):
+"swiglu" at M = 1 costs the down GEMV ~0.7 µs and saves the SwiGLU launch, so `jfp8.matmul`
+dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.7x slower (cause not yet found), so
+dispatch does not use it (`jfp8._matmul_pallas.FUSED_PROLOGUES`). `rms_norm_reference` / `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
 `config_for`.
