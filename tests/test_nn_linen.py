@@ -308,3 +308,26 @@ def test_bad_inputs():
                             meta={"input_scale": jnp.ones(())})
     with pytest.raises(ValueError, match="history"):
         training.init_meta(0)
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "swiglu"])
+def test_prologue_equals_transformed_input(kind):
+    """FP8Dense(x, prologue=p) == FP8Dense(p(x)) for pre-quantized and call-time kernels: the
+    prologue is the same formula on every path (the interpret backend fuses SwiGLU at M == 1, so
+    that case may move one bf16 ulp of an activation: tests/test_fp8_gemv.py PROLOGUE_TOL)."""
+    k, n = 256, 96
+    k1, k2, k3 = jax.random.split(jax.random.key(_seed()), 3)
+    x = jax.random.normal(k1, (1, 2 * k if kind == "swiglu" else k), jnp.bfloat16)
+    prologue = (jfp8.RMSNorm(jax.random.uniform(k3, (k,), minval=0.5, maxval=2.0), 1e-5)
+                if kind == "rmsnorm" else jfp8.SwiGLU())
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    layer = fnn.FP8Dense(n, dtype=jnp.float32, recipe=recipe)
+    params = layer.init(k2, prologue(x))
+    y_dyn = layer.apply(params, x, prologue=prologue)
+    np.testing.assert_array_equal(np.asarray(y_dyn), np.asarray(layer.apply(params, prologue(x))))
+    params8 = {"params": quantize_params(params["params"], recipe)}
+    want = layer.apply(params8, prologue(x))
+    for backend in ("xla", "interpret"):
+        with jfp8.use_backend(backend):
+            got = layer.apply(params8, x, prologue=prologue)
+        assert rel_err(got, want) < 1e-3, backend

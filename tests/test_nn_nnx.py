@@ -103,3 +103,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="kernel"):
         layer.kernel.set_value(jfp8.quantize(jnp.ones((4, 8)), jfp8.E4M3, jfp8.PerTensor()))
         layer(jnp.ones((2, 4)))
+
+
+def test_prologue_equals_transformed_input():
+    """FP8Linear(x, prologue=SwiGLU()) == FP8Linear(SwiGLU()(x)), call-time and quantized kernels."""
+    seed = _seed()
+    layer = FP8Linear(64, 32, recipe=jfp8.Recipe.weights_only(), rngs=nnx.Rngs(seed))
+    x = jax.random.normal(jax.random.key(seed + 1), (2, 128), jnp.bfloat16)
+    pro = jfp8.SwiGLU()
+    np.testing.assert_array_equal(np.asarray(layer(x, prologue=pro)), np.asarray(layer(pro(x))))
+    quantize_model(layer, jfp8.Recipe.weights_only())
+    np.testing.assert_array_equal(np.asarray(layer(x, prologue=pro)), np.asarray(layer(pro(x))))
+    with pytest.raises(ValueError, match="kernel"):
+        layer(x[:, :100], prologue=pro)

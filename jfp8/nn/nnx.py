@@ -84,20 +84,27 @@ class FP8Linear(nnx.Module):
         return {name: _value(getattr(self, name)) for t in training.META_TENSORS
                 for name in (f"{t}_amax_history", f"{t}_scale")}
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, prologue=None) -> jax.Array:
+        """inputs (..., in_features) -> (..., out_features). `prologue` (a `jfp8.RMSNorm` /
+        `jfp8.SwiGLU`) is applied to the inputs first, fused into the FP8 kernel where one can
+        (then inputs are (..., 2 * in_features) for SwiGLU)."""
         inputs = jnp.asarray(inputs)
         kernel = _value(self.kernel)
         bias = _value(self.bias) if self.bias is not None else None
+        if prologue is not None and not isinstance(kernel, QArray):
+            inputs, prologue = prologue(inputs), None
         if isinstance(kernel, QArray):
-            if kernel.shape != (self.out_features, inputs.shape[-1]):
+            k_in = self.in_features if prologue is None else prologue.in_features(self.in_features)
+            if kernel.shape != (self.out_features, self.in_features) or inputs.shape[-1] != k_in:
                 raise ValueError(f"kernel: expected a QArray of shape ({self.out_features}, "
-                                 f"{inputs.shape[-1]}) (out, in), got {kernel.shape}")
+                                 f"{self.in_features}) (out, in) taking inputs of width {k_in}, "
+                                 f"got {kernel.shape} and inputs {inputs.shape}")
             default = jnp.result_type(inputs.dtype, self.param_dtype)
         else:
             default = jnp.result_type(inputs.dtype, kernel.dtype)
         out_dtype = self.dtype if self.dtype is not None else default
         return fp8_dense_apply(inputs, kernel, bias, recipe=self.recipe, out_dtype=out_dtype,
-                               meta=self._meta())
+                               meta=self._meta(), prologue=prologue)
 
 
 def apply_meta_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
