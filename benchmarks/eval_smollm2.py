@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import calibration as C  # noqa: E402
 from models import eval as E  # noqa: E402
 
 DATA = os.environ.get("JFP8_DATA", os.path.join(os.path.dirname(__file__), "..", ".cache", "jfp8-data"))

@@ -20,10 +20,11 @@ A SwiGLU prologue runs inside `fp8_gemv` on the W8A16 path at M <= `FUSED_PROLOG
 program recomputes the prologue of its K range for all M rows, M * N / block_n evaluations of
 exp per K column, nothing at M = 1 but half the weight's element count at M = 16, which made the
 8B step at B = 16 slower than BF16 on the H200 (results/decode_e2e_h200.json, 9.3 vs 6.5 ms).
-RMSNorm (and SwiGLU elsewhere) is applied by XLA before the chosen kernel: the kernel's fused RMSNorm (`fp8_gemv(prologue=
-"rmsnorm")`) made the decode GEMVs it fed 1.5-1.7x slower inside an 8B decode step on the H200
-(gate_up 35.6 -> 53.7 µs, qkv 9.1 -> 16.0 µs per call; results/profile_decode_h200.json), more
-than the two ~1.3 µs launches it saves, so `FUSED_PROLOGUES` leaves it out.
+RMSNorm (and SwiGLU elsewhere) is applied by XLA before the chosen kernel: the kernel's fused
+RMSNorm (`fp8_gemv(prologue="rmsnorm")`) made the decode GEMVs it fed 1.5-1.75x slower inside an
+8B decode step on the H200 (gate_up 35.6 -> 53.7 µs, qkv 9.1 -> 16.0 µs per call;
+results/profile_decode_h200.json), more than the two ~1.3 µs launches it saves, so
+`FUSED_PROLOGUES` leaves it out.
 
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.
@@ -105,7 +106,7 @@ def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:
 
 def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
            prologue: RMSNorm | SwiGLU | None = None):
-    """y (M, N) = P(x2) · wqᵀ (+ bias) on the Pallas kernels, falling back to XLA where none fits."""
+    """y (M, N) = P(x2) · wqᵀ (+ bias) on the Pallas kernels, XLA where none fits."""
     from jfp8 import ops  # the XLA path lives there; imported late (ops imports this module lazily)
 
     w_layout = weight_layout(wq)
@@ -118,7 +119,8 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
             return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
-                                     out_dtype=out_dtype, prologue=kind, interpret=interpret, **norm)
+                                     out_dtype=out_dtype, prologue=kind, interpret=interpret,
+                                     **norm)
         x2 = prologue(x2)
     if w_layout is None or m == 0:
         return fallback(x2)

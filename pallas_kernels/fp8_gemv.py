@@ -34,7 +34,7 @@ gate/up: the kernel scales and rounds; the per-row 1 / rms is one XLA reduction 
 "swiglu" (silu(gate) * up before down). Every program computes the prologue of its K range for
 all M rows. Measured inside an 8B decode step on the H200 (results/profile_decode_h200.json):
 "swiglu" at M = 1 costs the down GEMV ~0.7 µs and saves the SwiGLU launch, so `jfp8.matmul`
-dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.7x slower (cause not yet found), so
+dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.75x slower (cause not yet found), so
 dispatch does not use it (`jfp8._matmul_pallas.FUSED_PROLOGUES`). `rms_norm_reference` / `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,

@@ -1,6 +1,5 @@
 """models.eval (perplexity, agreement, KL, bytes, simulated FP8 KV) and models.calibration,
 on small random decoders."""
-import dataclasses
 import itertools
 import json
 
