@@ -135,8 +135,8 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
             raise TypeError(f"x: expected a float array (..., K), got {x.dtype} of shape {x.shape}")
         lead, xk = x.shape[:-1], x.shape[-1]
     if xk != k_in:
-        raise ValueError(f"x: expected last dim {k_in} to match wq (N, K)={wq.shape}"
-                         f"{'' if prologue is None else ' and the prologue'}, got {xk}")
+        want = f"K={k}" if prologue is None else f"{k_in} ({type(prologue).__name__} of K={k})"
+        raise ValueError(f"x: expected last dim {want} to match wq (N, K)={wq.shape}, got {xk}")
     if bias is not None:
         bias = jnp.asarray(bias)
         if bias.shape != (n,):
