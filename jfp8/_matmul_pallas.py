@@ -24,7 +24,8 @@ RMSNorm (and SwiGLU elsewhere) is applied by XLA before the chosen kernel: the k
 RMSNorm (`fp8_gemv(prologue="rmsnorm")`) made the decode GEMVs it fed 1.5-1.75x slower inside an
 8B decode step on the H200 (gate_up 35.6 -> 53.7 µs, qkv 9.1 -> 16.0 µs per call;
 results/profile_decode_h200.json), more than the two ~1.3 µs launches it saves, so
-`FUSED_PROLOGUES` leaves it out.
+`FUSED_PROLOGUES` leaves it out. (The slowdown's cause, a per-step layout conversion of the weight
+tile, is fixed in the kernel since; the fused RMSNorm has not been re-timed.)
 
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.

@@ -34,8 +34,10 @@ gate/up: the kernel scales and rounds; the per-row 1 / rms is one XLA reduction 
 "swiglu" (silu(gate) * up before down). Every program computes the prologue of its K range for
 all M rows. Measured inside an 8B decode step on the H200 (results/profile_decode_h200.json):
 "swiglu" at M = 1 costs the down GEMV ~0.7 µs and saves the SwiGLU launch, so `jfp8.matmul`
-dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.75x slower (cause not yet found), so
-dispatch does not use it (`jfp8._matmul_pallas.FUSED_PROLOGUES`). `rms_norm_reference` / `swiglu_reference` state their numerics.
+dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.75x slower, so dispatch does not use it
+(`jfp8._matmul_pallas.FUSED_PROLOGUES`). The cause, found afterwards in the SASS: the norm weight
+was loaded in the compute step, and Triton then converted the weight tile's layout through shared
+memory every step (see `fetch`); fixed, not yet re-timed on the GPU. `rms_norm_reference` / `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
 `config_for`.
@@ -229,22 +231,32 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         """The matmul's input tile from the loaded one(s): RMSNorm or SwiGLU, rounded to a's
         dtype exactly as `rms_norm_reference` / `swiglu_reference` round."""
         if prologue == "rmsnorm":
-            mk = None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
-            nw = _zero_outside(_load(norm_ref.at[pl.ds(0, 1), pl.ds(k0, sub_k)], mk), mk)
+            a_raw, nw = a_raw
+            nw = _zero_outside(nw, k_mask(k0))
             y = (a_raw.astype(jnp.float32) * inv_rms).astype(a_raw.dtype)
             return (y.astype(jnp.float32) * nw.astype(jnp.float32)).astype(a_raw.dtype)
         gate, up = a_raw
         g = gate.astype(jnp.float32)
         return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
 
+    def k_mask(k0):
+        return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
+
     def fetch(step):
-        """Raw (not yet upcast) tiles of one step, and their block scales."""
+        """Raw (not yet upcast) tiles of one step, and their block scales. A prologue's second
+        operand (up, or the norm weight) is loaded here too, next to the activation: loaded in
+        the compute step instead, the norm weight made Triton convert the weight tile through
+        shared memory every step (SASS of bn32 bk512 sk2: 1488 instructions, 105 STS, 162 SHFL,
+        against 616 / 1 / 6 loaded here and 576 / 1 / 6 with no prologue;
+        benchmarks/kernel_sass.py)."""
         tiles = []
         for sub in range(num_sub):
             k0 = k_begin + step * block_k + sub * sub_k
             a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
             if prologue == "swiglu":
                 a = (a, _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k + k0, sub_k)], a_mask(k0)))
+            elif prologue == "rmsnorm":
+                a = (a, _load(norm_ref.at[pl.ds(0, 1), pl.ds(k0, sub_k)], k_mask(k0)))
             w = _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)], w_mask(k0))
             tiles.append((a, w, scale_of(k0) if k_blocked else None))
         return tiles

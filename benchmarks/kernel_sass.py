@@ -1,0 +1,113 @@
+"""Offline SASS of the decode GEMV (`pallas_kernels.fp8_gemv`) for sm_90, on a machine with no GPU.
+
+    pip install triton==3.6.0        # the device image's version; no GPU needed to compile
+    PYTHONPATH=$PWD python benchmarks/kernel_sass.py --config 32,512,2 --prologue rmsnorm
+
+Lowers the kernel's `pallas_call` for the "cuda" platform (jax's cross-platform lowering), takes
+the Triton IR out of the custom call, compiles it with `triton.compile` for compute capability 9.0
+and counts SASS instructions: shared-memory stores/loads (STS/LDS) and shuffles (SHFL) inside a
+GEMV loop mean Triton converts a tile's layout every step, which is what made the fused RMSNorm
+prologue slow (fp8_gemv.fetch's docstring). Writes <out>/<name>.{ttgir,ptx,sass} with --out.
+XLA's bundled Triton may differ from pip's in details; counts are a guide, not a
+timing.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from jax._src.lib import triton as jax_triton
+from jax._src.lib.mlir import ir
+
+from pallas_kernels import fp8_gemv as G
+
+
+def triton_ir(fn, *args) -> list[bytes]:
+    """The Triton IR (MLIR bytecode) of every Triton custom call in fn's cuda lowering."""
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    out = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for o in block.operations:
+                    if o.name == "stablehlo.custom_call" and "mhlo.backend_config" in o.attributes:
+                        cfg = o.attributes["mhlo.backend_config"]
+                        if "ir" in cfg:
+                            out.append(bytes(ir.StringAttr(cfg["ir"]).value_bytes))
+                    walk(o)
+    walk(module.operation)
+    return out
+
+
+def compile_sm90(ttir_bytes: bytes, path: str, num_warps: int, num_stages: int):
+    """Compile Triton IR to sm_90 with pip's triton; returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    with ir.Context() as ctx:
+        jax_triton.dialect.register_dialect(ctx)
+        ctx.allow_unregistered_dialects = True
+        text = str(ir.Module.parse(ttir_bytes))
+    with open(path, "w") as f:
+        f.write(text)
+    return triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def sass_counts(cubin: bytes, path: str) -> collections.Counter:
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with open(path + ".cubin", "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([tool, "-sass", path + ".cubin"], capture_output=True, text=True,
+                          check=True).stdout
+    with open(path + ".sass", "w") as f:
+        f.write(sass)
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+    counts = collections.Counter(op.split(".")[0] for op in ops)
+    counts["total"] = len(ops)
+    return counts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1,28672,4096", help="M,N,K")
+    p.add_argument("--config", default="32,512,2", help="block_n,block_k,split_k (FMA if M == 1)")
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--prologue", default="none", choices=("none", "rmsnorm", "swiglu"))
+    p.add_argument("--out", default="/tmp/kernel_sass")
+    a = p.parse_args()
+    m, n, k = (int(v) for v in a.shape.split(","))
+    bn, bk, sk = (int(v) for v in a.config.split(","))
+    cfg = G.GemvConfig(bn, bk, split_k=sk, use_dot=m > 1, num_warps=a.warps, num_stages=a.stages)
+    pro = None if a.prologue == "none" else a.prologue
+    x = jax.ShapeDtypeStruct((m, 2 * k if pro == "swiglu" else k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn)
+    ws = jax.ShapeDtypeStruct((-(-n // 128), -(-k // 128)), jnp.float32)
+    nw = jax.ShapeDtypeStruct((k,), jnp.bfloat16)
+
+    def fn(x, w, ws, nw):
+        kw = dict(norm_weight=nw, eps=1e-5) if pro == "rmsnorm" else {}
+        return G.fp8_gemv(x, w, None, ws, layout="block", prologue=pro, config=cfg, **kw)
+
+    os.makedirs(a.out, exist_ok=True)
+    name = f"fp8_gemv_{m}x{n}x{k}_{bn}_{bk}_{sk}_{a.prologue}"
+    base = os.path.join(a.out, name)
+    [ttir] = triton_ir(fn, x, w, ws, nw)
+    kernel = compile_sm90(ttir, base + ".ttir", a.warps, a.stages)
+    for key in ("ttgir", "ptx"):
+        with open(f"{base}.{key}", "w") as f:
+            f.write(kernel.asm[key])
+    c = sass_counts(kernel.asm["cubin"], base)
+    print(f"{name}: {c['total']} SASS instructions; LDG {c['LDG']}, STS {c['STS']}, "
+          f"LDS {c['LDS']}, SHFL {c['SHFL']}, BAR {c['BAR']}, FFMA {c['FFMA']}; files {base}.*")
+
+
+if __name__ == "__main__":
+    main()
