@@ -197,6 +197,9 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     rows_m = jnp.arange(m_pad)[:, None]
     rows_n = n0 + jnp.arange(block_n)[:, None]
 
+    def k_mask(k0):
+        return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
+
     def a_mask(k0):
         if not (mask_m or mask_k):
             return None
@@ -238,9 +241,6 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         gate, up = a_raw
         g = gate.astype(jnp.float32)
         return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
-
-    def k_mask(k0):
-        return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
 
     def fetch(step):
         """Raw (not yet upcast) tiles of one step, and their block scales. A prologue's second
