@@ -15,7 +15,8 @@ regardless), `steps` tokens per call, best of `reps` calls. Modes:
 Byte limit of a step = (weight bytes read: every linear kernel + lm_head, QArray scales included;
 KV bytes read: K and V of ctx tokens over all layers, scales included) / copy ceiling (measured
 at the start of the run on a GPU, `harness.copy_ceiling_gbs`; 2936 GB/s, notes/h100.md's H100
-figure, for CPU smoke runs). `frac` = limit / measured. Host overhead: one call per token vs the in-loop step.
+figure, for CPU smoke runs). `frac` = limit / measured. Host overhead: one call per token vs the
+in-loop step.
 Max 32K-token batch in 70 GB: (70e9 - weight bytes - 2 GB workspace) / cache bytes per sequence.
 Rows are written to JSON as they finish; `--budget-s` stops the sweep early (rows left are listed).
 """

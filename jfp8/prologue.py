@@ -1,7 +1,7 @@
 """Activation transforms that `jfp8.matmul` can fuse into the matmul's input load.
 
-    y = jfp8.matmul(h, wq_qkv, prologue=jfp8.RMSNorm(norm_weight, eps))   # = matmul(rms_norm(h), wq)
-    y = jfp8.matmul(gate_up, wq_down, prologue=jfp8.SwiGLU())              # = matmul(silu(g) * u, wq)
+    y = jfp8.matmul(h, wq_qkv, prologue=jfp8.RMSNorm(norm_weight, eps))  # matmul(rms_norm(h), wq)
+    y = jfp8.matmul(gate_up, wq_down, prologue=jfp8.SwiGLU())             # matmul(silu(g) * u, wq)
 
 A decode step runs each of these between two matmuls; as their own XLA launches they cost ~1.3 µs
 each, about 10% of an 8B FP8 decode step on an H200. On the Pallas backend the decode kernel

@@ -37,7 +37,8 @@ all M rows. Measured inside an 8B decode step on the H200 (results/profile_decod
 dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.75x slower, so dispatch does not use it
 (`jfp8._matmul_pallas.FUSED_PROLOGUES`). The cause, found afterwards in the SASS: the norm weight
 was loaded in the compute step, and Triton then converted the weight tile's layout through shared
-memory every step (see `fetch`); fixed, not yet re-timed on the GPU. `rms_norm_reference` / `swiglu_reference` state their numerics.
+memory every step (see `fetch`); fixed, not yet re-timed on the GPU. `rms_norm_reference` /
+`swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
 `config_for`.
@@ -168,7 +169,7 @@ def _zero_outside(x, mask):
 
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
-                     prefetch, fp8_dot, prologue, eps, mask_m, mask_n, mask_k):
+                     prefetch, fp8_dot, prologue, mask_m, mask_n, mask_k):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk).
 
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
@@ -373,7 +374,8 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None
             raise ValueError(f"norm_weight: expected shape ({k},) for the rmsnorm prologue, got "
                              f"{getattr(norm_weight, 'shape', None)}")
     elif norm_weight is not None:
-        raise ValueError(f"norm_weight: only the rmsnorm prologue takes one (prologue={prologue!r})")
+        raise ValueError(f"norm_weight: only the rmsnorm prologue takes one "
+                         f"(prologue={prologue!r})")
     if m < 1 or m > MAX_M:
         raise ValueError(f"a: expected 1 <= M <= {MAX_M} rows (decode path; use fp8_gemm for "
                          f"more), got M={m}")
@@ -478,16 +480,17 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
     w_s = w_scale.reshape(1, n) if layout == "row" else w_scale
     operands = [a, w, a_s, w_s]
     if prologue == "rmsnorm":
-        # The per-row reduction is XLA's (one small fusion, which XLA can merge into the op that
-        # produced `a`); rereading all of K in every program cost 2-4x the matmul (H200).
-        operands += [norm_weight.astype(a.dtype).reshape(1, k), rms_inv_reference(a, eps).reshape(1, m)]
+        # The per-row reduction runs in XLA before the launch: rereading all of K in every
+        # program made the matmul 2.4-3.8x slower inside the decode step (H200).
+        operands += [norm_weight.astype(a.dtype).reshape(1, k),
+                     rms_inv_reference(a, eps).reshape(1, m)]
     if bias is not None:
         operands.append(bias.reshape(1, n))
     body = functools.partial(
         _fp8_gemv_kernel, m=m, n=n, k=k, m_pad=m_pad, block_n=cfg.block_n, block_k=cfg.block_k,
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
-        fp8_dot=fp8_dot, prologue=prologue, eps=eps, mask_m=m != m_pad,
+        fp8_dot=fp8_dot, prologue=prologue, mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
