@@ -53,19 +53,32 @@ def profile_row(bench, preset, mode, B, ctx, steps):
 
 def apply_overrides(spec: str) -> None:
     """Patch the kernels' tuning tables for one variant. spec: ';'-separated items
-    `gemv:M_CLASS/N_CLASS/K_CLASS=bn,bk,sk,warps,stages,fma` (pallas_kernels.fp8_gemv.TUNING) or
-    `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)."""
+    `gemv:M_CLASS/N_CLASS/K_CLASS=bn,bk,sk,warps,stages,fma[,field=int...]`
+    (pallas_kernels.fp8_gemv.TUNING; extra GemvConfig fields such as prefetch=1, rms_in_kernel=0),
+    `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)
+    or `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
+    `fuse:` alone fuses none)."""
+    import dataclasses
     import decode_attention as bench_attn
+    import jfp8
+    from jfp8 import _matmul_pallas
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
     for item in filter(None, spec.split(";")):
         kind, rest = item.split(":", 1)
+        if kind == "fuse":
+            _matmul_pallas.FUSED_PROLOGUES = tuple(getattr(jfp8, name)
+                                                   for name in filter(None, rest.split("+")))
+            continue
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
         if kind == "gemv":
-            bn, bk, sk, warps, stages, fma = (int(v) for v in value.split(","))
-            gv.TUNING[key] = gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
-                                           use_dot=not fma)
+            fields = value.split(",")
+            bn, bk, sk, warps, stages, fma = (int(v) for v in fields[:6])
+            extra = {f: bool(int(v)) for f, v in (x.split("=") for x in fields[6:])}
+            gv.TUNING[key] = dataclasses.replace(
+                gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
+                              use_dot=not fma), **extra)
         elif kind == "attn":
             da.CONFIGS[key] = bench_attn.parse_config(value)
         else:
@@ -83,7 +96,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     bench = decode_e2e.Bench(argparse.Namespace(smoke=False, fused=True, steps=args.steps, reps=1))
     results = []
+    import jax
+    from jfp8 import _matmul_pallas
+    from pallas_kernels import decode_attention as da
+    from pallas_kernels import fp8_gemv as gv
+    committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES)
     for variant in args.variants.split("|"):
+        # every variant starts from the committed tables
+        gv.TUNING.clear(), gv.TUNING.update(committed[0])
+        da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
+        _matmul_pallas.FUSED_PROLOGUES = committed[2]
+        # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
+        # variant's table would only reach the kernels traced for the first time.
+        jax.clear_caches()
         apply_overrides(variant)
         for spec in args.rows.split(","):
             preset, mode, B, ctx = spec.split(":")

@@ -16,16 +16,16 @@ Which kernel, by shape and recipe:
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
 
-A SwiGLU prologue runs inside `fp8_gemv` on the W8A16 path at M <= `FUSED_PROLOGUE_MAX_M`: every
-program recomputes the prologue of its K range for all M rows, M * N / block_n evaluations of
-exp per K column, nothing at M = 1 but half the weight's element count at M = 16, which made the
-8B step at B = 16 slower than BF16 on the H200 (results/decode_e2e_h200.json, 9.3 vs 6.5 ms).
-RMSNorm (and SwiGLU elsewhere) is applied by XLA before the chosen kernel: the kernel's fused
-RMSNorm (`fp8_gemv(prologue="rmsnorm")`) made the decode GEMVs it fed 1.5-1.75x slower inside an
-8B decode step on the H200 (gate_up 35.6 -> 53.7 µs, qkv 9.1 -> 16.0 µs per call;
-results/profile_decode_h200.json), more than the two ~1.3 µs launches it saves, so
-`FUSED_PROLOGUES` leaves it out. (The slowdown's cause, a per-step layout conversion of the weight
-tile, is fixed in the kernel since; the fused RMSNorm has not been re-timed.)
+Prologues (RMSNorm, SwiGLU) run inside `fp8_gemv` on the W8A16 path at M <=
+`FUSED_PROLOGUE_MAX_M`: every program recomputes the prologue of its K range for all M rows (and,
+for RMSNorm, the rows' 1 / rms from one whole-row load); nothing at M = 1, but half the weight's
+element count in exps at M = 16, which made the 8B step at B = 16 slower than BF16 on the H200
+(results/decode_e2e_h200.json, 9.3 vs 6.5 ms). Elsewhere XLA applies the prologue before the
+chosen kernel. Measured inside an 8B decode step at B = 1, 4K context on the H200
+(results/profile_decode_h200_r2.json): the fused RMSNorm makes the GEMVs it feeds longer (qkv
+9.1 -> 11.7 µs, gate_up 35.6 -> 37.5 µs per call: one more memory round trip per program) and
+removes the three XLA launches of each norm (sum of squares, normalise, residual add folded into
+one): 501 -> 372 launches per step, GPU-busy time equal (3.285 vs 3.281 ms), wall 3.52 -> 3.46 ms.
 
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.
@@ -50,7 +50,7 @@ from pallas_kernels import quantize as quantize_kernel
 DECODE_MAX_M = fp8_gemv.MAX_M
 #: Prologues dispatch fuses into the decode kernel (measured faster inside a decode step), and
 #: the largest M it does so at.
-FUSED_PROLOGUES = (SwiGLU,)
+FUSED_PROLOGUES = (RMSNorm, SwiGLU)
 FUSED_PROLOGUE_MAX_M = 1
 
 # W8A8 at M <= 64: decode kernel ("gemv") or the prefill GEMM ("gemm"), per M class (M == 1 /

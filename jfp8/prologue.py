@@ -6,9 +6,9 @@
 A decode step runs each of these between two matmuls; as their own XLA launches they cost ~1.3 µs
 each, about 10% of an 8B FP8 decode step on an H200. On the Pallas backend the decode kernel
 (`pallas_kernels.fp8_gemv`, W8A16) applies them while it loads the activation tile; everywhere
-else they run in XLA first. Either way the numbers are the formulas below (the kernel's exp can
-differ from XLA's in the last f32 bit, so an element of a SwiGLU result may move by one bf16
-ulp; RMSNorm's 1 / rms is computed by XLA on both paths).
+else they run in XLA first. Either way the numbers are the formulas below, up to the last f32
+bit of an intermediate (the kernel's exp can differ from XLA's; its sum of squares for 1 / rms
+adds in another order), which can move an element of the prologue's bf16 result by one ulp.
 
 Public: `RMSNorm`, `SwiGLU`, `Prologue`.
 """

@@ -29,15 +29,17 @@ weights in one jit); XLA's FP8-upcast dot reads FP8 at 56-79% of the copy ceilin
 figure to beat. The tuning table comes from benchmarks/gemm_decode.py (results/gemm_decode.json).
 
 Prologues (W8A16): the activation transform before a decode matmul can run inside the kernel's
-activation load instead of as its own XLA launch: "rmsnorm" (the RMSNorm before qkv and
-gate/up: the kernel scales and rounds; the per-row 1 / rms is one XLA reduction before it) and
+activation load instead of as its own XLA launches: "rmsnorm" (the RMSNorm before qkv and
+gate/up: each program reduces the rows' 1 / rms from one whole-row load when the rows fit
+`RMS_ROW_TILE`, else takes it from an XLA reduction, then scales and rounds its tiles) and
 "swiglu" (silu(gate) * up before down). Every program computes the prologue of its K range for
-all M rows. Measured inside an 8B decode step on the H200 (results/profile_decode_h200.json):
-"swiglu" at M = 1 costs the down GEMV ~0.7 µs and saves the SwiGLU launch, so `jfp8.matmul`
-dispatches it; "rmsnorm" made the GEMVs it fed 1.5-1.75x slower, so dispatch does not use it
-(`jfp8._matmul_pallas.FUSED_PROLOGUES`). The cause, found afterwards in the SASS: the norm weight
-was loaded in the compute step, and Triton then converted the weight tile's layout through shared
-memory every step (see `fetch`); fixed, not yet re-timed on the GPU. `rms_norm_reference` /
+all M rows. Measured inside an 8B decode step on the H200 (results/profile_decode_h200*.json):
+"swiglu" at M = 1 costs the down GEMV ~0.7 µs and saves the SwiGLU launch; "rmsnorm" at M = 1
+costs the GEMVs it feeds ~2 µs (the whole-row load is one more memory round trip per program)
+and saves three launches per norm; `jfp8.matmul` dispatches both at M = 1
+(`jfp8._matmul_pallas.FUSED_PROLOGUES`). The weight tile must not change layout when a prologue
+joins: the norm weight loaded in the compute step made Triton convert the weight tile through
+shared memory every step and the GEMV 1.5-1.75x slower (see `fetch`). `rms_norm_reference` /
 `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
@@ -66,6 +68,8 @@ PROLOGUES = (None, "rmsnorm", "swiglu")
 ACT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_DOT_M = 16  # Triton's dot needs at least 16 rows
+#: Largest (m_pad, next_pow2(K)) row tile, in elements, whose 1 / rms a program reduces itself.
+RMS_ROW_TILE = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,10 @@ class GemvConfig:
       prefetch: carry the next step's raw tiles through the loop (manual double buffering).
       fp8_dot: W8A8 only: feed the raw FP8 tiles to the tensor-core dot (no upcast of the
         weight); needs use_dot and K a multiple of the K chunk (no masked K lanes).
+      rms_in_kernel: prologue "rmsnorm": every program reduces the rows' 1 / rms itself from one
+        whole-row load (from L2: every program reads the same rows) instead of taking it from an
+        XLA reduction launched before the kernel; used where the rows fit one tile
+        (m_pad * next_pow2(K) <= RMS_ROW_TILE elements), else the XLA reduction.
       num_warps, num_stages: Triton launch parameters (stages = software-pipelining depth).
     """
     block_n: int = 64
@@ -90,6 +98,7 @@ class GemvConfig:
     swap_ab: bool = False
     prefetch: bool = False
     fp8_dot: bool = False
+    rms_in_kernel: bool = True
     num_warps: int = 4
     num_stages: int = 3
 
@@ -125,6 +134,10 @@ TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=4)
 # 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs.
 TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=4)
 TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block_k=256, split_k=4)
+# M = 1 on N > 8192 (gate_up, lm_head) in the H200 decode step (results/profile_decode_h200_r2.json):
+# one program per row block writes the output itself: gate_up 37.5 -> 39.2 µs per call, and the
+# 1.2 µs launch summing the split-K partials goes (GPU time equal, one launch fewer per layer).
+TUNING[("m1", "n_large", "k_short")] = dataclasses.replace(_M1, split_k=1)
 
 
 def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
@@ -169,21 +182,22 @@ def _zero_outside(x, mask):
 
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
-                     prefetch, fp8_dot, prologue, mask_m, mask_n, mask_k):
+                     prefetch, fp8_dot, prologue, rms_in_kernel, eps, mask_m, mask_n, mask_k):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk).
 
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
     scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
     o_ref (M, N) when `final`, else (split_k * m_pad, N) f32 partials. With prologue
-    "rmsnorm" norm_ref (1, K) and inv_ref (1, M) (1 / rms per row) come before bias_ref; with
-    "swiglu" a_ref is (M, 2K) [gate | up].
+    "rmsnorm" norm_ref (1, K) and, unless `rms_in_kernel`, inv_ref (1, M) (1 / rms per row) come
+    before bias_ref; with "swiglu" a_ref is (M, 2K) [gate | up].
 
     With `prefetch`, the loop carries the raw tiles (and block scales) of the next step, so
     their loads are in flight while the current step computes (Triton's own pipeliner only
     covers loads that feed a dot).
     """
     rest = list(rest)
-    norm_ref, inv_ref = (rest.pop(0), rest.pop(0)) if prologue == "rmsnorm" else (None, None)
+    norm_ref = rest.pop(0) if prologue == "rmsnorm" else None
+    inv_ref = rest.pop(0) if prologue == "rmsnorm" and not rms_in_kernel else None
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
     i_n = pl.program_id(0)
@@ -226,7 +240,14 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         return s
 
     inv_rms = None
-    if prologue == "rmsnorm":   # the rows' 1 / rms, (1, M) computed by XLA before the launch
+    if prologue == "rmsnorm" and rms_in_kernel:   # the rows' 1 / rms from one whole-row load
+        k_pow2 = _next_pow2(k)
+        cols = jnp.arange(k_pow2)[None, :]
+        rm = (rows_m < m) & (cols < k) if (mask_m or k_pow2 != k) else None
+        x = _zero_outside(_load(a_ref.at[pl.ds(0, m_pad), pl.ds(0, k_pow2)], rm).astype(
+            jnp.float32), rm)
+        inv_rms = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / k + eps)   # (m_pad, 1)
+    elif prologue == "rmsnorm":   # the rows' 1 / rms, (1, M) computed by XLA before the launch
         mm = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
         inv_rms = _zero_outside(_load(inv_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], mm), mm)
         inv_rms = inv_rms.reshape(m_pad, 1)
@@ -479,18 +500,19 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
         a_s = a_scale.T                                    # (1, M) or (Kb, M)
     w_s = w_scale.reshape(1, n) if layout == "row" else w_scale
     operands = [a, w, a_s, w_s]
+    rms_in_kernel = cfg.rms_in_kernel and m_pad * _next_pow2(k) <= RMS_ROW_TILE
     if prologue == "rmsnorm":
-        # The per-row reduction runs in XLA before the launch: rereading all of K in every
-        # program made the matmul 2.4-3.8x slower inside the decode step (H200).
-        operands += [norm_weight.astype(a.dtype).reshape(1, k),
-                     rms_inv_reference(a, eps).reshape(1, m)]
+        operands.append(norm_weight.astype(a.dtype).reshape(1, k))
+        if not rms_in_kernel:
+            operands.append(rms_inv_reference(a, eps).reshape(1, m))
     if bias is not None:
         operands.append(bias.reshape(1, n))
     body = functools.partial(
         _fp8_gemv_kernel, m=m, n=n, k=k, m_pad=m_pad, block_n=cfg.block_n, block_k=cfg.block_k,
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
-        fp8_dot=fp8_dot, prologue=prologue, mask_m=m != m_pad,
+        fp8_dot=fp8_dot, prologue=prologue, rms_in_kernel=rms_in_kernel, eps=eps,
+        mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)

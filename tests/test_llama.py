@@ -274,3 +274,37 @@ def test_fused_decode_step_equals_separate(backend):
     for name in ("k", "v"):
         assert rel_err(np.asarray(getattr(gc, name), np.float32),
                        np.asarray(getattr(wc, name), np.float32)) < 2 ** -7, name
+
+
+def test_fp8_decode_step_b1_interpret_matches_xla():
+    """B=1 decode of a fused W8A16 model on "interpret" runs every projection in `fp8_gemv` with
+    the RMSNorms and the SwiGLU fused as prologues (`_matmul_pallas.FUSED_PROLOGUES`); XLA applies
+    the same formulas first. Both round bf16 activations from f32 sums taken in another order (and
+    the kernel's 1 / rms and exp may differ in the last f32 bit), so activations move by a bf16
+    ulp (2^-8) here and there, and the moves grow through the layers: measured up to 0.021 of
+    max|logit| over nine tokens (2 layers, random weights); bound 2^-4. The greedy token agrees
+    where the top two logits are further apart than twice that."""
+    import jfp8
+    from jfp8 import _matmul_pallas, kv_cache
+    assert jfp8.RMSNorm in _matmul_pallas.FUSED_PROLOGUES  # the path this test is for
+    cfg = CONFIGS["tiny"]
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    model = llama.Llama(cfg)
+    params = llama.init_params(model, jax.random.PRNGKey(11))
+    model, params = llama.fuse(llama.Llama(cfg, recipe=recipe),
+                               llama.quantize_params(params, recipe))
+    cache = kv_cache.advance(kv_cache.KVCache.init(cfg.num_layers, 1, 16, cfg.num_kv_heads,
+                                                   cfg.head_dim), jnp.array([5]))
+    tokens = jnp.array([[int(np.random.default_rng().integers(3, cfg.vocab_size))]])
+
+    def step(p, c):
+        return model.apply({"params": p}, tokens, c.lengths[:, None], c, None, "decode")
+    out = {}
+    for backend in ("xla", "interpret"):
+        with jfp8.use_backend(backend):
+            # a fresh function per backend: jit's cache would reuse the other backend's trace
+            out[backend] = np.asarray(jax.jit(lambda p, c: step(p, c))(params, cache)[0], np.float32)
+    assert rel_err(out["interpret"], out["xla"]) < 2 ** -4
+    top2 = np.sort(out["xla"][0, -1])[-2:]
+    if top2[1] - top2[0] > 2 ** -3 * np.abs(out["xla"]).max():
+        assert out["interpret"][0, -1].argmax() == out["xla"][0, -1].argmax()

@@ -113,13 +113,14 @@ def test_gpu_pallas_matches_float64(m, recipe):
     assert rel_err(y, ref) < (2.0**-10 if fp8_cores else 1e-4)
 
 
-# Prologues: the interpret backend fuses SwiGLU into fp8_gemv (W8A16, M == 1) and applies RMSNorm
-# in XLA first (_matmul_pallas.FUSED_PROLOGUES), the XLA path applies the same formula first. The fused bf16 prologue output can flip one ulp where the f32 value
-# differs in its last bit (tests/test_fp8_gemv.py: PROLOGUE_TOL), so f32 outputs agree to 1e-3 of
+# Prologues: the interpret backend fuses RMSNorm and SwiGLU into fp8_gemv (W8A16, M == 1;
+# _matmul_pallas.FUSED_PROLOGUES) and applies them in XLA first elsewhere; the XLA path applies the
+# same formula first. The fused bf16 prologue output can flip one ulp where the f32 value differs
+# in its last bit (tests/test_fp8_gemv.py: PROLOGUE_TOL), so f32 outputs agree to 1e-3 of
 # max|ref| rather than the 1e-5 of plain matmuls.
 @pytest.mark.parametrize("lead,kind,recipe", [
-    ((1,), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),   # XLA first
-    ((1, 3), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),  # XLA first
+    ((1,), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),   # fused
+    ((1, 3), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),  # M=3: XLA first
     ((1, 1), "swiglu", jfp8.Recipe.weights_only()),                           # fused, per-channel
     ((2, 1), "swiglu", jfp8.Recipe.weights_only()),                           # M=2: XLA first
     ((1,), "rmsnorm", jfp8.Recipe.block128()),                                # W8A8: XLA first
