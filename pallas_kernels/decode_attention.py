@@ -89,7 +89,8 @@ class DecodeAttentionConfig:
 # win where programs are short (B = 1). B=1 long from decode_attention_r5.json (>= 2 GB per timed
 # call, kernel time from a profiler trace): 256 programs 35.4 µs vs 512 programs 37.6 µs.
 CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
-    ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, num_stages=2),
+    ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, min_blocks_per_split=1,
+                                          num_stages=2),
     ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=256, min_blocks_per_split=1,
                                          num_stages=2),
     ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512,
@@ -98,6 +99,10 @@ CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
     ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=256),
     ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=256),
 }
+# B = 1 short re-swept inside the 8B decode step on the H200 (4K context; profile_decode_h200_r2.json,
+# attention + combine per step over 32 layers): one 128-token block per program (256 programs)
+# 255 + 111 µs, against 2 blocks per program 322 + 93 µs; 64-token blocks 251-293 + 180 µs;
+# 256-token blocks with 8 warps 469 + 94 µs.
 # B > 8 re-swept on the H200 (decode_attention_h200_b16.json, B=16, FP8 per-tensor cache, µs per
 # layer): S=4K tp256 s3 52.2 vs the H100's tp512 s2 58.5-59.5 and tp1024 62.8; S=32K tp256 312.1
 # vs the H100's tp2048 324.9-337.0 and tp1024 326.6. 8 warps and 256-token blocks lost (68-87 µs
