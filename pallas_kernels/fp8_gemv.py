@@ -134,10 +134,14 @@ TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=4)
 # 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs.
 TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=4)
 TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block_k=256, split_k=4)
-# M = 1 on N > 8192 (gate_up, lm_head) in the H200 decode step (results/profile_decode_h200_r2.json):
-# one program per row block writes the output itself: gate_up 37.5 -> 39.2 µs per call, and the
-# 1.2 µs launch summing the split-K partials goes (GPU time equal, one launch fewer per layer).
-TUNING[("m1", "n_large", "k_short")] = dataclasses.replace(_M1, split_k=1)
+# M = 1 on N > 8192 (gate_up, lm_head) in the H200 decode step (results/profile_decode_h200_r2.json,
+# runs 1 and 4): 16-row blocks, one program per row block writing the output itself (no split-K
+# sum launch): gate_up 36.2 µs per call, against 37.5 + 1.2 (sum) with bn32 split-K 2 and 39.2
+# with bn32 split-K 1; the 8B step's GPU time 3.246 -> 3.144 ms. ncu on the standalone gate_up
+# (bn32 bk512 split-K 1, results/ncu_gemv_h200.md): 123 registers/thread cap residency at 4
+# programs per SM (25% occupancy), 896 programs are 1.7 waves, SMs active 80% of the kernel,
+# DRAM 64% of peak.
+TUNING[("m1", "n_large", "k_short")] = dataclasses.replace(_M1, block_n=16, split_k=1)
 
 
 def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
