@@ -54,7 +54,7 @@ def profile_row(bench, preset, mode, B, ctx, steps):
 def apply_overrides(spec: str) -> None:
     """Patch the kernels' tuning tables for one variant. spec: ';'-separated items
     `gemv:M_CLASS/N_CLASS/K_CLASS=bn,bk,sk,warps,stages,fma[,field=int...]`
-    (pallas_kernels.fp8_gemv.TUNING; extra GemvConfig fields such as prefetch=1, rms_in_kernel=0),
+    (pallas_kernels.fp8_gemv.TUNING; extra GemvConfig fields such as prefetch=1, row_blocks=2),
     `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)
     or `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
     `fuse:` alone fuses none)."""
@@ -75,10 +75,10 @@ def apply_overrides(spec: str) -> None:
         if kind == "gemv":
             fields = value.split(",")
             bn, bk, sk, warps, stages, fma = (int(v) for v in fields[:6])
-            extra = {f: bool(int(v)) for f, v in (x.split("=") for x in fields[6:])}
-            gv.TUNING[key] = dataclasses.replace(
-                gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
-                              use_dot=not fma), **extra)
+            base = gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
+                                 use_dot=not fma)
+            extra = {f: type(getattr(base, f))(int(v)) for f, v in (x.split("=") for x in fields[6:])}
+            gv.TUNING[key] = dataclasses.replace(base, **extra)
         elif kind == "attn":
             da.CONFIGS[key] = bench_attn.parse_config(value)
         else:

@@ -15,8 +15,8 @@ Two modes, picked by a's dtype:
 are applied once in the epilogue; block and token-group scales per 128-wide K block inside the
 loop (each block's partial product is scaled before it joins the f32 accumulator).
 
-The kernel reads each weight byte once: grid (ceil(N / block_n), split_k); a program walks its
-K range in `block_k` steps. With split_k == 1 the program writes the final (M, N) output (scales,
+The kernel reads each weight byte once: grid (ceil(ceil(N / block_n) / row_blocks), split_k); a
+program walks its K range in `block_k` steps, for each of its `row_blocks` row blocks. With split_k == 1 the program writes the final (M, N) output (scales,
 bias, cast fused) and the matmul is one launch; with split_k > 1 it writes f32 partials that XLA
 sums (one small fused epilogue). M is padded to a power of two >= 16 inside the kernel (masked
 loads, nothing is copied), since Triton's dot needs 16 rows; M == 1 may instead use an
@@ -85,6 +85,9 @@ class GemvConfig:
       prefetch: carry the next step's raw tiles through the loop (manual double buffering).
       fp8_dot: W8A8 only: feed the raw FP8 tiles to the tensor-core dot (no upcast of the
         weight); needs use_dot and K a multiple of the K chunk (no masked K lanes).
+      row_blocks: row blocks each program walks one after another (strided by the number of
+        programs along N): fewer programs than row blocks, all with the same work, so the last
+        wave is not a partial one; an RMSNorm prologue's 1 / rms is reduced once per program.
       rms_in_kernel: prologue "rmsnorm": every program reduces the rows' 1 / rms itself from one
         whole-row load (from L2: every program reads the same rows) instead of taking it from an
         XLA reduction launched before the kernel; used where the rows fit one tile
@@ -98,6 +101,7 @@ class GemvConfig:
     swap_ab: bool = False
     prefetch: bool = False
     fp8_dot: bool = False
+    row_blocks: int = 1
     rms_in_kernel: bool = True
     num_warps: int = 4
     num_stages: int = 3
@@ -109,8 +113,9 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name}: expected a power of two >= {least}, got {v}")
         if self.use_dot and self.block_n < 16:
             raise ValueError(f"GemvConfig.block_n: the dot path needs >= 16 rows, got {self.block_n}")
-        if self.split_k < 1:
-            raise ValueError(f"GemvConfig.split_k: expected >= 1, got {self.split_k}")
+        for name in ("split_k", "row_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GemvConfig.{name}: expected >= 1, got {getattr(self, name)}")
 
 
 # Tuning table: (M class, N class, K class) -> config; classes from `_shape_class`. From
@@ -186,8 +191,10 @@ def _zero_outside(x, mask):
 
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
-                     prefetch, fp8_dot, prologue, rms_in_kernel, eps, mask_m, mask_n, mask_k):
-    """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk).
+                     prefetch, fp8_dot, prologue, rms_in_kernel, eps, row_blocks, mask_m, mask_n,
+                     mask_k):
+    """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk), for
+    `row_blocks` row blocks n0 (strided by the grid's N extent).
 
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
     scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
@@ -204,9 +211,7 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     inv_ref = rest.pop(0) if prologue == "rmsnorm" and not rms_in_kernel else None
     bias_ref = rest.pop(0) if has_bias else None
     (o_ref,) = rest
-    i_n = pl.program_id(0)
     i_split = pl.program_id(1)
-    n0 = i_n * block_n
     k_begin = i_split * k_chunk
     num_steps = k_chunk // block_k
     k_blocked = a_kind == "group" or w_kind == "block"
@@ -214,34 +219,6 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     num_sub = block_k // sub_k
     compute_dtype = jnp.bfloat16 if use_dot else jnp.float32
     rows_m = jnp.arange(m_pad)[:, None]
-    rows_n = n0 + jnp.arange(block_n)[:, None]
-
-    def k_mask(k0):
-        return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
-
-    def a_mask(k0):
-        if not (mask_m or mask_k):
-            return None
-        return (rows_m < m) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
-
-    def w_mask(k0):
-        if not (mask_n or mask_k):
-            return None
-        return (rows_n < n) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
-
-    def scale_of(k0):
-        """Scale of the 128-wide K block at k0: (m_pad, 1) | (1, m_pad) | (1, 1) f32."""
-        kb = jnp.minimum(k0 // SCALE_BLOCK, pl.cdiv(k, SCALE_BLOCK) - 1)
-        s = None
-        if w_kind == "block":
-            s = w_scale_ref[pl.ds(n0 // SCALE_BLOCK, 1), pl.ds(kb, 1)]            # (1, 1)
-        if a_kind == "group":
-            ma = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
-            sa = _zero_outside(_load(a_scale_ref.at[pl.ds(kb, 1), pl.ds(0, m_pad)], ma), ma)
-            if not swap_ab:
-                sa = sa.reshape(m_pad, 1)
-            s = sa if s is None else sa * s
-        return s
 
     inv_rms = None
     if prologue == "rmsnorm" and rms_in_kernel:   # the rows' 1 / rms from one whole-row load
@@ -256,101 +233,149 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         inv_rms = _zero_outside(_load(inv_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], mm), mm)
         inv_rms = inv_rms.reshape(m_pad, 1)
 
-    def prologue_of(a_raw, k0):
-        """The matmul's input tile from the loaded one(s): RMSNorm or SwiGLU, rounded to a's
-        dtype exactly as `rms_norm_reference` / `swiglu_reference` round."""
-        if prologue == "rmsnorm":
-            a_raw, nw = a_raw
-            nw = _zero_outside(nw, k_mask(k0))
-            y = (a_raw.astype(jnp.float32) * inv_rms).astype(a_raw.dtype)
-            return (y.astype(jnp.float32) * nw.astype(jnp.float32)).astype(a_raw.dtype)
-        gate, up = a_raw
-        g = gate.astype(jnp.float32)
-        return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+    def row_block(n0):
+        """The program's work on rows [n0, n0 + block_n): K loop and epilogue."""
+        rows_n = n0 + jnp.arange(block_n)[:, None]
 
-    def fetch(step):
-        """Raw (not yet upcast) tiles of one step, and their block scales. A prologue's second
-        operand (up, or the norm weight) is loaded here too, next to the activation: loaded in
-        the compute step instead, the norm weight made Triton convert the weight tile through
-        shared memory every step (SASS of bn32 bk512 sk2: 1488 instructions, 105 STS, 162 SHFL,
-        against 616 / 1 / 6 loaded here and 576 / 1 / 6 with no prologue;
-        benchmarks/kernel_sass.py)."""
-        tiles = []
-        for sub in range(num_sub):
-            k0 = k_begin + step * block_k + sub * sub_k
-            a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
-            if prologue == "swiglu":
-                a = (a, _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k + k0, sub_k)], a_mask(k0)))
-            elif prologue == "rmsnorm":
-                a = (a, _load(norm_ref.at[pl.ds(0, 1), pl.ds(k0, sub_k)], k_mask(k0)))
-            w = _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)], w_mask(k0))
-            tiles.append((a, w, scale_of(k0) if k_blocked else None))
-        return tiles
+        def k_mask(k0):
+            return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
 
-    def compute(step, tiles, acc):
-        for sub, (a, w, s) in enumerate(tiles):
-            k0 = k_begin + step * block_k + sub * sub_k
-            if prologue is not None:
-                a = prologue_of(a, k0)
-            if not fp8_dot:
-                # fp8_dot: undefined masked-off M / N lanes only reach output rows never stored
-                a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
-                w = _zero_outside(w.astype(compute_dtype), w_mask(k0))
-            if not use_dot:                               # m_pad == 1: FMA tile (block_n, sub_k)
-                part = w * (a if s is None else a * s)
-            elif swap_ab:                                 # (block_n, m_pad)
-                part = lax.dot_general(w, a, (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-            else:                                         # (m_pad, block_n)
-                part = lax.dot_general(a, w, (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
-            if use_dot and s is not None:
-                part = part * s
-            acc = acc + part
-        return acc
+        def a_mask(k0):
+            if not (mask_m or mask_k):
+                return None
+            return (rows_m < m) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
 
-    if not use_dot:
-        acc0 = jnp.zeros((block_n, sub_k), jnp.float32)
-    elif swap_ab:
-        acc0 = jnp.zeros((block_n, m_pad), jnp.float32)
-    else:
-        acc0 = jnp.zeros((m_pad, block_n), jnp.float32)
-    if prefetch:
-        def body(step, carry):
-            acc, tiles = carry
-            nxt = fetch(jnp.minimum(step + 1, num_steps - 1))   # the last step re-reads (L2)
-            return compute(step, tiles, acc), nxt
-        acc, _ = lax.fori_loop(0, num_steps, body, (acc0, fetch(0)))
-    else:
-        acc = lax.fori_loop(0, num_steps, lambda step, acc: compute(step, fetch(step), acc), acc0)
-    if not use_dot:
-        acc = jnp.sum(acc, axis=1)[None, :]               # (1, block_n)
-    elif swap_ab:
-        acc = acc.T                                       # (m_pad, block_n)
+        def w_mask(k0):
+            if not (mask_n or mask_k):
+                return None
+            return (rows_n < n) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
 
-    cols_n = n0 + jnp.arange(block_n)[None, :]
-    if not final:
-        mask = jnp.broadcast_to(cols_n < n, acc.shape) if mask_n else None
-        _store(o_ref.at[pl.ds(i_split * m_pad, m_pad), pl.ds(n0, block_n)], acc, mask)
+        def scale_of(k0):
+            """Scale of the 128-wide K block at k0: (m_pad, 1) | (1, m_pad) | (1, 1) f32."""
+            kb = jnp.minimum(k0 // SCALE_BLOCK, pl.cdiv(k, SCALE_BLOCK) - 1)
+            s = None
+            if w_kind == "block":
+                s = w_scale_ref[pl.ds(n0 // SCALE_BLOCK, 1), pl.ds(kb, 1)]            # (1, 1)
+            if a_kind == "group":
+                ma = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
+                sa = _zero_outside(_load(a_scale_ref.at[pl.ds(kb, 1), pl.ds(0, m_pad)], ma), ma)
+                if not swap_ab:
+                    sa = sa.reshape(m_pad, 1)
+                s = sa if s is None else sa * s
+            return s
+
+        def prologue_of(a_raw, k0):
+            """The matmul's input tile from the loaded one(s): RMSNorm or SwiGLU, rounded to a's
+            dtype exactly as `rms_norm_reference` / `swiglu_reference` round."""
+            if prologue == "rmsnorm":
+                a_raw, nw = a_raw
+                nw = _zero_outside(nw, k_mask(k0))
+                y = (a_raw.astype(jnp.float32) * inv_rms).astype(a_raw.dtype)
+                return (y.astype(jnp.float32) * nw.astype(jnp.float32)).astype(a_raw.dtype)
+            gate, up = a_raw
+            g = gate.astype(jnp.float32)
+            return (g / (1.0 + jnp.exp(-g)) * up.astype(jnp.float32)).astype(gate.dtype)
+
+        def fetch(step):
+            """Raw (not yet upcast) tiles of one step, and their block scales. A prologue's second
+            operand (up, or the norm weight) is loaded here too, next to the activation: loaded in
+            the compute step instead, the norm weight made Triton convert the weight tile through
+            shared memory every step (SASS of bn32 bk512 sk2: 1488 instructions, 105 STS, 162 SHFL,
+            against 616 / 1 / 6 loaded here and 576 / 1 / 6 with no prologue;
+            benchmarks/kernel_sass.py)."""
+            tiles = []
+            for sub in range(num_sub):
+                k0 = k_begin + step * block_k + sub * sub_k
+                a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
+                if prologue == "swiglu":
+                    a = (a, _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k + k0, sub_k)], a_mask(k0)))
+                elif prologue == "rmsnorm":
+                    a = (a, _load(norm_ref.at[pl.ds(0, 1), pl.ds(k0, sub_k)], k_mask(k0)))
+                w = _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)], w_mask(k0))
+                tiles.append((a, w, scale_of(k0) if k_blocked else None))
+            return tiles
+
+        def compute(step, tiles, acc):
+            for sub, (a, w, s) in enumerate(tiles):
+                k0 = k_begin + step * block_k + sub * sub_k
+                if prologue is not None:
+                    a = prologue_of(a, k0)
+                if not fp8_dot:
+                    # fp8_dot: undefined masked-off M / N lanes only reach output rows never stored
+                    a = _zero_outside(a.astype(compute_dtype), a_mask(k0))
+                    w = _zero_outside(w.astype(compute_dtype), w_mask(k0))
+                if not use_dot:                               # m_pad == 1: FMA tile (block_n, sub_k)
+                    part = w * (a if s is None else a * s)
+                elif swap_ab:                                 # (block_n, m_pad)
+                    part = lax.dot_general(w, a, (((1,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+                else:                                         # (m_pad, block_n)
+                    part = lax.dot_general(a, w, (((1,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+                if use_dot and s is not None:
+                    part = part * s
+                acc = acc + part
+            return acc
+
+        if not use_dot:
+            acc0 = jnp.zeros((block_n, sub_k), jnp.float32)
+        elif swap_ab:
+            acc0 = jnp.zeros((block_n, m_pad), jnp.float32)
+        else:
+            acc0 = jnp.zeros((m_pad, block_n), jnp.float32)
+        if prefetch:
+            def body(step, carry):
+                acc, tiles = carry
+                nxt = fetch(jnp.minimum(step + 1, num_steps - 1))   # the last step re-reads (L2)
+                return compute(step, tiles, acc), nxt
+            acc, _ = lax.fori_loop(0, num_steps, body, (acc0, fetch(0)))
+        else:
+            acc = lax.fori_loop(0, num_steps, lambda step, acc: compute(step, fetch(step), acc), acc0)
+        if not use_dot:
+            acc = jnp.sum(acc, axis=1)[None, :]               # (1, block_n)
+        elif swap_ab:
+            acc = acc.T                                       # (m_pad, block_n)
+
+        cols_n = n0 + jnp.arange(block_n)[None, :]
+        if not final:
+            mask = jnp.broadcast_to(cols_n < n, acc.shape) if mask_n else None
+            _store(o_ref.at[pl.ds(i_split * m_pad, m_pad), pl.ds(n0, block_n)], acc, mask)
+            return
+        ma = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
+        mn = (cols_n < n) if mask_n else None
+        if a_kind == "tensor":
+            acc = acc * a_scale_ref[pl.ds(0, 1), pl.ds(0, 1)]
+        elif a_kind == "row":
+            sa = _zero_outside(_load(a_scale_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], ma), ma)
+            acc = acc * sa.reshape(m_pad, 1)
+        if w_kind == "tensor":
+            acc = acc * w_scale_ref[pl.ds(0, 1), pl.ds(0, 1)]
+        elif w_kind == "row":
+            acc = acc * _zero_outside(_load(w_scale_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], mn), mn)
+        if has_bias:
+            acc = acc + _zero_outside(
+                _load(bias_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], mn).astype(jnp.float32), mn)
+        mask = None
+        if mask_m or mask_n:
+            mask = (rows_m < m) & (cols_n < n)
+        _store(o_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+
+    if row_blocks == 1:
+        row_block(pl.program_id(0) * block_n)
         return
-    ma = (jnp.arange(m_pad)[None, :] < m) if mask_m else None
-    mn = (cols_n < n) if mask_n else None
-    if a_kind == "tensor":
-        acc = acc * a_scale_ref[pl.ds(0, 1), pl.ds(0, 1)]
-    elif a_kind == "row":
-        sa = _zero_outside(_load(a_scale_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], ma), ma)
-        acc = acc * sa.reshape(m_pad, 1)
-    if w_kind == "tensor":
-        acc = acc * w_scale_ref[pl.ds(0, 1), pl.ds(0, 1)]
-    elif w_kind == "row":
-        acc = acc * _zero_outside(_load(w_scale_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], mn), mn)
-    if has_bias:
-        acc = acc + _zero_outside(
-            _load(bias_ref.at[pl.ds(0, 1), pl.ds(n0, block_n)], mn).astype(jnp.float32), mn)
-    mask = None
-    if mask_m or mask_n:
-        mask = (rows_m < m) & (cols_n < n)
-    _store(o_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+    # Row blocks i, i + P, i + 2P, ... (P programs along N): every program gets row_blocks
+    # or row_blocks - 1 of them, so all finish within one block's time of each other.
+    num_row_blocks = pl.cdiv(n, block_n)
+    first, stride = pl.program_id(0), pl.num_programs(0)   # read outside the loop (interpret)
+
+    def one(t, carry):
+        r = first + t * stride
+
+        @pl.when(r < num_row_blocks)
+        def _():
+            row_block(r * block_n)
+        return carry
+    lax.fori_loop(0, row_blocks, one, 0)
 
 
 _store = triton_compat.store
@@ -493,7 +518,8 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
     final = split_k == 1
     fp8_dot = (cfg.fp8_dot and cfg.use_dot and a_kind is not None and k % k_chunk == 0
                and a.dtype == w.dtype)
-    grid = (pl.cdiv(n, cfg.block_n), split_k)
+    row_blocks = min(cfg.row_blocks, pl.cdiv(n, cfg.block_n))
+    grid = (pl.cdiv(pl.cdiv(n, cfg.block_n), row_blocks), split_k)
     # Scales as rows: a token's scales along the last axis, so one masked (1, m_pad) load
     # fetches them; weight row scales as (1, N) for the same reason.
     if a_kind is None:
@@ -516,6 +542,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
         fp8_dot=fp8_dot, prologue=prologue, rms_in_kernel=rms_in_kernel, eps=eps,
+        row_blocks=row_blocks,
         mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:

@@ -56,7 +56,8 @@ def make(m, n, k, layout, a_kind, *, seed):
 C = G.GemvConfig
 # (M, layout, activation scales (None = W8A16), config, bias, out dtype): covers M in {1, 7, 64},
 # the three weight layouts, the three activation-scale kinds, FMA / dot / swapped dot, split-K,
-# prefetch, bias and both output dtypes, on N=200, K=384 (neither a multiple of the tiles).
+# prefetch, several row blocks per program (the last program with fewer), bias and both output
+# dtypes, on N=200, K=384 (neither a multiple of the tiles).
 # (The GPU tests below add every layout x M in {1, 8, 64} on 4096x4096.)
 CASES = [
     (1, "tensor", None, None, True, jnp.bfloat16),                              # FMA, split-K 2
@@ -64,6 +65,8 @@ CASES = [
     (7, "row", "row", C(32, 128, split_k=2), True, jnp.float32),
     (7, "block", "tensor", C(64, 256, swap_ab=True), False, jnp.bfloat16),
     (64, "block", None, C(32, 128, split_k=2, prefetch=True), True, jnp.float32),
+    (1, "block", None, C(16, 128, use_dot=False, row_blocks=3), True, jnp.float32),  # 13 blocks / 5
+    (7, "row", None, C(32, 128, split_k=2, row_blocks=2), False, jnp.bfloat16),     # partials
 ]
 
 
@@ -90,6 +93,8 @@ PROLOGUE_CASES = [
     (1, "rmsnorm", "block", None, jnp.float32),                     # tuned FMA config, split-K
     (1, "rmsnorm", "row", C(16, 128, use_dot=False), jnp.bfloat16),  # more programs than K steps
     (1, "rmsnorm", "row", C(32, 128, use_dot=False, rms_in_kernel=False), jnp.float32),  # XLA 1/rms
+    (1, "rmsnorm", "block", C(16, 256, use_dot=False, row_blocks=4), jnp.bfloat16),  # 1/rms once
+    (1, "swiglu", "block", C(16, 128, use_dot=False, row_blocks=2), jnp.float32),
     (7, "rmsnorm", "tensor", C(32, 128, split_k=2), jnp.float32),
     (1, "swiglu", "block", None, jnp.bfloat16),
     (5, "swiglu", "row", C(64, 256, split_k=2, swap_ab=True), jnp.float32),
@@ -210,6 +215,8 @@ def test_bad_layout_bias_and_config():
         G.fp8_gemv(a, w, sa, sw, layout="row", out_dtype=jnp.int32, interpret=True)
     with pytest.raises(ValueError, match="GemvConfig.block_n"):
         C(24, 256)
+    with pytest.raises(ValueError, match="GemvConfig.row_blocks"):
+        C(32, 256, row_blocks=0)
 
 
 @settings(max_examples=20, deadline=None)
@@ -240,7 +247,8 @@ def test_gpu_matches_reference(m, layout, a_kind):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [C(16, 512, use_dot=False), C(32, 256, split_k=2, use_dot=False),
-                                 C(64, 256, swap_ab=True), C(32, 512, split_k=4)])
+                                 C(64, 256, swap_ab=True), C(32, 512, split_k=4),
+                                 C(16, 512, use_dot=False, row_blocks=3)])
 def test_gpu_variants(cfg):
     m = 1 if not cfg.use_dot else 16
     a, w, a_scale, w_scale, bias = make(m, 6144, 4096, "block", None, seed=3)
