@@ -134,10 +134,18 @@ TUNING: dict[tuple[str, str, str], GemvConfig] = {
 # Few row blocks (N <= 8192): split K so that enough programs fill the 132 SMs.
 TUNING[("m16", "n_small", "k_short")] = dataclasses.replace(_M16, split_k=2)
 TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=4)
+# M = 16 in the 8B B=16 decode step on the H200 (results/profile_decode_h200_r2.json, run 5): split-K 2
+# for gate_up (1490 -> 1439 µs per step; the partial sum fuses into XLA's SwiGLU) and split-K 8 for
+# down (834 -> 813 µs).
+TUNING[("m16", "n_large", "k_short")] = dataclasses.replace(_M16, split_k=2)
+TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=8)
 # M = 1 on N <= 8192, chosen inside a real decode step (benchmarks/profile_decode.py, 8B shape,
 # B=1, 4K context; results/profile_decode.json): split-K 4 cut qkv 11.5 -> 10.9 µs and o
 # 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs.
 TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=4)
+# H200 (profile_decode_h200_r2.json, run 5): split-K 8 with two row blocks per program (768
+# programs, as before) cut qkv 375 -> 325 µs per step (o 227 -> 235).
+TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=8, row_blocks=2)
 TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block_k=256, split_k=4)
 # M = 1 on N > 8192 (gate_up, lm_head) in the H200 decode step (results/profile_decode_h200_r2.json,
 # runs 1 and 4): 16-row blocks, one program per row block writing the output itself (no split-K
