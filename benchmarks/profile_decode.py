@@ -77,7 +77,8 @@ def apply_overrides(spec: str) -> None:
             bn, bk, sk, warps, stages, fma = (int(v) for v in fields[:6])
             base = gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
                                  use_dot=not fma)
-            extra = {f: type(getattr(base, f))(int(v)) for f, v in (x.split("=") for x in fields[6:])}
+            extra = {f: type(getattr(base, f))(int(v))     # int fields, or 0/1 for bool ones
+                     for f, v in (x.split("=") for x in fields[6:])}
             gv.TUNING[key] = dataclasses.replace(base, **extra)
         elif kind == "attn":
             da.CONFIGS[key] = bench_attn.parse_config(value)

@@ -25,7 +25,8 @@ chosen kernel. Measured inside an 8B decode step at B = 1, 4K context on the H20
 (results/profile_decode_h200_r2.json): the fused RMSNorm makes the GEMVs it feeds longer (qkv
 9.1 -> 11.7 µs, gate_up 35.6 -> 37.5 µs per call: one more memory round trip per program) and
 removes the three XLA launches of each norm (sum of squares, normalise, residual add folded into
-one): 501 -> 372 launches per step, GPU-busy time equal (3.285 vs 3.281 ms), wall 3.52 -> 3.46 ms.
+one): 501 -> 372 launches per step, GPU-busy time equal (3.285 vs 3.281 ms), wall under the
+profiler 3.52 -> 3.46 ms (decode_e2e's wall: 3.26 -> 3.24-3.27 ms, within its run-to-run spread).
 
 Activation quantization on the fly uses the fused `quantize_fp8` kernel for 1x128 groups and
 per-tensor scales, and `jfp8.quantize` (XLA) for per-token (PerChannel) scales.

@@ -99,8 +99,8 @@ CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
     ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=256),
     ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=256),
 }
-# B = 1 short re-swept inside the 8B decode step on the H200 (4K context; profile_decode_h200_r2.json,
-# attention + combine per step over 32 layers): one 128-token block per program (256 programs)
+# B = 1 short re-swept inside the 8B decode step on the H200 (4K context;
+# profile_decode_h200_r2.json, attention + combine per step over 32 layers): one 128-token block per program (256 programs)
 # 255 + 111 µs, against 2 blocks per program 322 + 93 µs; 64-token blocks 251-293 + 180 µs;
 # 256-token blocks with 8 warps 469 + 94 µs.
 # B > 8 re-swept on the H200 (decode_attention_h200_b16.json, B=16, FP8 per-tensor cache, µs per

@@ -16,13 +16,14 @@ are applied once in the epilogue; block and token-group scales per 128-wide K bl
 loop (each block's partial product is scaled before it joins the f32 accumulator).
 
 The kernel reads each weight byte once: grid (ceil(ceil(N / block_n) / row_blocks), split_k); a
-program walks its K range in `block_k` steps, for each of its `row_blocks` row blocks. With split_k == 1 the program writes the final (M, N) output (scales,
-bias, cast fused) and the matmul is one launch; with split_k > 1 it writes f32 partials that XLA
-sums (one small fused epilogue). M is padded to a power of two >= 16 inside the kernel (masked
-loads, nothing is copied), since Triton's dot needs 16 rows; M == 1 may instead use an
-elementwise multiply-accumulate over a (block_n, block_k) f32 tile reduced once at the end
-(`use_dot=False`). `swap_ab` computes the transposed product Wtile·Aᵀ, putting the weight in the
-dot's left operand (the one Hopper's wgmma can take from registers).
+program walks its K range in `block_k` steps, for each of its `row_blocks` row blocks. With
+split_k == 1 the program writes the final (M, N) output (scales, bias, cast fused) and the matmul
+is one launch; with split_k > 1 it writes f32 partials that XLA sums (one small fused epilogue).
+M is padded to a power of two >= 16 inside the kernel (masked loads, nothing is copied), since
+Triton's dot needs 16 rows; M == 1 may instead use an elementwise multiply-accumulate over a
+(block_n, block_k) f32 tile reduced once at the end (`use_dot=False`). `swap_ab` computes the
+transposed product Wtile·Aᵀ, putting the weight in the dot's left operand (the one Hopper's wgmma
+can take from registers).
 
 Notes that apply (notes/h100.md): time decode kernels as a decode step runs them (many distinct
 weights in one jit); XLA's FP8-upcast dot reads FP8 at 56-79% of the copy ceiling, which is the
@@ -86,8 +87,9 @@ class GemvConfig:
       fp8_dot: W8A8 only: feed the raw FP8 tiles to the tensor-core dot (no upcast of the
         weight); needs use_dot and K a multiple of the K chunk (no masked K lanes).
       row_blocks: row blocks each program walks one after another (strided by the number of
-        programs along N): fewer programs than row blocks, all with the same work, so the last
-        wave is not a partial one; an RMSNorm prologue's 1 / rms is reduced once per program.
+        programs along N): fewer, longer programs with equal work (no partial last wave), and an
+        RMSNorm prologue's 1 / rms reduced once per program. Fewer programs also means fewer
+        loads in flight: it paid for qkv at split-K 8, not for gate_up (TUNING's comments).
       rms_in_kernel: prologue "rmsnorm": every program reduces the rows' 1 / rms itself from one
         whole-row load (from L2: every program reads the same rows) instead of taking it from an
         XLA reduction launched before the kernel; used where the rows fit one tile
@@ -132,25 +134,25 @@ TUNING: dict[tuple[str, str, str], GemvConfig] = {
     for n_class in ("n_small", "n_large") for k_class in ("k_short", "k_long")
 }
 # Few row blocks (N <= 8192): split K so that enough programs fill the 132 SMs.
+# M = 16 in the 8B B=16 decode step on the H200 (results/profile_decode_h200_r2.json, run 5):
+# split-K 2 for gate_up (1490 -> 1439 µs per step; the partial sum fuses into XLA's SwiGLU) and split-K 8
+# for down (834 -> 813 µs; was 4 from the H100's standalone sweep).
 TUNING[("m16", "n_small", "k_short")] = dataclasses.replace(_M16, split_k=2)
-TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=4)
-# M = 16 in the 8B B=16 decode step on the H200 (results/profile_decode_h200_r2.json, run 5): split-K 2
-# for gate_up (1490 -> 1439 µs per step; the partial sum fuses into XLA's SwiGLU) and split-K 8 for
-# down (834 -> 813 µs).
-TUNING[("m16", "n_large", "k_short")] = dataclasses.replace(_M16, split_k=2)
 TUNING[("m16", "n_small", "k_long")] = dataclasses.replace(_M16, split_k=8)
+TUNING[("m16", "n_large", "k_short")] = dataclasses.replace(_M16, split_k=2)
 # M = 1 on N <= 8192, chosen inside a real decode step (benchmarks/profile_decode.py, 8B shape,
-# B=1, 4K context; results/profile_decode.json): split-K 4 cut qkv 11.5 -> 10.9 µs and o
-# 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs.
-TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=4)
-# H200 (profile_decode_h200_r2.json, run 5): split-K 8 with two row blocks per program (768
-# programs, as before) cut qkv 375 -> 325 µs per step (o 227 -> 235).
-TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=8, row_blocks=2)
+# B=1, 4K context): on the H100 (results/profile_decode.json) split-K 4 cut qkv 11.5 -> 10.9 µs and
+# o 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs; on
+# the H200 (profile_decode_h200_r2.json, run 5) split-K 8 with two row blocks per program (768
+# programs, as with split-K 4) cut qkv 375 -> 325 µs per step (o 227 -> 235).
+TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=8,
+                                                         row_blocks=2)
 TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block_k=256, split_k=4)
 # M = 1 on N > 8192 (gate_up, lm_head) in the H200 decode step (results/profile_decode_h200_r2.json,
 # runs 1 and 4): 16-row blocks, one program per row block writing the output itself (no split-K
 # sum launch): gate_up 36.2 µs per call, against 37.5 + 1.2 (sum) with bn32 split-K 2 and 39.2
-# with bn32 split-K 1; the 8B step's GPU time 3.246 -> 3.144 ms. ncu on the standalone gate_up
+# with bn32 split-K 1, 37.2-41.3 with 2-4 row blocks per program; the 8B step's GPU time 3.246 ->
+# 3.144 ms. ncu on the standalone gate_up
 # (bn32 bk512 split-K 1, results/ncu_gemv_h200.md): 123 registers/thread cap residency at 4
 # programs per SM (25% occupancy), 896 programs are 1.7 waves, SMs active 80% of the kernel,
 # DRAM 64% of peak.
