@@ -1,7 +1,9 @@
-"""Offline SASS of the decode GEMV (`pallas_kernels.fp8_gemv`) for sm_90, on a machine with no GPU.
+"""Offline SASS of the decode GEMV (`pallas_kernels.fp8_gemv`) or the decode attention kernel
+(`pallas_kernels.decode_attention`) for sm_90, on a machine with no GPU.
 
     pip install triton==3.6.0        # the device image's version; no GPU needed to compile
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --config 32,512,2 --prologue rmsnorm
+    PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --head-dim 64 --kv fp8_token
 
 Lowers the kernel's `pallas_call` for the "cuda" platform (jax's cross-platform lowering), takes
 the Triton IR out of the custom call, compiles it with `triton.compile` for compute capability 9.0
@@ -9,7 +11,8 @@ and counts SASS instructions: shared-memory stores/loads (STS/LDS) and shuffles 
 GEMV loop mean Triton converts a tile's layout every step, which is what made the fused RMSNorm
 prologue slow (fp8_gemv.fetch's docstring). Writes <out>/<name>.{ttgir,ptx,sass} with --out.
 XLA's bundled Triton may differ from pip's in details; counts are a guide, not a
-timing.
+timing. For the attention kernel it also prints the length of the longest loop body (one K/V
+block's instructions per warp, the per-token cost that bytes do not show).
 """
 from __future__ import annotations
 
@@ -74,8 +77,54 @@ def sass_counts(cubin: bytes, path: str) -> collections.Counter:
     return counts
 
 
+def longest_loop(sass: str) -> int:
+    """Instructions in the longest backward-branch range of a SASS listing (a loop body)."""
+    addr = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
+    best = 0
+    for a, text in addr:
+        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < a:
+            best = max(best, sum(int(target.group(1), 16) <= x <= a for x, _ in addr))
+    return best
+
+
+def attention(a):
+    """SASS of the decode-attention kernel at B=16, S=32K, Hq=32, Hkv=8 (the large/long class)."""
+    from pallas_kernels import decode_attention as DA
+    B, S, Hq, Hkv, L, D = 16, 32768, 32, 8, 2, a.head_dim
+    kv_dtype = jnp.bfloat16 if a.kv == "bf16" else jnp.float8_e4m3fn
+    q = jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((L, B, S, Hkv, D), kv_dtype)
+    lens = jax.ShapeDtypeStruct((B,), jnp.int32)
+    cfg = DA.DecodeAttentionConfig(block_k=a.block_k, target_programs=256, num_warps=a.warps,
+                                   num_stages=a.stages)
+    if a.kv == "fp8_token":
+        scales = jax.ShapeDtypeStruct((L, B, S, Hkv), jnp.float32)
+        args = (q, kv, kv, lens, scales, scales)
+    else:
+        args = (q, kv, kv, lens)
+    tensor_scale = None if a.kv == "bf16" else 1.0
+
+    def fn(q, k, v, lens, ks=tensor_scale, vs=tensor_scale):
+        return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg)
+    name = f"decode_attention_D{D}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}"
+    base = os.path.join(a.out, name)
+    kernel = compile_sm90(triton_ir(fn, *args)[0], base + ".ttir", a.warps, a.stages)
+    c = sass_counts(kernel.asm["cubin"], base)
+    with open(base + ".sass") as f:
+        body = longest_loop(f.read())
+    print(f"{name}: {c['total']} SASS instructions, longest loop body {body} (one {a.block_k}-token "
+          f"block per warp); F2FP {c['F2FP']}, MUFU {c['MUFU']}, HMMA {c['HMMA']}, "
+          f"LDGSTS {c['LDGSTS']}, SHFL {c['SHFL']}, BAR {c['BAR']}; files {base}.*")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", default="gemv", choices=("gemv", "attention"))
+    p.add_argument("--head-dim", type=int, default=128, help="attention: D")
+    p.add_argument("--kv", default="fp8_token", choices=("fp8_token", "fp8_tensor", "bf16"),
+                   help="attention: cache dtype and scale granularity")
+    p.add_argument("--block-k", type=int, default=128, help="attention: KV tokens per step")
     p.add_argument("--shape", default="1,28672,4096", help="M,N,K")
     p.add_argument("--config", default="32,512,2", help="block_n,block_k,split_k (FMA if M == 1)")
     p.add_argument("--warps", type=int, default=4)
@@ -85,6 +134,9 @@ def main():
     p.add_argument("--row-blocks", type=int, default=1, help="GemvConfig.row_blocks")
     p.add_argument("--out", default="/tmp/kernel_sass")
     a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.kernel == "attention":
+        return attention(a)
     m, n, k = (int(v) for v in a.shape.split(","))
     bn, bk, sk = (int(v) for v in a.config.split(","))
     cfg = G.GemvConfig(bn, bk, split_k=sk, use_dot=m > 1, prefetch=a.prefetch, num_warps=a.warps,
@@ -99,7 +151,6 @@ def main():
         kw = dict(norm_weight=nw, eps=1e-5) if pro == "rmsnorm" else {}
         return G.fp8_gemv(x, w, None, ws, layout="block", prologue=pro, config=cfg, **kw)
 
-    os.makedirs(a.out, exist_ok=True)
     name = (f"fp8_gemv_{m}x{n}x{k}_{bn}_{bk}_{sk}_{a.prologue}{'_prefetch' if a.prefetch else ''}"
             f"{f'_rb{a.row_blocks}' if a.row_blocks > 1 else ''}")
     base = os.path.join(a.out, name)
