@@ -59,9 +59,9 @@ def copy_ceiling_gbs(nbytes: int = 1 << 30, *, calls: int = 10, stat=statistics.
     return 2 * x.nbytes / stat(call_times(f, x, calls=calls)[0]) / 1e9
 
 
-def gpu_kernel_times(trace_dir: str) -> dict[str, list[float]]:
-    """{kernel name: [duration µs, ...]} for every event on a GPU device track of a
-    `jax.profiler.trace(..., create_perfetto_trace=True)` directory."""
+def gpu_events(trace_dir: str) -> list[tuple[float, float, str]]:
+    """(start µs, duration µs, name) of every event on a GPU device track of a
+    `jax.profiler.trace(..., create_perfetto_trace=True)` directory, sorted by start."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True) + \
         glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
@@ -71,11 +71,39 @@ def gpu_kernel_times(trace_dir: str) -> dict[str, list[float]]:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", "")).upper()}
+    return sorted((float(e["ts"]), float(e["dur"]), e["name"]) for e in events
+                  if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e)
+
+
+def gpu_kernel_times(trace_dir: str) -> dict[str, list[float]]:
+    """{kernel name: [duration µs, ...]} for every event on a GPU device track (`gpu_events`)."""
     out = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e:
-            out[e["name"]].append(float(e["dur"]))
+    for _, dur, name in gpu_events(trace_dir):
+        out[name].append(dur)
     return out
+
+
+def timeline(events, top: int = 5) -> dict:
+    """What a GPU timeline says about idle time. events: (start µs, duration µs, name), sorted.
+
+    Returns span_us (first start to last end), busy_us (the union of the events' intervals, so
+    overlapping events count once), idle_us = span - busy, and the `top` largest idle gaps as
+    (gap µs, name of the event before it, name of the event after it)."""
+    if not events:
+        return dict(span_us=0.0, busy_us=0.0, idle_us=0.0, largest_gaps=[])
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = events[0][0], events[0][0] + events[0][1], events[0][2]
+    for start, dur, name in events[1:]:
+        if start > cur_end:                       # a gap: close the current busy interval
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_name, name))
+            cur_start, cur_end, cur_name = start, start + dur, name
+        elif start + dur > cur_end:
+            cur_end, cur_name = start + dur, name
+    busy += cur_end - cur_start
+    span = cur_end - events[0][0]
+    return dict(span_us=span, busy_us=busy, idle_us=span - busy,
+                largest_gaps=sorted(gaps, reverse=True)[:top])
 
 
 def kernel_time(fn, args, calls: int = 10) -> tuple[float, dict[str, float]]:

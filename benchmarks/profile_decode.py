@@ -8,11 +8,14 @@ the decode loop in one jit), runs `steps` decode steps under `jax.profiler.trace
 Perfetto trace it writes: every GPU kernel's duration, summed by kernel name and divided by the
 number of steps. Writes `profile_decode.json` (per row: kernels sorted by time per step, their
 count per step, the GPU-busy time per step, the measured wall step) and prints a table per row.
-The gap between wall time per step and GPU-busy time per step is launch gaps and idle time.
+It also reads the GPU timeline itself (`harness.timeline`): its span per step and the idle time
+inside it (gaps between kernels: launch gaps, or a GPU waiting on the host), with the largest
+gaps and the kernels around them, so "wall > busy" can be told apart from inflated kernels.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -21,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_e2e  # noqa: E402  (same directory: reuses its model and state set-up)
-from harness import gpu_kernel_times  # noqa: E402
+from harness import gpu_events, timeline  # noqa: E402
 
 
 def profile_row(bench, preset, mode, B, ctx, steps):
@@ -42,12 +45,17 @@ def profile_row(bench, preset, mode, B, ctx, steps):
         with jax.profiler.trace(d, create_perfetto_trace=True):
             state = dec.decode_fn(params, state, stops, max_new, u)
             jax.block_until_ready(state.tokens)
-        times = gpu_kernel_times(d)
+        events = gpu_events(d)
+    times = collections.defaultdict(list)
+    for _, dur, name in events:
+        times[name].append(dur)
     kernels = sorted(((name, sum(v) / steps, len(v) / steps) for name, v in times.items()),
                      key=lambda r: -r[1])
     busy = sum(r[1] for r in kernels)
+    tl = timeline(events)
     return dict(preset=preset, mode=mode, batch=B, ctx=ctx, steps=steps, wall_ms_per_step=wall_ms,
-                gpu_busy_us_per_step=busy,
+                gpu_busy_us_per_step=busy, gpu_span_us_per_step=tl["span_us"] / steps,
+                gpu_idle_us_per_step=tl["idle_us"] / steps, largest_gaps=tl["largest_gaps"],
                 kernels=[dict(name=n, us_per_step=us, count_per_step=c) for n, us, c in kernels])
 
 
@@ -118,7 +126,10 @@ def main(argv=None):
             results.append(r)
             print(f"\n## {preset} {mode} B={B} ctx={ctx} [{variant or 'committed tables'}]: wall "
                   f"{r['wall_ms_per_step']:.3f} ms/step, GPU busy "
-                  f"{r['gpu_busy_us_per_step'] / 1e3:.3f} ms/step")
+                  f"{r['gpu_busy_us_per_step'] / 1e3:.3f} ms/step, GPU timeline span "
+                  f"{r['gpu_span_us_per_step'] / 1e3:.3f} ms/step of which idle "
+                  f"{r['gpu_idle_us_per_step']:.1f} µs; largest gaps (µs, before, after): "
+                  + "; ".join(f"{g:.1f} {a[:30]} -> {b[:30]}" for g, a, b in r["largest_gaps"][:3]))
             print(f"{'us/step':>9} {'n/step':>7}  kernel")
             for k in r["kernels"][:args.top]:
                 print(f"{k['us_per_step']:9.1f} {k['count_per_step']:7.1f}  {k['name'][:110]}")

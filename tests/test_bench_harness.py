@@ -1,0 +1,44 @@
+"""The benchmark harness's trace reading (benchmarks/harness.py): GPU events from a Perfetto trace
+and the idle time of a GPU timeline. Synthetic traces: no GPU needed."""
+import gzip
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import harness  # noqa: E402
+
+
+def test_timeline_union_and_gaps():
+    # (start, duration, name), sorted: a 2 µs gap after "a", "c" overlaps "b", a 5 µs gap after "c"
+    events = [(0.0, 3.0, "a"), (5.0, 4.0, "b"), (6.0, 6.0, "c"), (17.0, 1.0, "d")]
+    tl = harness.timeline(events)
+    assert tl["span_us"] == pytest.approx(18.0)
+    assert tl["busy_us"] == pytest.approx(3.0 + 7.0 + 1.0)   # [0,3) + [5,12) + [17,18)
+    assert tl["idle_us"] == pytest.approx(7.0)
+    assert tl["largest_gaps"] == [(5.0, "c", "d"), (2.0, "a", "b")]
+    assert harness.timeline([]) == dict(span_us=0.0, busy_us=0.0, idle_us=0.0, largest_gaps=[])
+
+
+def test_gpu_events_reads_only_gpu_tracks(tmp_path):
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "ts": 0, "dur": 50, "name": "host_op"},
+        {"ph": "X", "pid": 2, "ts": 10, "dur": 4, "name": "fp8_gemv"},
+        {"ph": "X", "pid": 2, "ts": 2, "dur": 3, "name": "jfp8_decode_attention"},
+        {"ph": "X", "pid": 2, "ts": 20, "dur": 4, "name": "fp8_gemv"},
+    ]}
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump(trace, f)
+    events = harness.gpu_events(str(tmp_path))
+    assert events == [(2.0, 3.0, "jfp8_decode_attention"), (10.0, 4.0, "fp8_gemv"),
+                      (20.0, 4.0, "fp8_gemv")]
+    assert dict(harness.gpu_kernel_times(str(tmp_path))) == {
+        "jfp8_decode_attention": [3.0], "fp8_gemv": [4.0, 4.0]}
+    with pytest.raises(FileNotFoundError, match="no trace json"):
+        harness.gpu_events(str(tmp_path / "plugins" / "nothing"))
