@@ -114,8 +114,8 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
         per-tensor, per-token with per-channel, 1×128 with 128×128). A weights-only recipe keeps x
         in high precision (W8A16).
       prologue: optional `jfp8.RMSNorm` / `jfp8.SwiGLU` (jfp8.prologue) applied to x first, fused
-        into the decode kernel where that measured faster (SwiGLU, W8A16, M == 1), in XLA
-        otherwise. With SwiGLU x is (..., 2K) = [gate | up].
+        into the decode kernel where that measured faster (W8A16, M == 1:
+        `jfp8._matmul_pallas.FUSED_PROLOGUES`), in XLA otherwise. With SwiGLU x is (..., 2K) = [gate | up].
     Returns: (..., N) array of out_dtype.
     """
     _check_weight(wq)

@@ -91,8 +91,6 @@ class FP8Linear(nnx.Module):
         inputs = jnp.asarray(inputs)
         kernel = _value(self.kernel)
         bias = _value(self.bias) if self.bias is not None else None
-        if prologue is not None and not isinstance(kernel, QArray):
-            inputs, prologue = prologue(inputs), None
         if isinstance(kernel, QArray):
             k_in = self.in_features if prologue is None else prologue.in_features(self.in_features)
             if kernel.shape != (self.out_features, self.in_features) or inputs.shape[-1] != k_in:
