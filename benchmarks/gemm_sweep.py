@@ -24,6 +24,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gemm import bench, make_operands, rel_err  # noqa: E402
+from gemm import shapes as gemm_shapes  # noqa: E402
+from gemm import variants as gemm_variants  # noqa: E402
 from pallas_kernels import _triton_fp8_shim  # noqa: E402
 from pallas_kernels import fp8_gemm as G  # noqa: E402
 from pallas_kernels import fp8_gemm_mgpu as MG  # noqa: E402
@@ -64,6 +66,14 @@ ROUNDS = {
                 MC(64, 128, "m", 4, "m", 8, overlap=True), MC(64, 128, "m", 3, "m", 8, overlap=True),
                 MC(64, 128, "m", 5, "m", 8, overlap=True), MC(64, 128, "n", 4, "n", 8, overlap=True),
                 MC(64, 128, "m", 4, "m", 8, overlap=True, tile_b_scale=False)]),
+    # Round 3 (H200): TMA multicast across a 2-CTA cluster (MgpuConfig.cluster), XLA's bf16 and
+    # per-tensor FP8 dots timed in the same run for the ratios.
+    3: dict(
+        xla=["xla_bf16", "xla_fp8_tensor"],
+        mosaic=[MC(64, 128, "m", 4, "m", 8), MC(64, 128, "m", 4, "m", 8, cluster="m"),
+                MC(64, 128, "m", 4, "m", 8, cluster="n"), MC(64, 128, "m", 4, "n", 8, cluster="m"),
+                MC(64, 128, "m", 5, "m", 8, cluster="m"), MC(64, 128, "m", 4, "m", 16, cluster="m"),
+                MC(64, 128, "n", 4, "m", 8, cluster="m")]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]
@@ -74,8 +84,9 @@ def main():
   p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--kernels", default="triton_block,triton_plain,mosaic")
+  p.add_argument("--kernels", default="xla,triton_block,triton_plain,mosaic")
   p.add_argument("--shapes", type=int, default=len(SHAPES))
+  p.add_argument("--labels", default="", help="comma-separated gemm.py shape labels (overrides --shapes)")
   p.add_argument("--round", type=int, default=max(ROUNDS), choices=sorted(ROUNDS))
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -86,25 +97,37 @@ def main():
               timing=f"median of {args.reps} batches x {args.calls} calls")
   lists = ROUNDS[args.round]
   meta["round"] = args.round
-  groups = {"triton_block": ("block", lists["triton_block"], G.fp8_gemm),
-            "triton_plain": ("tensor", lists["triton_plain"], G.fp8_gemm),
-            "mosaic": ("block", lists["mosaic"], MG.fp8_gemm)}
+  groups = {"triton_block": ("block", lists.get("triton_block", ()), G.fp8_gemm),
+            "triton_plain": ("tensor", lists.get("triton_plain", ()), G.fp8_gemm),
+            "mosaic": ("block", lists.get("mosaic", ()), MG.fp8_gemm),
+            "xla": ("tensor", lists.get("xla", ()), None)}
+  xla = gemm_variants()
   rows = []
-  for m, n, k, label in SHAPES[:args.shapes]:
-    _, _, q = make_operands(m, n, k)
+  todo = SHAPES[:args.shapes]
+  if args.labels:  # any of gemm.py's shapes, by label
+    by_label = {s[3]: s for s in gemm_shapes()}
+    todo = [by_label[x] for x in args.labels.split(",")]
+  for m, n, k, label in todo:
+    a16, b16, q = make_operands(m, n, k)
     refs = {}
     for group in args.kernels.split(","):
       layout, configs, fn = groups[group]
-      if group == "mosaic" and not MG.available():
+      if (group == "mosaic" and not MG.available()) or not configs:
         continue
       ops = q[layout]
       if layout not in refs:
         refs[layout] = G.fp8_gemm_reference(*ops, layout=layout, out_dtype=jnp.float32)
       for cfg in configs:
-        row = dict(shape=label, m=m, n=n, k=k, kernel=group, layout=layout, config=vars(cfg))
+        row = dict(shape=label, m=m, n=n, k=k, kernel=group, layout=layout,
+                   config=vars(cfg) if fn is not None else dict(name=cfg))
         try:
-          f = jax.jit(lambda a, b, sa, sb, cfg=cfg: fn(a, b, sa, sb, layout=layout, config=cfg))
-          t, out = bench(f, *ops, calls=args.calls, reps=args.reps)
+          if fn is None:   # an XLA baseline: bf16 operands for xla_bf16
+            f = xla[cfg][1]
+            args_ = (a16, b16) if cfg == "xla_bf16" else ops
+          else:
+            f = jax.jit(lambda a, b, sa, sb, cfg=cfg: fn(a, b, sa, sb, layout=layout, config=cfg))
+            args_ = ops
+          t, out = bench(f, *args_, calls=args.calls, reps=args.reps)
           row.update(time_us=t * 1e6, tflops=2 * m * n * k / t / 1e12,
                      rel_err=rel_err(out, refs[layout]))
           del out
@@ -113,7 +136,7 @@ def main():
           traceback.print_exc(limit=3)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    del q, refs
+    del a16, b16, q, refs
   lines = [f"# FP8 GEMM tile sweep, {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
            f"{meta['timing']}; shim: {meta['triton_shim']}", "",
            "| kernel | layout | shape | config | TFLOP/s | rel err |", "|---|---|---|---|---|---|"]

@@ -65,6 +65,10 @@ class MgpuConfig:
       tile_n == 128, per-tensor), combine it with the activation row scales into one row vector
       (one FFMA per element per K step instead of FMUL + FFMA). The row layout always takes
       per-column weight scales.
+    cluster: None, or "m" / "n": two CTAs per cluster take neighbouring output tiles along that
+      axis and share the other operand's tile, which TMA multicasts to both (half the L2 -> SMEM
+      traffic for that operand; DeepGEMM's scheme). Needs the tile count along that axis even
+      (the wrapper pads M; N must divide).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -75,12 +79,15 @@ class MgpuConfig:
   epi_m: int = 64
   overlap: bool = False
   tile_b_scale: bool = True
+  cluster: str | None = None
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
       raise ValueError(f"MgpuConfig: wg_dim/grid_minor must be 'm' or 'n', got {self}")
     if self.tile_m % 64 or self.tile_n % 64 or self.tile_m % self.epi_m:
       raise ValueError(f"MgpuConfig: tile_m, tile_n multiples of 64 (wgmma), epi_m | tile_m: {self}")
+    if self.cluster not in (None, "m", "n"):
+      raise ValueError(f"MgpuConfig: cluster must be None, 'm' or 'n', got {self.cluster!r}")
 
   @property
   def cta_m(self) -> int:
@@ -89,6 +96,19 @@ class MgpuConfig:
   @property
   def cta_n(self) -> int:
     return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+  @property
+  def cluster_size(self) -> int:
+    return 1 if self.cluster is None else 2
+
+  @property
+  def cluster_m(self) -> int:
+    """Rows of output one cluster covers (the M padding unit)."""
+    return self.cta_m * (2 if self.cluster == "m" else 1)
+
+  @property
+  def cluster_n(self) -> int:
+    return self.cta_n * (2 if self.cluster == "n" else 1)
 
 
 # Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep.json, H100).
@@ -105,6 +125,8 @@ def config_for(m: int, n: int, k: int, layout: str) -> MgpuConfig:
   cfg = TUNING[cls]
   if n % cfg.cta_n and cfg.wg_dim == "n":  # avoid padding the weight when an M split fits
     cfg = dataclasses.replace(cfg, wg_dim="m")
+  if n % cfg.cluster_n:  # a cluster along N would pad the weight: pair CTAs along M instead
+    cfg = dataclasses.replace(cfg, cluster="m" if cfg.cluster else None)
   return cfg
 
 
@@ -133,7 +155,7 @@ def supports(m: int, n: int, k: int, layout: str) -> bool:
   if layout not in LAYOUTS or not available():
     return False
   cfg = config_for(m, n, k, layout)
-  return k % TILE_K == 0 and n % cfg.cta_n == 0
+  return k % TILE_K == 0 and n % cfg.cluster_n == 0
 
 
 def _uses_tile_b_scale(cfg: MgpuConfig, layout: str) -> bool:
@@ -165,6 +187,10 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
   # tile_m times so it loads in the same row layout as the activation scales.
   b_width = (cta_n // tile_n) * tile_m if tile_b else cta_n
 
+  # Clustered CTAs share one operand's tile: TMA multicasts it (collective BlockSpec).
+  shared_a = ("cluster",) if cfg.cluster == "n" else ()
+  shared_b = ("cluster",) if cfg.cluster == "m" else ()
+
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body,
@@ -172,9 +198,9 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
         memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((cta_m, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, collective_axes=shared_a),
             plgpu.BlockSpec((cta_n, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
-                            memory_space=plgpu.SMEM),
+                            memory_space=plgpu.SMEM, collective_axes=shared_b),
             plgpu.BlockSpec((1, cta_m), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
             plgpu.BlockSpec((1, b_width), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
         ],
@@ -197,11 +223,17 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
   def _scope(allocs, out_smem, bias_smem=None, bias_barrier=None):
     wg = lax.axis_index("wg")
     minor = 0 if cfg.grid_minor == "m" else 1
+    pair_m = 2 if cfg.cluster == "m" else 1
+    pair_n = 2 if cfg.cluster == "n" else 1
 
-    @plgpu.nd_loop((num_m * num_n,), collective_axes="cluster_grid")
+    @plgpu.nd_loop((num_m // pair_m * num_n // pair_n,), collective_axes="cluster_grid")
     def _tile_loop(info):
       (lin,) = info.index
-      i_m, i_n = plgpu.planar_snake(lin, (num_m, num_n), minor, cfg.grid_tile_width)
+      i_m, i_n = plgpu.planar_snake(lin, (num_m // pair_m, num_n // pair_n), minor,
+                                    cfg.grid_tile_width)
+      if cfg.cluster is not None:  # this CTA's tile of the cluster's pair
+        cta = lax.axis_index("cluster")
+        i_m, i_n = (i_m * 2 + cta, i_n) if cfg.cluster == "m" else (i_m, i_n * 2 + cta)
       ms = pl.ds(i_m * cta_m, cta_m)
       ns = pl.ds(i_n * cta_n, cta_n)
       wm = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else slice(None)
@@ -307,7 +339,7 @@ def fp8_gemm(a, b, a_scale, b_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
 def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_sms):
   m, k = a.shape
   n = b.shape[0]
-  m_pad, n_pad, k_pad = _round_up(m, cfg.cta_m), _round_up(n, cfg.cta_n), _round_up(k, TILE_K)
+  m_pad, n_pad, k_pad = _round_up(m, cfg.cluster_m), _round_up(n, cfg.cluster_n), _round_up(k, TILE_K)
   num_k = k_pad // TILE_K
   f32 = jnp.float32
   a = _pad_to(a, (m_pad, k_pad))
@@ -338,9 +370,9 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_s
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
-      grid=(num_sms,),
+      grid=(num_sms // cfg.cluster_size,),
       grid_names=("cluster_grid",),
-      cluster=(1,),
+      cluster=(cfg.cluster_size,),
       cluster_names=("cluster",),
       num_threads=3,
       thread_name="wg",
