@@ -271,6 +271,32 @@ def test_mosaic_gpu_overlap_variant(layout):
   assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", G.LAYOUTS)
+@pytest.mark.parametrize("cluster", ["m", "n"])
+def test_mosaic_gpu_cluster_variant(layout, cluster):
+  # Two CTAs per cluster sharing one operand's tile through TMA multicast: same function as the
+  # plain kernel, on a shape whose M tile count is odd (the wrapper pads M to the cluster pair).
+  from pallas_kernels import fp8_gemm_mgpu as MG
+  if not MG.available():
+    pytest.skip(f"Mosaic GPU FP8 GEMM unavailable: {MG.unavailable_reason()}")
+  m, n, k = 384, 512, 1152
+  a, b, sa, sb, bias = make_inputs(23, layout, m, n, k)
+  ref = G.fp8_gemm_reference(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32)
+  cfg = MG.MgpuConfig(64, 128, "m", 4, "m", 8, cluster=cluster)
+  out = MG.fp8_gemm(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32, config=cfg)
+  assert out.shape == (m, n)
+  assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
+
+
+def test_mgpu_cluster_config():
+  from pallas_kernels import fp8_gemm_mgpu as MG
+  cfg = MG.MgpuConfig(64, 128, "m", 4, "m", 8, cluster="m")
+  assert (cfg.cluster_size, cfg.cluster_m, cfg.cluster_n) == (2, 256, 128)
+  with pytest.raises(ValueError, match="cluster"):
+    MG.MgpuConfig(cluster="k")
+
+
 def test_mgpu_module_imports_and_validates():
   # Importing must work on CPU jax (guarded imports); validation runs before any lowering.
   from pallas_kernels import fp8_gemm_mgpu as MG
@@ -283,8 +309,9 @@ def test_mgpu_module_imports_and_validates():
   assert out.shape == (8, 64)
 
 
-@pytest.mark.parametrize("layout,overlap", [("block", False), ("row", True)])
-def test_mgpu_kernel_lowers_for_cuda(layout, overlap):
+@pytest.mark.parametrize("layout,overlap,cluster", [("block", False, None), ("row", True, None),
+                                                    ("block", False, "m"), ("tensor", False, "n")])
+def test_mgpu_kernel_lowers_for_cuda(layout, overlap, cluster):
   # Traces the Mosaic GPU kernel body and lowers it for CUDA without a GPU: catches kernel-body
   # errors on CPU CI (it cannot run here; the gpu-marked tests check its numerics).
   from pallas_kernels import fp8_gemm_mgpu as MG
@@ -295,6 +322,7 @@ def test_mgpu_kernel_lowers_for_cuda(layout, overlap):
   args = (jax.ShapeDtypeStruct((m, k), E4M3), jax.ShapeDtypeStruct((n, k), E4M3),
           jax.ShapeDtypeStruct(sa_shape, jnp.float32), jax.ShapeDtypeStruct(sb_shape, jnp.float32),
           jax.ShapeDtypeStruct((n,), jnp.float32))
-  cfg = MG.MgpuConfig(64, 128, "n" if overlap else "m", 3, "n", 8, overlap=overlap)
+  cfg = MG.MgpuConfig(64, 128, "n" if overlap else "m", 3, "n", 8, overlap=overlap,
+                      cluster=cluster)
   MG._fp8_gemm_jit.trace(*args, layout=layout, out_dtype=jnp.dtype(jnp.bfloat16), cfg=cfg,
                          num_sms=132).lower(lowering_platforms=("cuda",))
