@@ -68,7 +68,8 @@ class MgpuConfig:
     cluster: None, or "m" / "n": two CTAs per cluster take neighbouring output tiles along that
       axis and share the other operand's tile, which TMA multicasts to both (half the L2 -> SMEM
       traffic for that operand; DeepGEMM's scheme). Needs the tile count along that axis even
-      (the wrapper pads M; N must divide).
+      (the wrapper pads M; N must divide). H200: +1-4% on some shapes, not others
+      (results/gemm_sweep_r3_h200.md), so no table entry uses it.
   """
   tile_m: int = 64
   tile_n: int = 128
