@@ -227,7 +227,7 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
     pair_m = 2 if cfg.cluster == "m" else 1
     pair_n = 2 if cfg.cluster == "n" else 1
 
-    @plgpu.nd_loop((num_m // pair_m * num_n // pair_n,), collective_axes="cluster_grid")
+    @plgpu.nd_loop(((num_m // pair_m) * (num_n // pair_n),), collective_axes="cluster_grid")
     def _tile_loop(info):
       (lin,) = info.index
       i_m, i_n = plgpu.planar_snake(lin, (num_m // pair_m, num_n // pair_n), minor,
