@@ -44,7 +44,7 @@ INTERPRET = os.environ.get("BENCH_INTERPRET") == "1"   # CPU dry run of the scri
 # Rank configs (and report) by GPU kernel time from a profiler trace; wall time is kept too.
 TRACE = not INTERPRET and os.environ.get("BENCH_TRACE", "1") == "1"
 METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16",
-           "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel"]
+           "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_ds", "ours_fp8_tok_ds"]
 
 
 def _timeit(fn, args, calls=10, rounds=5):
@@ -122,7 +122,7 @@ def make_methods(data, B, S, n, config=None):
     except ImportError as e:  # pragma: no cover
         print("pallas ops import failed", e)
 
-    def ours(stacked_k, stacked_v, ks, vs, partials_only=False, cfg=config):
+    def ours(stacked_k, stacked_v, ks, vs, partials_only=False, cfg=config, v_layout="sd"):
         cfg_ = cfg or da.config_for(B, S)
 
         def f(qs, k, v, ks, vs):
@@ -134,7 +134,8 @@ def make_methods(data, B, S, n, config=None):
                         interpret=INTERPRET, partials_only=True))
                 else:
                     outs.append(da.decode_attention(qs[l], k, v, lengths, ks, vs, layer=l,
-                                                    config=cfg_, interpret=INTERPRET))
+                                                    config=cfg_, interpret=INTERPRET,
+                                                    v_layout=v_layout))
             return outs
         return jax.jit(f), (data["qs"], stacked_k, stacked_v, ks, vs)
 
@@ -145,7 +146,7 @@ def bytes_read(method, B, S):
     kv = 2 * B * S * HKV * D
     if method in ("xla_bf16", "cudnn_bf16", "pallas_ops_bf16", "ours_bf16"):
         return 2 * kv
-    if method == "ours_fp8_tok":
+    if method in ("ours_fp8_tok", "ours_fp8_tok_ds"):
         return kv + 2 * B * S * HKV * 4
     return kv
 
@@ -214,15 +215,21 @@ def run_shape(B, S, sweep_configs, log):
     k8t = jnp.stack([a for a, _ in tok]); kst = jnp.stack([s for _, s in tok]); del tok
     v8t = jnp.stack([a for a, _ in tov]); vst = jnp.stack([s for _, s in tov]); del tov
     record("ours_fp8_tok", ours(k8t, v8t, kst, vst, cfg=cfg))
+    # The same two with V stored (..., Hkv, D, S) (decode_attention's v_layout="ds").
+    to_ds = jax.jit(lambda v: jnp.moveaxis(v, -3, -1))
+    record("ours_fp8_ds", ours(k8, to_ds(v8), data["k8s"], data["v8s"], cfg=cfg, v_layout="ds"))
+    record("ours_fp8_tok_ds", ours(k8t, to_ds(v8t), kst, vst, cfg=cfg, v_layout="ds"))
     # Accuracy of the timed configuration, layer 0, vs the f32 reference (when it fits).
     if B * S <= 8 * 32768:
         q0 = data["qs"][0]
         lengths = jnp.full((B,), S, jnp.int32)
-        for name, (kk, vv, ks, vs) in {"ours_fp8": (k8, v8, data["k8s"], data["v8s"]),
-                                       "ours_fp8_tok": (k8t, v8t, kst, vst)}.items():
+        for name, (kk, vv, ks, vs, vl) in {
+                "ours_fp8": (k8, v8, data["k8s"], data["v8s"], "sd"),
+                "ours_fp8_tok": (k8t, v8t, kst, vst, "sd"),
+                "ours_fp8_tok_ds": (k8t, to_ds(v8t), kst, vst, "ds")}.items():
             o = da.decode_attention(q0, kk, vv, lengths, ks, vs, layer=0, config=cfg,
-                                    interpret=INTERPRET)
-            r = da.decode_attention_reference(q0, kk, vv, lengths, ks, vs, layer=0)
+                                    interpret=INTERPRET, v_layout=vl)
+            r = da.decode_attention_reference(q0, kk, vv, lengths, ks, vs, layer=0, v_layout=vl)
             o, r = o.astype(jnp.float32), r.astype(jnp.float32)
             row.setdefault("rel_err_vs_f32_reference", {})[name] = float(
                 jnp.linalg.norm(o - r) / jnp.linalg.norm(r))

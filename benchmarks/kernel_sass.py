@@ -95,19 +95,20 @@ def attention(a):
     kv_dtype = jnp.bfloat16 if a.kv == "bf16" else jnp.float8_e4m3fn
     q = jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((L, B, S, Hkv, D), kv_dtype)
+    vv = kv if a.v_layout == "sd" else jax.ShapeDtypeStruct((L, B, Hkv, D, S), kv_dtype)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     cfg = DA.DecodeAttentionConfig(block_k=a.block_k, target_programs=256, num_warps=a.warps,
                                    num_stages=a.stages)
     if a.kv == "fp8_token":
         scales = jax.ShapeDtypeStruct((L, B, S, Hkv), jnp.float32)
-        args = (q, kv, kv, lens, scales, scales)
+        args = (q, kv, vv, lens, scales, scales)
     else:
-        args = (q, kv, kv, lens)
+        args = (q, kv, vv, lens)
     tensor_scale = None if a.kv == "bf16" else 1.0
 
     def fn(q, k, v, lens, ks=tensor_scale, vs=tensor_scale):
-        return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg)
-    name = f"decode_attention_D{D}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}"
+        return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg, v_layout=a.v_layout)
+    name = f"decode_attention_D{D}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}_v{a.v_layout}"
     base = os.path.join(a.out, name)
     kernel = compile_sm90(triton_ir(fn, *args)[0], base + ".ttir", a.warps, a.stages)
     c = sass_counts(kernel.asm["cubin"], base)
@@ -125,6 +126,7 @@ def main():
     p.add_argument("--kv", default="fp8_token", choices=("fp8_token", "fp8_tensor", "bf16"),
                    help="attention: cache dtype and scale granularity")
     p.add_argument("--block-k", type=int, default=128, help="attention: KV tokens per step")
+    p.add_argument("--v-layout", default="sd", choices=("sd", "ds"), help="attention: V cache layout")
     p.add_argument("--shape", default="1,28672,4096", help="M,N,K")
     p.add_argument("--config", default="32,512,2", help="block_n,block_k,split_k (FMA if M == 1)")
     p.add_argument("--warps", type=int, default=4)

@@ -43,10 +43,12 @@ except AttributeError:  # pragma: no cover
 
 from pallas_kernels import triton_compat
 
-__all__ = ["DecodeAttentionConfig", "CONFIGS", "config_for", "decode_attention",
+__all__ = ["DecodeAttentionConfig", "CONFIGS", "V_LAYOUTS", "config_for", "decode_attention",
            "decode_attention_reference", "reference_math"]
 
 _LOG2E = math.log2(math.e)
+#: V cache layouts: "sd" = (..., S, Hkv, D) like K; "ds" = (..., Hkv, D, S).
+V_LAYOUTS = ("sd", "ds")
 MAX_QUERY_TOKENS = 16
 
 
@@ -119,7 +121,7 @@ def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, num_blocks: int, num_splits: int, num_queries: int,
                              group: int, rows: int, max_len: int, per_token_scales: bool, dot_dtype,
-                             v_boost: float, sm_scale: float):
+                             v_boost: float, sm_scale: float, v_ds: bool = False):
     if per_token_scales:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
     else:
@@ -184,9 +186,21 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
             # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone
             # in the combine.
             p = p * (vs * v_boost)[None, :]
-        v = load_kv(v_ref, off, bounded)                                       # (bk, D)
-        acc = acc * alpha[:, None] + lax.dot_general(
-            p.astype(dot_dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        if v_ds:   # V stored (D, S) per head: the MMA reads it along tokens without byte loads
+            vt_ref = v_ref.at[layer, :, pl.ds(off, block_k)]                   # (D, bk)
+            if bounded:
+                in_bounds = ((off + cols) < max_len)[None, :]
+                v = jnp.where(in_bounds, _load(vt_ref, mask=in_bounds, other=None).astype(
+                    dot_dtype), 0.0).astype(dot_dtype)
+            else:
+                v = vt_ref[...].astype(dot_dtype)
+            pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        else:
+            v = load_kv(v_ref, off, bounded)                                   # (bk, D)
+            pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + pv
         return m_new, l, acc
 
     D = q.shape[1]
@@ -249,14 +263,24 @@ def _scale_mode(name, scale, k_shape, stacked):
                      f"head) scale of shape {tuple(k_shape[:-1])}, got {shape}")
 
 
-def _validate(q, k, v, lengths, k_scale, v_scale, layer):
+def _v_shape(k_shape, v_layout):
+    """The V cache shape for a K cache shape: the same, or (..., Hkv, D, S) for v_layout "ds"."""
+    if v_layout == "sd":
+        return tuple(k_shape)
+    *lead, S, Hkv, D = k_shape
+    return (*lead, Hkv, D, S)
+
+
+def _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout="sd"):
     if q.ndim != 4:
         raise ValueError(f"q: expected (B, T, Hq, D), got shape {q.shape}")
     if k.ndim not in (4, 5):
         raise ValueError(f"k: expected (B, S, Hkv, D) or (L, B, S, Hkv, D), got shape {k.shape}")
-    if v.shape != k.shape or v.dtype != k.dtype:
-        raise ValueError(f"v: expected shape {k.shape} and dtype {k.dtype} like k, "
-                         f"got {v.shape} {v.dtype}")
+    if v_layout not in V_LAYOUTS:
+        raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
+    if tuple(v.shape) != _v_shape(k.shape, v_layout) or v.dtype != k.dtype:
+        raise ValueError(f"v: expected shape {_v_shape(k.shape, v_layout)} (v_layout "
+                         f"{v_layout!r}) and dtype {k.dtype} like k, got {v.shape} {v.dtype}")
     stacked = k.ndim == 5
     if stacked and layer is None:
         raise ValueError("layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
@@ -299,9 +323,10 @@ def _per_layer_scalar(scale, layer, stacked):
     return scale.reshape(())
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "partials_only"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "partials_only",
+                                             "v_layout"))
 def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale, config,
-                          interpret, partials_only=False):
+                          interpret, partials_only=False, v_layout="sd"):
     B, T, Hq, D = q.shape
     L, _, S, Hkv, _ = k.shape
     G = Hq // Hkv
@@ -336,14 +361,16 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         _decode_attention_kernel, block_k=config.block_k,
         num_blocks=pl.cdiv(S, config.block_k), num_splits=splits,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
-        v_boost=v_boost, sm_scale=sm_scale)
+        v_boost=v_boost, sm_scale=sm_scale, v_ds=v_layout == "ds")
     kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
+    v_spec = kv_spec if v_layout == "sd" else pl.BlockSpec((L, None, None, D, S),
+                                                           lambda h, s, b: (0, b, h, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer
         pl.BlockSpec((1,), lambda h, s, b: (b,)),                       # lengths
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # qk_scale
         pl.BlockSpec((None, None, R, D), lambda h, s, b: (b, h, 0, 0)),  # q rows of one KV head
-        kv_spec, kv_spec]
+        kv_spec, v_spec]
     args = [layer_arr, lengths, qk_scale, qg, k, v]
     if per_token:
         scale_spec = pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h))
@@ -397,7 +424,8 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
 
 def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
                      sm_scale: float | None = None,
-                     config: DecodeAttentionConfig | None = None, interpret: bool = False):
+                     config: DecodeAttentionConfig | None = None, interpret: bool = False,
+                     v_layout: str = "sd"):
     """Attention of T new query tokens over a (ragged) KV cache; returns (B, T, Hq, D) bfloat16.
 
     Args:
@@ -412,8 +440,13 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
         sm_scale: softmax scale, default D ** -0.5.
         config: override the tuned `config_for(B, S)`.
         interpret: run the Pallas kernel in interpret mode (CPU tests).
+        v_layout: "sd" (v shaped like k) or "ds": v (B, Hkv, D, S) / (L, B, Hkv, D, S), each
+            head's D rows of S tokens contiguous (vLLM's V layout), so the P.V product reads V
+            along tokens as the MMA wants it instead of byte by byte (offline SASS: 15-23% fewer
+            instructions per block, results/decode_attention_notes.md). Not yet timed on a GPU;
+            the KV cache stores "sd".
     """
-    stacked, _ = _validate(q, k, v, lengths, k_scale, v_scale, layer)
+    stacked, _ = _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout)
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if not stacked:
@@ -424,14 +457,17 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
     if config is None:
         config = config_for(q.shape[0], k.shape[2])
     return _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, sm_scale=sm_scale,
-                                 config=config, interpret=interpret)
+                                 config=config, interpret=interpret, v_layout=v_layout)
 
 
 def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
-                               sm_scale: float | None = None, config=None, interpret=False):
+                               sm_scale: float | None = None, config=None, interpret=False,
+                               v_layout: str = "sd"):
     """Plain-JAX f32 reference of `decode_attention`, same signature (config/interpret ignored)."""
     del config, interpret
-    stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer)
+    stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout)
+    if v_layout == "ds":   # (..., Hkv, D, S) -> (..., S, Hkv, D)
+        v = jnp.moveaxis(v, -1, -3)
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if stacked:
