@@ -256,34 +256,25 @@ def test_mosaic_gpu_matches_reference(layout, m, n, k):
     assert rel_err(out, ref) < GPU_TOL[jnp.dtype(out_dtype)]
 
 
+# Schedule variants that must compute the same function as the plain kernel: the promotion
+# overlapped with the next wgmma, and 2-CTA clusters sharing one operand's tile through TMA
+# multicast (M = 384 is an odd number of 128-row tiles: the wrapper pads M to the cluster pair).
+MGPU_VARIANTS = {"overlap": dict(max_concurrent_steps=3, overlap=True),
+                 "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n")}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", G.LAYOUTS)
-def test_mosaic_gpu_overlap_variant(layout):
-  # The promotion-overlapped schedule must compute the same function as the plain one.
+@pytest.mark.parametrize("variant", sorted(MGPU_VARIANTS))
+def test_mosaic_gpu_schedule_variants(layout, variant):
   from pallas_kernels import fp8_gemm_mgpu as MG
   if not MG.available():
     pytest.skip(f"Mosaic GPU FP8 GEMM unavailable: {MG.unavailable_reason()}")
   m, n, k = 384, 512, 1152
   a, b, sa, sb, bias = make_inputs(17, layout, m, n, k)
   ref = G.fp8_gemm_reference(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32)
-  cfg = MG.MgpuConfig(64, 128, "m", 3, "m", 8, overlap=True)
-  out = MG.fp8_gemm(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32, config=cfg)
-  assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", G.LAYOUTS)
-@pytest.mark.parametrize("cluster", ["m", "n"])
-def test_mosaic_gpu_cluster_variant(layout, cluster):
-  # Two CTAs per cluster sharing one operand's tile through TMA multicast: same function as the
-  # plain kernel, on a shape whose M tile count is odd (the wrapper pads M to the cluster pair).
-  from pallas_kernels import fp8_gemm_mgpu as MG
-  if not MG.available():
-    pytest.skip(f"Mosaic GPU FP8 GEMM unavailable: {MG.unavailable_reason()}")
-  m, n, k = 384, 512, 1152
-  a, b, sa, sb, bias = make_inputs(23, layout, m, n, k)
-  ref = G.fp8_gemm_reference(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32)
-  cfg = MG.MgpuConfig(64, 128, "m", 4, "m", 8, cluster=cluster)
+  cfg = MG.MgpuConfig(**{**dict(tile_m=64, tile_n=128, wg_dim="m", max_concurrent_steps=4,
+                                grid_minor="m", grid_tile_width=8), **MGPU_VARIANTS[variant]})
   out = MG.fp8_gemm(a, b, sa, sb, layout=layout, bias=bias, out_dtype=jnp.float32, config=cfg)
   assert out.shape == (m, n)
   assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
