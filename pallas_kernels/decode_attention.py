@@ -148,12 +148,18 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     needs_bounds = max_len % block_k != 0             # the last block may run past S_max
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
-    def load_kv(ref, off, bounded):
-        kv_ref = ref.at[layer, pl.ds(off, block_k), :]
+    def load_kv(ref, off, bounded, tokens_last=False):
+        """(block_k, D) tile of tokens [off, off + block_k), or (D, block_k) when the cache
+        stores tokens last (V in the "ds" layout)."""
+        if tokens_last:
+            kv_ref = ref.at[layer, :, pl.ds(off, block_k)]
+        else:
+            kv_ref = ref.at[layer, pl.ds(off, block_k), :]
         if bounded:
-            # Rows past S_max are not read; zero them after the upcast (Triton cannot splat an
+            # Tokens past S_max are not read; zero them after the upcast (Triton cannot splat an
             # int `other` into an FP8 tensor, and p = 0 must not meet a NaN pattern).
-            in_bounds = ((off + cols) < max_len)[:, None]
+            in_bounds = (off + cols) < max_len
+            in_bounds = in_bounds[None, :] if tokens_last else in_bounds[:, None]
             return jnp.where(in_bounds, _load(kv_ref, mask=in_bounds, other=None).astype(dot_dtype),
                              0.0).astype(dot_dtype)
         return kv_ref[...].astype(dot_dtype)
@@ -186,20 +192,10 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
             # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone
             # in the combine.
             p = p * (vs * v_boost)[None, :]
-        if v_ds:   # V stored (D, S) per head: the MMA reads it along tokens without byte loads
-            vt_ref = v_ref.at[layer, :, pl.ds(off, block_k)]                   # (D, bk)
-            if bounded:
-                in_bounds = ((off + cols) < max_len)[None, :]
-                v = jnp.where(in_bounds, _load(vt_ref, mask=in_bounds, other=None).astype(
-                    dot_dtype), 0.0).astype(dot_dtype)
-            else:
-                v = vt_ref[...].astype(dot_dtype)
-            pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        else:
-            v = load_kv(v_ref, off, bounded)                                   # (bk, D)
-            pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+        # V stored (D, S) per head ("ds"): the MMA reads it along tokens without byte loads.
+        v = load_kv(v_ref, off, bounded, tokens_last=v_ds)                     # (bk, D) | (D, bk)
+        pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (1 if v_ds else 0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
         acc = acc * alpha[:, None] + pv
         return m_new, l, acc
 
