@@ -4,6 +4,7 @@
     pip install triton==3.6.0        # the device image's version; no GPU needed to compile
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --config 32,512,2 --prologue rmsnorm
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --head-dim 64 --kv fp8_token
+    PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --kv fp8_token --v-layout ds
 
 Lowers the kernel's `pallas_call` for the "cuda" platform (jax's cross-platform lowering), takes
 the Triton IR out of the custom call, compiles it with `triton.compile` for compute capability 9.0
