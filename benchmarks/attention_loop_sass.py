@@ -61,21 +61,12 @@ def loop_kernel(q_ref, k_ref, v_ref, ks_ref, vs_ref, o_ref, *, block_k, v_transp
 
 
 def loop_ops(sass: str) -> collections.Counter:
-    """Opcode counts inside the longest backward-branch range (the loop body)."""
-    addr = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
-    best = (0, 0, -1)
-    for a, text in addr:
-        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < a:
-            n = sum(int(target.group(1), 16) <= x <= a for x, _ in addr)
-            best = max(best, (n, int(target.group(1), 16), a))
-    _, lo, hi = best
+    """Opcode counts inside the longest loop body (`kernel_sass.longest_loop_body`)."""
     ops = collections.Counter()
-    for x, text in addr:
-        if lo <= x <= hi:
-            op = re.sub(r"^@!?U?P\w+\s+", "", text.strip()).split()[0]
-            ops["IMAD.MOV" if op.startswith("IMAD.MOV") else op.split(".")[0]] += 1
-    ops["total"] = sum(v for k, v in ops.items() if k != "total")
+    for text in KS.longest_loop_body(sass):
+        op = re.sub(r"^@!?U?P\w+\s+", "", text.strip()).split()[0]
+        ops["IMAD.MOV" if op.startswith("IMAD.MOV") else op.split(".")[0]] += 1
+    ops["total"] = sum(ops.values())
     return ops
 
 

@@ -42,7 +42,9 @@ DEFAULT_CONFIGS = ("committed;16,512,1,4,3,1;8,1024,1,4,3,1;8,2048,1,4,3,1;4,409
 
 
 def parse_config(spec: str) -> G.GemvConfig | None:
-    """'committed' -> None (the tuning table), else bn,bk,sk,warps,stages,fma[,field=int...]."""
+    """'committed' -> None (the tuning table), else bn,bk,sk,warps,stages,fma[,field=int...]
+    (extra GemvConfig fields such as row_blocks=2; 0/1 for bool ones). Also the spec format of
+    profile_decode.py's `gemv:` variants."""
     if spec == "committed":
         return None
     fields = spec.split(",")

@@ -75,12 +75,17 @@ def gpu_events(trace_dir: str) -> list[tuple[float, float, str]]:
                   if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e)
 
 
-def gpu_kernel_times(trace_dir: str) -> dict[str, list[float]]:
-    """{kernel name: [duration µs, ...]} for every event on a GPU device track (`gpu_events`)."""
+def durations_by_name(events) -> dict[str, list[float]]:
+    """{name: [duration µs, ...]} of (start µs, duration µs, name) events."""
     out = collections.defaultdict(list)
-    for _, dur, name in gpu_events(trace_dir):
+    for _, dur, name in events:
         out[name].append(dur)
     return out
+
+
+def gpu_kernel_times(trace_dir: str) -> dict[str, list[float]]:
+    """{kernel name: [duration µs, ...]} for every event on a GPU device track (`gpu_events`)."""
+    return durations_by_name(gpu_events(trace_dir))
 
 
 def timeline(events, top: int = 5) -> dict:

@@ -78,15 +78,21 @@ def sass_counts(cubin: bytes, path: str) -> collections.Counter:
     return counts
 
 
-def longest_loop(sass: str) -> int:
-    """Instructions in the longest backward-branch range of a SASS listing (a loop body)."""
+def longest_loop_body(sass: str) -> list[str]:
+    """The instructions of the longest backward-branch range of a SASS listing (a loop body)."""
     addr = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
-    best = 0
+    best = []
     for a, text in addr:
         target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < a:
-            best = max(best, sum(int(target.group(1), 16) <= x <= a for x, _ in addr))
+            body = [t for x, t in addr if int(target.group(1), 16) <= x <= a]
+            best = max(best, body, key=len)
     return best
+
+
+def longest_loop(sass: str) -> int:
+    """Instructions in the longest backward-branch range of a SASS listing (a loop body)."""
+    return len(longest_loop_body(sass))
 
 
 def attention(a):

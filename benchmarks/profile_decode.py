@@ -15,7 +15,6 @@ gaps and the kernels around them, so "wall > busy" can be told apart from inflat
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_e2e  # noqa: E402  (same directory: reuses its model and state set-up)
-from harness import gpu_events, timeline  # noqa: E402
+from harness import durations_by_name, gpu_events, timeline  # noqa: E402
 
 
 def profile_row(bench, preset, mode, B, ctx, steps):
@@ -46,9 +45,7 @@ def profile_row(bench, preset, mode, B, ctx, steps):
             state = dec.decode_fn(params, state, stops, max_new, u)
             jax.block_until_ready(state.tokens)
         events = gpu_events(d)
-    times = collections.defaultdict(list)
-    for _, dur, name in events:
-        times[name].append(dur)
+    times = durations_by_name(events)
     kernels = sorted(((name, sum(v) / steps, len(v) / steps) for name, v in times.items()),
                      key=lambda r: -r[1])
     busy = sum(r[1] for r in kernels)
@@ -66,8 +63,8 @@ def apply_overrides(spec: str) -> None:
     `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)
     or `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
     `fuse:` alone fuses none)."""
-    import dataclasses
     import decode_attention as bench_attn
+    import gemv_layout
     import jfp8
     from jfp8 import _matmul_pallas
     from pallas_kernels import decode_attention as da
@@ -81,13 +78,7 @@ def apply_overrides(spec: str) -> None:
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
         if kind == "gemv":
-            fields = value.split(",")
-            bn, bk, sk, warps, stages, fma = (int(v) for v in fields[:6])
-            base = gv.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
-                                 use_dot=not fma)
-            extra = {f: type(getattr(base, f))(int(v))     # int fields, or 0/1 for bool ones
-                     for f, v in (x.split("=") for x in fields[6:])}
-            gv.TUNING[key] = dataclasses.replace(base, **extra)
+            gv.TUNING[key] = gemv_layout.parse_config(value)
         elif kind == "attn":
             da.CONFIGS[key] = bench_attn.parse_config(value)
         else:

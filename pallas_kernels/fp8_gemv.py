@@ -243,17 +243,17 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         inv_rms = _zero_outside(_load(inv_ref.at[pl.ds(0, 1), pl.ds(0, m_pad)], mm), mm)
         inv_rms = inv_rms.reshape(m_pad, 1)
 
+    def k_mask(k0):
+        return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
+
+    def a_mask(k0):
+        if not (mask_m or mask_k):
+            return None
+        return (rows_m < m) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
+
     def row_block(n0):
         """The program's work on rows [n0, n0 + block_n): K loop and epilogue."""
         rows_n = n0 + jnp.arange(block_n)[:, None]
-
-        def k_mask(k0):
-            return None if not mask_k else (k0 + jnp.arange(sub_k)[None, :]) < k
-
-        def a_mask(k0):
-            if not (mask_m or mask_k):
-                return None
-            return (rows_m < m) & ((k0 + jnp.arange(sub_k)[None, :]) < k)
 
         def w_mask(k0):
             if not (mask_n or mask_k):
