@@ -14,10 +14,15 @@ from a profiler trace, which excludes dispatch and launch gaps):
   cudnn_bf16      jax.nn.dot_product_attention(implementation="cudnn") on a bf16 cache
   xla_fp8_upcast  the XLA path on an E4M3 cache upcast to bf16 inside the jit (per-tensor scales)
   pallas_ops_bf16 jax.experimental.pallas.ops.gpu.decode_attention.gqa, default config, bf16
-  ours_fp8        pallas_kernels.decode_attention, E4M3 cache, per-tensor scales
+  ours_fp8        pallas_kernels.decode_attention, E4M3 cache, per-tensor scales, V stored
+                  (Hkv, D, S) as jfp8.KVCache stores it (v_layout="ds")
   ours_fp8_tok    the same with per-(token, head) scales (4 more bytes per token and head)
   ours_bf16       the same kernel on the bf16 cache
   ours_fp8_kernel ours_fp8 without the XLA combine of the splits (where the time goes)
+  ours_fp8_sd, ours_fp8_tok_sd   ours_fp8 / ours_fp8_tok with V stored like K, (S, Hkv, D)
+                  (v_layout="sd"; the cache's layout before 2026-12-02: the "ds" gain)
+(Result files before 2026-12-02 (third session) name the "sd" runs ours_fp8 / ours_fp8_tok and the
+"ds" ones ours_fp8_ds / ours_fp8_tok_ds.)
 Effective GB/s count the bytes each method must read (K and V, plus scales where used).
 """
 from __future__ import annotations
@@ -44,7 +49,8 @@ INTERPRET = os.environ.get("BENCH_INTERPRET") == "1"   # CPU dry run of the scri
 # Rank configs (and report) by GPU kernel time from a profiler trace; wall time is kept too.
 TRACE = not INTERPRET and os.environ.get("BENCH_TRACE", "1") == "1"
 METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16",
-           "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_ds", "ours_fp8_tok_ds"]
+           "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd", "ours_fp8_tok_sd"]
+LIB_V_LAYOUT = "ds"   # jfp8.KVCache's V layout: the one ours_* run
 
 
 def _timeit(fn, args, calls=10, rounds=5):
@@ -122,7 +128,8 @@ def make_methods(data, B, S, n, config=None):
     except ImportError as e:  # pragma: no cover
         print("pallas ops import failed", e)
 
-    def ours(stacked_k, stacked_v, ks, vs, partials_only=False, cfg=config, v_layout="sd"):
+    def ours(stacked_k, stacked_v, ks, vs, partials_only=False, cfg=config,
+             v_layout=LIB_V_LAYOUT):
         cfg_ = cfg or da.config_for(B, S)
 
         def f(qs, k, v, ks, vs):
@@ -131,7 +138,7 @@ def make_methods(data, B, S, n, config=None):
                 if partials_only:
                     outs.append(da._decode_attention_jit(
                         qs[l], k, v, lengths, ks, vs, l, sm_scale=D ** -0.5, config=cfg_,
-                        interpret=INTERPRET, partials_only=True))
+                        interpret=INTERPRET, partials_only=True, v_layout=v_layout))
                 else:
                     outs.append(da.decode_attention(qs[l], k, v, lengths, ks, vs, layer=l,
                                                     config=cfg_, interpret=INTERPRET,
@@ -146,7 +153,7 @@ def bytes_read(method, B, S):
     kv = 2 * B * S * HKV * D
     if method in ("xla_bf16", "cudnn_bf16", "pallas_ops_bf16", "ours_bf16"):
         return 2 * kv
-    if method in ("ours_fp8_tok", "ours_fp8_tok_ds"):
+    if method in ("ours_fp8_tok", "ours_fp8_tok_sd"):
         return kv + 2 * B * S * HKV * 4
     return kv
 
@@ -160,8 +167,11 @@ def run_shape(B, S, sweep_configs, log):
     data = build(B, S, n, jax.random.key(B * 100003 + S))
     fns, ours = make_methods(data, B, S, n)
     row = dict(B=B, S=S, Hq=HQ, Hkv=HKV, D=D, layers_per_call=n, us={}, gbs={}, errors={})
+    # V in the library's layout (tokens last) for ours_*; the token-major copy for *_sd.
+    to_ds = jax.jit(lambda v: jnp.moveaxis(v, -3, -1))
     k8 = jnp.stack(data["k8"])
-    v8 = jnp.stack(data["v8"])
+    v8_sd = jnp.stack(data["v8"])
+    v8 = to_ds(v8_sd)
     def record(name, fn_args, cfg=None):
         fn, args = fn_args
         try:
@@ -214,19 +224,19 @@ def run_shape(B, S, sweep_configs, log):
     tov = [data["quant_token"](x) for x in data["vb"]]
     k8t = jnp.stack([a for a, _ in tok]); kst = jnp.stack([s for _, s in tok]); del tok
     v8t = jnp.stack([a for a, _ in tov]); vst = jnp.stack([s for _, s in tov]); del tov
-    record("ours_fp8_tok", ours(k8t, v8t, kst, vst, cfg=cfg))
-    # The same two with V stored (..., Hkv, D, S) (decode_attention's v_layout="ds").
-    to_ds = jax.jit(lambda v: jnp.moveaxis(v, -3, -1))
-    record("ours_fp8_ds", ours(k8, to_ds(v8), data["k8s"], data["v8s"], cfg=cfg, v_layout="ds"))
-    record("ours_fp8_tok_ds", ours(k8t, to_ds(v8t), kst, vst, cfg=cfg, v_layout="ds"))
+    record("ours_fp8_tok", ours(k8t, to_ds(v8t), kst, vst, cfg=cfg))
+    # The same two with V stored like K, (..., S, Hkv, D) (v_layout="sd").
+    record("ours_fp8_sd", ours(k8, v8_sd, data["k8s"], data["v8s"], cfg=cfg, v_layout="sd"))
+    record("ours_fp8_tok_sd", ours(k8t, v8t, kst, vst, cfg=cfg, v_layout="sd"))
+    del v8_sd
     # Accuracy of the timed configuration, layer 0, vs the f32 reference (when it fits).
     if B * S <= 8 * 32768:
         q0 = data["qs"][0]
         lengths = jnp.full((B,), S, jnp.int32)
         for name, (kk, vv, ks, vs, vl) in {
-                "ours_fp8": (k8, v8, data["k8s"], data["v8s"], "sd"),
-                "ours_fp8_tok": (k8t, v8t, kst, vst, "sd"),
-                "ours_fp8_tok_ds": (k8t, to_ds(v8t), kst, vst, "ds")}.items():
+                "ours_fp8": (k8, v8, data["k8s"], data["v8s"], "ds"),
+                "ours_fp8_tok": (k8t, to_ds(v8t), kst, vst, "ds"),
+                "ours_fp8_tok_sd": (k8t, v8t, kst, vst, "sd")}.items():
             o = da.decode_attention(q0, kk, vv, lengths, ks, vs, layer=0, config=cfg,
                                     interpret=INTERPRET, v_layout=vl)
             r = da.decode_attention_reference(q0, kk, vv, lengths, ks, vs, layer=0, v_layout=vl)
@@ -236,7 +246,7 @@ def run_shape(B, S, sweep_configs, log):
         log(f"  rel err vs f32 reference: {row['rel_err_vs_f32_reference']}")
     del k8t, v8t
     if B * S <= 8 * 32768:   # bf16 through our kernel (needs a stacked bf16 copy)
-        kbs, vbs = jnp.stack(data["kb"]), jnp.stack(data["vb"])
+        kbs, vbs = jnp.stack(data["kb"]), to_ds(jnp.stack(data["vb"]))
         record("ours_bf16", ours(kbs, vbs, None, None, cfg=dataclasses.replace(
             cfg, dot_dtype="bfloat16")))
     return row
@@ -244,7 +254,7 @@ def run_shape(B, S, sweep_configs, log):
 
 def smoke(log):
     """Kernel vs f32 reference on small odd cases (T > 1, S_max not a block multiple, every
-    scale mode, bf16, E5M2), compiled for the GPU."""
+    scale mode, bf16, E5M2; V in the library's layout), compiled for the GPU."""
     import jax
     import jax.numpy as jnp
     from pallas_kernels import decode_attention as da
@@ -275,8 +285,10 @@ def smoke(log):
                 ks = vs = None
                 kd, vd = k.astype(dt), v.astype(dt)
             lengths = jnp.array([T, S // 2 + 3, S], jnp.int32)
-            o = da.decode_attention(q, kd, vd, lengths, ks, vs, layer=1).astype(jnp.float32)
-            r = da.decode_attention_reference(q, kd, vd, lengths, ks, vs, layer=1).astype(jnp.float32)
+            vd = jnp.moveaxis(vd, -3, -1)            # the library's V layout, tokens last
+            kw = dict(layer=1, v_layout=LIB_V_LAYOUT)
+            o = da.decode_attention(q, kd, vd, lengths, ks, vs, **kw).astype(jnp.float32)
+            r = da.decode_attention_reference(q, kd, vd, lengths, ks, vs, **kw).astype(jnp.float32)
             out[name] = float(jnp.linalg.norm(o - r) / jnp.linalg.norm(r))
         except Exception as e:
             out[name] = f"{type(e).__name__}: {str(e)[:400]}"

@@ -174,7 +174,8 @@ def _attend(q, cache: KVCache, layer, *, backend, sm_scale):
     if backend in ("pallas", "interpret") and T <= MAX_KERNEL_TOKENS and cache.max_len >= 16:
         from pallas_kernels import decode_attention as kernel
         o = kernel.decode_attention(q, cache.k, cache.v, kv_lengths, k_scale, v_scale, layer=layer,
-                                    sm_scale=sm_scale, interpret=backend == "interpret")
+                                    sm_scale=sm_scale, interpret=backend == "interpret",
+                                    v_layout="ds")
     else:
         o = decode_xla(q, cache, layer, kv_lengths, sm_scale=sm_scale)
     return o
@@ -226,7 +227,8 @@ def decode_xla(q, cache: KVCache, layer, kv_lengths, *, sm_scale: float | None =
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     scaled = cache.scaling != "none"
-    return reference_math(q, cache.k[layer], cache.v[layer], kv_lengths,
+    v = jnp.moveaxis(cache.v[layer], -1, -3)           # (B, Hkv, D, S) -> (B, S, Hkv, D)
+    return reference_math(q, cache.k[layer], v, kv_lengths,
                           cache.k_scale[layer] if scaled else None,
                           cache.v_scale[layer] if scaled else None,
                           sm_scale=sm_scale, per_token=cache.scaling == "per_token_head")

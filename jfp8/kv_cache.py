@@ -4,8 +4,12 @@
         cache = kv_cache.append(cache, layer, k_new, v_new)   # each layer, at cache.lengths[b]
         cache = kv_cache.advance(cache, num_tokens)           # once per step, after all layers
 
-Layout: `k`, `v` (L, B, S_max, Hkv, D); `lengths` (B,) int32 tokens already committed per
-sequence. Scales (x ~ data * scale, scale = amax / fmax):
+Layout: `k` (L, B, S_max, Hkv, D), `v` (L, B, Hkv, D, S_max); `lengths` (B,) int32 tokens already
+committed per sequence. V is stored tokens last because the attention kernel's P.V product reads it
+along tokens: in this layout each (D, block) tile feeds the MMA straight from shared memory, where
+the token-major layout costs byte-wise shared loads for 8-bit data (decode attention 8-14% faster
+at B = 16 on an H200, benchmarks/results/decode_attention_h200_vds.md). The write side pays a
+strided store of one new token's V (Hkv x D scattered elements per layer and step). Scales (x ~ data * scale, scale = amax / fmax):
 
 * scaling="per_token_head" (default): `k_scale`, `v_scale` (L, B, S_max, Hkv) f32, one per
     written (token, head), from that row's amax over D. Keys with outlier channels keep their
@@ -55,7 +59,8 @@ class KVCache:
     """Stacked per-layer KV cache (a pytree: pass it through jit, donate it).
 
     Attributes:
-        k, v: (L, B, S_max, Hkv, D) float8_e4m3fn / float8_e5m2 / bfloat16.
+        k: (L, B, S_max, Hkv, D), v: (L, B, Hkv, D, S_max) (tokens last), float8_e4m3fn /
+            float8_e5m2 / bfloat16.
         k_scale, v_scale: (L,) f32 (per_tensor or bf16) or (L, B, S_max, Hkv) f32 (per_token_head).
             Per-tensor scale 0 means "not set yet" (dynamic, set by the first write of the layer).
         lengths: (B,) int32, tokens committed per sequence.
@@ -104,7 +109,8 @@ class KVCache:
         else:
             ks = _per_layer("k_scale", k_scale, L, default=1.0 if scaling == "none" else 0.0)
             vs = _per_layer("v_scale", v_scale, L, default=1.0 if scaling == "none" else 0.0)
-        return cls(k=jnp.zeros(shape, data_dtype), v=jnp.zeros(shape, data_dtype), k_scale=ks,
+        v_shape = (L, batch, num_kv_heads, head_dim, max_len)
+        return cls(k=jnp.zeros(shape, data_dtype), v=jnp.zeros(v_shape, data_dtype), k_scale=ks,
                    v_scale=vs, lengths=jnp.zeros((batch,), jnp.int32),
                    overflow=jnp.zeros((batch,), bool), scaling=scaling)
 
@@ -298,7 +304,8 @@ def _append(cache: KVCache, layer, k_new, v_new, num_valid) -> KVCache:
     b_idx = jnp.arange(B)[:, None]                                     # (B, 1)
     pos = cache.lengths[:, None] + jnp.arange(T)[None, :]               # (B, T); >= S dropped
     k = cache.k.at[layer, b_idx, pos].set(kd, mode="drop")
-    v = cache.v.at[layer, b_idx, pos].set(vd, mode="drop")
+    # v (L, B, Hkv, D, S): the indices split by slices put (B, T) first, the shape of vd.
+    v = cache.v.at[layer, b_idx, :, :, pos].set(vd, mode="drop")
     if ks is not None:
         k_scale = k_scale.at[layer, b_idx, pos].set(ks, mode="drop")
         v_scale = v_scale.at[layer, b_idx, pos].set(vs, mode="drop")

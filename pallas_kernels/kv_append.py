@@ -16,9 +16,11 @@ select per array written (K, V and, for FP8, their scales), about ten launches p
 decode step. Here the cache buffers are aliased to the outputs (`input_output_aliases`), so only
 the T new rows are written and the rest of the cache is never touched.
 
-Layout: caches (L, B, S_max, Hkv, D), scales (L, B, S_max, Hkv) f32, new rows (B, T, Hkv, D).
-Grid (B, T, 2): one program writes one token's Hkv x D rows of K or of V. Hkv is padded to a
-power of two inside the kernel (masked), D must be a power of two.
+Layout (`jfp8.KVCache`'s): k_cache (L, B, S_max, Hkv, D), v_cache (L, B, Hkv, D, S_max) (tokens
+last, the layout `decode_attention(..., v_layout="ds")` reads fastest), scales (L, B, S_max, Hkv)
+f32, new rows (B, T, Hkv, D). Grid (B, T, 2): one program writes one token's Hkv x D values of K
+(one contiguous run) or of V (one byte or bf16 per row of S_max, strided). Hkv is padded to a power
+of two inside the kernel (masked), D must be a power of two.
 
 `kv_append_qkv` takes the fused projection instead, qkv (B, T, (Hq + 2 Hkv) D) holding q, k, v
 head after head, plus the RoPE tables cos, sin (B, T, D/2) f32, and also does the decode step's
@@ -74,20 +76,22 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
     t = pl.program_id(1)
     layer = layer_ref[0]
     pos = lengths_ref[b] + t
-    rows = jnp.arange(heads_pad)
-    row_ok = rows < heads
+    row_ok = jnp.arange(heads_pad) < heads
     write_ok = row_ok & (pos < max_len)
 
-    def write(new_ref, out_ref, scale_ref):
-        x = triton_compat.load(new_ref.at[b, t, pl.ds(0, heads_pad), :], row_ok[:, None],
+    rows = pl.ds(0, heads_pad)
+
+    def write(new_ref, dst, scale_ref):
+        x = triton_compat.load(new_ref.at[b, t, rows, :], row_ok[:, None],
                                other=0.0).astype(jnp.float32)                  # (Hp, D)
-        _write_rows([x], [out_ref.at[layer, b, pos, pl.ds(0, heads_pad), :]],
-                    scale_ref.at[layer, b, pos, pl.ds(0, heads_pad)] if fp8 else None, write_ok,
+        _write_rows([x], [dst], scale_ref.at[layer, b, pos, rows] if fp8 else None, write_ok,
                     fp8=fp8, fmax=fmax, exact_div=exact_div)
 
     # Grid axis 2 picks K (0) or V (1): two short programs run side by side, not one after.
-    pl.when(pl.program_id(2) == 0)(lambda: write(k_new_ref, k_out, ks_out if fp8 else None))
-    pl.when(pl.program_id(2) == 1)(lambda: write(v_new_ref, v_out, vs_out if fp8 else None))
+    pl.when(pl.program_id(2) == 0)(lambda: write(
+        k_new_ref, k_out.at[layer, b, pos, rows, :], ks_out if fp8 else None))
+    pl.when(pl.program_id(2) == 1)(lambda: write(
+        v_new_ref, v_out.at[layer, b, rows, :, pos], vs_out if fp8 else None))
 
 
 def _rotate(x1, x2, c, s):
@@ -144,7 +148,7 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
 
     def write_v():
         _write_rows([load(kv_heads, kv_heads_pad, slice(None))],
-                    [v_out.at[layer, b, pos, kv_rows, :]],
+                    [v_out.at[layer, b, kv_rows, :, pos]],
                     vs_out.at[layer, b, pos, kv_rows] if fp8 else None, write_ok, **kw)
 
     pl.when(which == 0)(write_q)
@@ -155,13 +159,13 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
 def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
-    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache: expected {k_cache.shape} {k_cache.dtype} like k_cache, got "
-                         f"{v_cache.shape} {v_cache.dtype}")
+    L, B, S, H, D = k_cache.shape
+    if tuple(v_cache.shape) != (L, B, H, D, S) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache: expected (L, B, Hkv, D, S) = {(L, B, H, D, S)} "
+                         f"{k_cache.dtype} (k_cache's dtype), got {v_cache.shape} {v_cache.dtype}")
     dtype = jnp.dtype(k_cache.dtype)
     if dtype not in CACHE_DTYPES:
         raise TypeError(f"k_cache: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {dtype}")
-    L, B, S, H, D = k_cache.shape
     if D & (D - 1):
         raise ValueError(f"k_cache: head dim D must be a power of two, got {D}")
     fp8 = dtype in FP8_DTYPES
@@ -186,7 +190,8 @@ def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, 
     """Quantize and write k_new / v_new at positions lengths[b] + t of `layer`, in place.
 
     Args:
-      k_cache, v_cache: (L, B, S, Hkv, D) float8_e4m3fn / float8_e5m2 / bfloat16. Inside a jit
+      k_cache: (L, B, S, Hkv, D), v_cache: (L, B, Hkv, D, S), float8_e4m3fn / float8_e5m2 /
+        bfloat16 (both the same). Inside a jit
         that donates them or carries them through a loop the update is in place; called eagerly,
         XLA first copies them (the caller's arrays stay valid).
       k_scale, v_scale: (L, B, S, Hkv) float32 per-(token, head) scales for an FP8 cache; None
@@ -234,6 +239,8 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
     b_idx = jnp.arange(B)[:, None]
     out = []
     for x, cache, scale in ((k_new, k_cache, k_scale), (v_new, v_cache, v_scale)):
+        # v_cache (L, B, H, D, S): the indices split by slices put (B, T) first, as in k_cache.
+        at = cache.at[layer, b_idx, pos] if cache is k_cache else cache.at[layer, b_idx, :, :, pos]
         xf = x.astype(jnp.float32)
         if fp8:
             fmax = float(jnp.finfo(cache.dtype).max)
@@ -245,7 +252,7 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
             scale = scale.at[layer, b_idx, pos].set(s, mode="drop")
         else:
             data = xf.astype(cache.dtype)
-        out += [cache.at[layer, b_idx, pos].set(data, mode="drop"), scale]
+        out += [at.set(data, mode="drop"), scale]
     return out[0], out[2], out[1], out[3]
 
 

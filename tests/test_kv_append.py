@@ -16,7 +16,7 @@ from pallas_kernels import kv_append as K
 def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0):
     rng = np.random.default_rng(seed)
     k = jnp.asarray(rng.normal(size=(L, B, S, H, D)), jnp.float32).astype(dtype)
-    v = jnp.asarray(rng.normal(size=(L, B, S, H, D)), jnp.float32).astype(dtype)
+    v = jnp.asarray(rng.normal(size=(L, B, H, D, S)), jnp.float32).astype(dtype)   # tokens last
     if jnp.dtype(dtype) == jnp.bfloat16:
         return k, v, None, None
     ks = jnp.asarray(rng.uniform(0.5, 2, size=(L, B, S, H)), jnp.float32)
@@ -65,7 +65,7 @@ def test_kernel_matches_reference_bitwise(dtype, T):
         _bits_equal(g, w)
     # Layer 0 and the rows outside [lengths, lengths + T) are untouched.
     _bits_equal(got[0][0], caches[0][0])
-    _bits_equal(got[1][1, 1, :7], caches[1][1, 1, :7])
+    _bits_equal(got[1][1, 1, :, :, :7], caches[1][1, 1, :, :, :7])
 
 
 def test_matches_kv_cache_append_per_token_head():
@@ -106,6 +106,8 @@ def test_bad_inputs():
         K.kv_append(k, v, ks, vs, k_new[:, :, :2], v_new, lengths, 0, interpret=True)
     with pytest.raises(ValueError, match="v_cache"):
         K.kv_append(k, v[:, :2], ks, vs, k_new, v_new, lengths, 0, interpret=True)
+    with pytest.raises(ValueError, match=r"v_cache: expected \(L, B, Hkv, D, S\)"):  # k's layout
+        K.kv_append(k, jnp.moveaxis(v, -1, 2), ks, vs, k_new, v_new, lengths, 0, interpret=True)
     with pytest.raises(ValueError, match="lengths"):
         K.kv_append(k, v, ks, vs, k_new, v_new, lengths[:2], 0, interpret=True)
     with pytest.raises(TypeError, match="k_cache"):
@@ -214,3 +216,26 @@ def test_gpu_qkv_kernel_matches_reference_bitwise(dtype, Hq, H):
     want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 2, num_q_heads=Hq)
     for g, w in zip(got, want):
         _bits_equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernels_lower_for_cuda(dtype, fused):
+    # Lowers both kernels for CUDA without a GPU (CPU CI): catches lowering errors of the strided
+    # V store into the tokens-last cache; the numerics are checked in interpret mode above and
+    # on the device.
+    L, B, S, Hq, H, D, T = 2, 3, 40, 8, 2, 128, 1
+    sds = jax.ShapeDtypeStruct
+    k = sds((L, B, S, H, D), dtype)
+    v = sds((L, B, H, D, S), dtype)
+    sc = sds((L, B, S, H), jnp.float32) if dtype != jnp.bfloat16 else None
+    lens = sds((B,), jnp.int32)
+    if fused:
+        qkv = sds((B, T, (Hq + 2 * H) * D), jnp.bfloat16)
+        cs = sds((B, T, D // 2), jnp.float32)
+        fn = functools.partial(K.kv_append_qkv, layer=1, num_q_heads=Hq)
+        jax.jit(fn).trace(k, v, sc, sc, qkv, cs, cs, lens).lower(lowering_platforms=("cuda",))
+    else:
+        new = sds((B, T, H, D), jnp.bfloat16)
+        fn = functools.partial(K.kv_append, layer=1)
+        jax.jit(fn).trace(k, v, sc, sc, new, new, lens).lower(lowering_platforms=("cuda",))

@@ -18,7 +18,7 @@ L, B, S, HKV, D = 2, 3, 16, 2, 8
 
 def _dequant(cache, layer):
     k = cache.k[layer].astype(jnp.float32)
-    v = cache.v[layer].astype(jnp.float32)
+    v = jnp.moveaxis(cache.v[layer], -1, 1).astype(jnp.float32)   # (B, Hkv, D, S) -> (B, S, Hkv, D)
     if cache.scaling == "per_token_head":
         return k * cache.k_scale[layer][..., None], v * cache.v_scale[layer][..., None]
     return k * cache.k_scale[layer], v * cache.v_scale[layer]
@@ -35,7 +35,7 @@ def _rand(key, T, scale=1.0):
                                            (jfp8.E4M3, "per_tensor"), (jnp.bfloat16, "per_tensor")])
 def test_init_shapes_and_nbytes(dtype, scaling):
     c = KVCache.init(L, B, S, HKV, D, dtype=dtype, scaling=scaling)
-    assert c.k.shape == c.v.shape == (L, B, S, HKV, D)
+    assert c.k.shape == (L, B, S, HKV, D) and c.v.shape == (L, B, HKV, D, S)
     assert c.lengths.shape == (B,) and c.lengths.dtype == jnp.int32
     assert c.max_len == S and c.num_layers == L and c.num_kv_heads == HKV and c.head_dim == D
     data = 2 * L * B * S * HKV * D * jnp.dtype(c.dtype).itemsize
