@@ -17,7 +17,7 @@ from a profiler trace, which excludes dispatch and launch gaps):
   ours_fp8        pallas_kernels.decode_attention, E4M3 cache, per-tensor scales, V stored
                   (Hkv, D, S) as jfp8.KVCache stores it (v_layout="ds")
   ours_fp8_tok    the same with per-(token, head) scales (4 more bytes per token and head)
-  ours_bf16       the same kernel on the bf16 cache
+  ours_bf16       the same kernel on the bf16 cache (ours_bf16_sd: V stored like K)
   ours_fp8_kernel ours_fp8 without the XLA combine of the splits (where the time goes)
   ours_fp8_sd, ours_fp8_tok_sd   ours_fp8 / ours_fp8_tok with V stored like K, (S, Hkv, D)
                   (v_layout="sd"; the cache's layout before 2026-12-02: the "ds" gain)
@@ -48,7 +48,7 @@ SWEEP_SHAPES = SHAPES  # run 1 (2026-11-25) swept 11 configs on 8x32K and 1x32K;
 INTERPRET = os.environ.get("BENCH_INTERPRET") == "1"   # CPU dry run of the script only
 # Rank configs (and report) by GPU kernel time from a profiler trace; wall time is kept too.
 TRACE = not INTERPRET and os.environ.get("BENCH_TRACE", "1") == "1"
-METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16",
+METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16", "ours_bf16_sd",
            "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd", "ours_fp8_tok_sd"]
 LIB_V_LAYOUT = "ds"   # jfp8.KVCache's V layout: the one ours_* run
 
@@ -151,7 +151,7 @@ def make_methods(data, B, S, n, config=None):
 
 def bytes_read(method, B, S):
     kv = 2 * B * S * HKV * D
-    if method in ("xla_bf16", "cudnn_bf16", "pallas_ops_bf16", "ours_bf16"):
+    if method in ("xla_bf16", "cudnn_bf16", "pallas_ops_bf16", "ours_bf16", "ours_bf16_sd"):
         return 2 * kv
     if method in ("ours_fp8_tok", "ours_fp8_tok_sd"):
         return kv + 2 * B * S * HKV * 4
@@ -245,10 +245,13 @@ def run_shape(B, S, sweep_configs, log):
                 jnp.linalg.norm(o - r) / jnp.linalg.norm(r))
         log(f"  rel err vs f32 reference: {row['rel_err_vs_f32_reference']}")
     del k8t, v8t
-    if B * S <= 8 * 32768:   # bf16 through our kernel (needs a stacked bf16 copy)
-        kbs, vbs = jnp.stack(data["kb"]), to_ds(jnp.stack(data["vb"]))
-        record("ours_bf16", ours(kbs, vbs, None, None, cfg=dataclasses.replace(
-            cfg, dot_dtype="bfloat16")))
+    if B * S <= 16 * 32768:   # bf16 through our kernel (needs stacked bf16 copies)
+        kbs, vbs_sd = jnp.stack(data["kb"]), jnp.stack(data["vb"])
+        cfg16 = dataclasses.replace(cfg, dot_dtype="bfloat16")
+        record("ours_bf16_sd", ours(kbs, vbs_sd, None, None, cfg=cfg16, v_layout="sd"))
+        vbs = to_ds(vbs_sd)
+        del vbs_sd
+        record("ours_bf16", ours(kbs, vbs, None, None, cfg=cfg16))
     return row
 
 

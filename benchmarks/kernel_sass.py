@@ -96,13 +96,15 @@ def longest_loop(sass: str) -> int:
 
 
 def attention(a):
-    """SASS of the decode-attention kernel at B=16, S=32K, Hq=32, Hkv=8 (the large/long class)."""
+    """SASS of the decode-attention kernel at B=16, Hq=32, Hkv=8, S_max = --seq-len (32K: the
+    large/long class)."""
     from pallas_kernels import decode_attention as DA
-    B, S, Hq, Hkv, L, D = 16, 32768, 32, 8, 2, a.head_dim
+    B, S, Hq, Hkv, L, D = 16, a.seq_len, 32, 8, 2, a.head_dim
     kv_dtype = jnp.bfloat16 if a.kv == "bf16" else jnp.float8_e4m3fn
     q = jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((L, B, S, Hkv, D), kv_dtype)
-    vv = kv if a.v_layout == "sd" else jax.ShapeDtypeStruct((L, B, Hkv, D, S), kv_dtype)
+    pitch = -(-S // a.v_pitch) * a.v_pitch          # jfp8.KVCache pads V's rows to V_PITCH
+    vv = kv if a.v_layout == "sd" else jax.ShapeDtypeStruct((L, B, Hkv, D, pitch), kv_dtype)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     cfg = DA.DecodeAttentionConfig(block_k=a.block_k, target_programs=256, num_warps=a.warps,
                                    num_stages=a.stages)
@@ -115,7 +117,7 @@ def attention(a):
 
     def fn(q, k, v, lens, ks=tensor_scale, vs=tensor_scale):
         return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg, v_layout=a.v_layout)
-    name = f"decode_attention_D{D}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}_v{a.v_layout}"
+    name = f"decode_attention_D{D}_S{S}p{pitch}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}_v{a.v_layout}"
     base = os.path.join(a.out, name)
     kernel = compile_sm90(triton_ir(fn, *args)[0], base + ".ttir", a.warps, a.stages)
     c = sass_counts(kernel.asm["cubin"], base)
@@ -134,6 +136,9 @@ def main():
                    help="attention: cache dtype and scale granularity")
     p.add_argument("--block-k", type=int, default=128, help="attention: KV tokens per step")
     p.add_argument("--v-layout", default="sd", choices=("sd", "ds"), help="attention: V cache layout")
+    p.add_argument("--seq-len", type=int, default=32768, help="attention: S_max of the cache")
+    p.add_argument("--v-pitch", type=int, default=16, help="attention, ds: V's token axis is "
+                   "padded to a multiple of this (jfp8.kv_cache.V_PITCH; 1: unpadded)")
     p.add_argument("--shape", default="1,28672,4096", help="M,N,K")
     p.add_argument("--config", default="32,512,2", help="block_n,block_k,split_k (FMA if M == 1)")
     p.add_argument("--warps", type=int, default=4)

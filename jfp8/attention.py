@@ -227,7 +227,8 @@ def decode_xla(q, cache: KVCache, layer, kv_lengths, *, sm_scale: float | None =
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     scaled = cache.scaling != "none"
-    v = jnp.moveaxis(cache.v[layer], -1, -3)           # (B, Hkv, D, S) -> (B, S, Hkv, D)
+    # (B, Hkv, D, P) -> (B, S, Hkv, D): tokens first, without the pitch's padding.
+    v = jnp.moveaxis(cache.v[layer][..., :cache.max_len], -1, -3)
     return reference_math(q, cache.k[layer], v, kv_lengths,
                           cache.k_scale[layer] if scaled else None,
                           cache.v_scale[layer] if scaled else None,

@@ -4,8 +4,10 @@
         cache = kv_cache.append(cache, layer, k_new, v_new)   # each layer, at cache.lengths[b]
         cache = kv_cache.advance(cache, num_tokens)           # once per step, after all layers
 
-Layout: `k` (L, B, S_max, Hkv, D), `v` (L, B, Hkv, D, S_max); `lengths` (B,) int32 tokens already
-committed per sequence. V is stored tokens last because the attention kernel's P.V product reads it
+Layout: `k` (L, B, S_max, Hkv, D), `v` (L, B, Hkv, D, P) with P = S_max rounded up to a multiple of
+16 (`V_PITCH`: every V row starts 16-byte aligned, which the kernel's vector loads need; tokens
+>= S_max are never written or read); `lengths` (B,) int32 tokens already committed per sequence.
+V is stored tokens last because the attention kernel's P.V product reads it
 along tokens: in this layout each (D, block) tile feeds the MMA straight from shared memory, where
 the token-major layout costs byte-wise shared loads for 8-bit data (decode attention 8-14% faster
 at B = 16 on an H200, benchmarks/results/decode_attention_h200_vds.md). The write side pays a
@@ -49,6 +51,11 @@ __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "byt
            "SCALINGS"]
 
 SCALINGS = ("per_token_head", "per_tensor")
+# V's token axis is padded to a multiple of this many tokens, so each (layer, b, head, d) row
+# starts 16-byte aligned (FP8: 16 bytes; bf16: 32). With S_max = 4136 unpadded, the attention
+# loop's V copies narrow to 8 bytes (offline SASS: 26 cp.async per block, 8 of them 64-bit,
+# against 18 at 128 bits).
+V_PITCH = 16
 # Per-tensor scales set from a first write get one binade of headroom (margin 1 -> x2).
 PER_TENSOR_MARGIN = 1
 
@@ -59,8 +66,8 @@ class KVCache:
     """Stacked per-layer KV cache (a pytree: pass it through jit, donate it).
 
     Attributes:
-        k: (L, B, S_max, Hkv, D), v: (L, B, Hkv, D, S_max) (tokens last), float8_e4m3fn /
-            float8_e5m2 / bfloat16.
+        k: (L, B, S_max, Hkv, D), v: (L, B, Hkv, D, P) (tokens last, P = S_max rounded up to a
+            multiple of V_PITCH), float8_e4m3fn / float8_e5m2 / bfloat16.
         k_scale, v_scale: (L,) f32 (per_tensor or bf16) or (L, B, S_max, Hkv) f32 (per_token_head).
             Per-tensor scale 0 means "not set yet" (dynamic, set by the first write of the layer).
         lengths: (B,) int32, tokens committed per sequence.
@@ -109,7 +116,7 @@ class KVCache:
         else:
             ks = _per_layer("k_scale", k_scale, L, default=1.0 if scaling == "none" else 0.0)
             vs = _per_layer("v_scale", v_scale, L, default=1.0 if scaling == "none" else 0.0)
-        v_shape = (L, batch, num_kv_heads, head_dim, max_len)
+        v_shape = (L, batch, num_kv_heads, head_dim, -(-max_len // V_PITCH) * V_PITCH)
         return cls(k=jnp.zeros(shape, data_dtype), v=jnp.zeros(v_shape, data_dtype), k_scale=ks,
                    v_scale=vs, lengths=jnp.zeros((batch,), jnp.int32),
                    overflow=jnp.zeros((batch,), bool), scaling=scaling)
@@ -304,8 +311,10 @@ def _append(cache: KVCache, layer, k_new, v_new, num_valid) -> KVCache:
     b_idx = jnp.arange(B)[:, None]                                     # (B, 1)
     pos = cache.lengths[:, None] + jnp.arange(T)[None, :]               # (B, T); >= S dropped
     k = cache.k.at[layer, b_idx, pos].set(kd, mode="drop")
-    # v (L, B, Hkv, D, S): the indices split by slices put (B, T) first, the shape of vd.
-    v = cache.v.at[layer, b_idx, :, :, pos].set(vd, mode="drop")
+    # v (L, B, Hkv, D, P): the indices split by slices put (B, T) first, the shape of vd;
+    # positions >= S inside the pitch are sent past its end, so they drop as in k.
+    v = cache.v.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.v.shape[-1])].set(
+        vd, mode="drop")
     if ks is not None:
         k_scale = k_scale.at[layer, b_idx, pos].set(ks, mode="drop")
         v_scale = v_scale.at[layer, b_idx, pos].set(vs, mode="drop")

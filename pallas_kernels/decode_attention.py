@@ -259,12 +259,13 @@ def _scale_mode(name, scale, k_shape, stacked):
                      f"head) scale of shape {tuple(k_shape[:-1])}, got {shape}")
 
 
-def _v_shape(k_shape, v_layout):
-    """The V cache shape for a K cache shape: the same, or (..., Hkv, D, S) for v_layout "ds"."""
+def _v_shape(k_shape, v_layout, pitch=None):
+    """The V cache shape for a K cache shape: the same, or (..., Hkv, D, pitch) for v_layout
+    "ds" (pitch >= S, default S)."""
     if v_layout == "sd":
         return tuple(k_shape)
     *lead, S, Hkv, D = k_shape
-    return (*lead, Hkv, D, S)
+    return (*lead, Hkv, D, S if pitch is None else pitch)
 
 
 def _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout="sd"):
@@ -274,9 +275,15 @@ def _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout="sd"):
         raise ValueError(f"k: expected (B, S, Hkv, D) or (L, B, S, Hkv, D), got shape {k.shape}")
     if v_layout not in V_LAYOUTS:
         raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
-    if tuple(v.shape) != _v_shape(k.shape, v_layout) or v.dtype != k.dtype:
-        raise ValueError(f"v: expected shape {_v_shape(k.shape, v_layout)} (v_layout "
-                         f"{v_layout!r}) and dtype {k.dtype} like k, got {v.shape} {v.dtype}")
+    # "ds": V's token axis may be padded past S (a row pitch; tokens >= S are never read).
+    pitch = v.shape[-1] if v_layout == "ds" and v.ndim == k.ndim and v.shape[-1] >= k.shape[-3] \
+        else None
+    if tuple(v.shape) != _v_shape(k.shape, v_layout, pitch) or v.dtype != k.dtype:
+        want = _v_shape(k.shape, v_layout)
+        if v_layout == "ds":
+            want = "(" + ", ".join(map(str, want[:-1])) + f", P) with P >= S={k.shape[-3]}"
+        raise ValueError(f"v: expected shape {want} (v_layout {v_layout!r}) and dtype {k.dtype} "
+                         f"like k, got {v.shape} {v.dtype}")
     stacked = k.ndim == 5
     if stacked and layer is None:
         raise ValueError("layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
@@ -359,7 +366,7 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
         v_boost=v_boost, sm_scale=sm_scale, v_ds=v_layout == "ds")
     kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
-    v_spec = kv_spec if v_layout == "sd" else pl.BlockSpec((L, None, None, D, S),
+    v_spec = kv_spec if v_layout == "sd" else pl.BlockSpec((L, None, None, D, v.shape[-1]),
                                                            lambda h, s, b: (0, b, h, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer
@@ -436,11 +443,13 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
         sm_scale: softmax scale, default D ** -0.5.
         config: override the tuned `config_for(B, S)`.
         interpret: run the Pallas kernel in interpret mode (CPU tests).
-        v_layout: "sd" (v shaped like k) or "ds": v (B, Hkv, D, S) / (L, B, Hkv, D, S), each
-            head's D rows of S tokens contiguous (vLLM's V layout), so the P.V product reads V
-            along tokens as the MMA wants it instead of byte by byte (offline SASS: 15-23% fewer
-            instructions per block, results/decode_attention_notes.md). Not yet timed on a GPU;
-            the KV cache stores "sd".
+        v_layout: "sd" (v shaped like k) or "ds": v (B, Hkv, D, P) / (L, B, Hkv, D, P), each
+            head's D rows of tokens contiguous (vLLM's V layout), so the P.V product reads V
+            along tokens as the MMA wants it instead of byte by byte (8-14% faster at B = 16 on
+            an H200, results/decode_attention_h200_vds.md; `jfp8.KVCache`'s layout). The row
+            pitch P >= S may pad the token axis (tokens >= S are not read): keep P * itemsize a
+            multiple of 16 bytes, or the rows lose 16-byte alignment and the V copies narrow to
+            8 bytes (S = P = 4136 FP8, offline SASS).
     """
     stacked, _ = _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout)
     D = q.shape[-1]
@@ -462,8 +471,8 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, 
     """Plain-JAX f32 reference of `decode_attention`, same signature (config/interpret ignored)."""
     del config, interpret
     stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout)
-    if v_layout == "ds":   # (..., Hkv, D, S) -> (..., S, Hkv, D)
-        v = jnp.moveaxis(v, -1, -3)
+    if v_layout == "ds":   # (..., Hkv, D, P) -> (..., S, Hkv, D)
+        v = jnp.moveaxis(v, -1, -3)[..., :k.shape[-3], :, :]
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if stacked:

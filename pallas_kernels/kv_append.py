@@ -16,8 +16,8 @@ select per array written (K, V and, for FP8, their scales), about ten launches p
 decode step. Here the cache buffers are aliased to the outputs (`input_output_aliases`), so only
 the T new rows are written and the rest of the cache is never touched.
 
-Layout (`jfp8.KVCache`'s): k_cache (L, B, S_max, Hkv, D), v_cache (L, B, Hkv, D, S_max) (tokens
-last, the layout `decode_attention(..., v_layout="ds")` reads fastest), scales (L, B, S_max, Hkv)
+Layout (`jfp8.KVCache`'s): k_cache (L, B, S_max, Hkv, D), v_cache (L, B, Hkv, D, P) (tokens
+last, the layout `decode_attention(..., v_layout="ds")` reads fastest; row pitch P >= S_max), scales (L, B, S_max, Hkv)
 f32, new rows (B, T, Hkv, D). Grid (B, T, 2): one program writes one token's Hkv x D values of K
 (one contiguous run) or of V (one byte or bf16 per row of S_max, strided). Hkv is padded to a power
 of two inside the kernel (masked), D must be a power of two.
@@ -160,9 +160,11 @@ def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
     L, B, S, H, D = k_cache.shape
-    if tuple(v_cache.shape) != (L, B, H, D, S) or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache: expected (L, B, Hkv, D, S) = {(L, B, H, D, S)} "
-                         f"{k_cache.dtype} (k_cache's dtype), got {v_cache.shape} {v_cache.dtype}")
+    if v_cache.ndim != 5 or tuple(v_cache.shape[:4]) != (L, B, H, D) or v_cache.shape[4] < S \
+            or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache: expected (L, B, Hkv, D, P) = {(L, B, H, D)} + (P,), P >= "
+                         f"S={S}, {k_cache.dtype} (k_cache's dtype), got {v_cache.shape} "
+                         f"{v_cache.dtype}")
     dtype = jnp.dtype(k_cache.dtype)
     if dtype not in CACHE_DTYPES:
         raise TypeError(f"k_cache: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {dtype}")
@@ -190,8 +192,9 @@ def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, 
     """Quantize and write k_new / v_new at positions lengths[b] + t of `layer`, in place.
 
     Args:
-      k_cache: (L, B, S, Hkv, D), v_cache: (L, B, Hkv, D, S), float8_e4m3fn / float8_e5m2 /
-        bfloat16 (both the same). Inside a jit
+      k_cache: (L, B, S, Hkv, D), v_cache: (L, B, Hkv, D, P) with a row pitch P >= S (tokens
+        >= S are never written), float8_e4m3fn / float8_e5m2 / bfloat16 (both the same). Inside
+        a jit
         that donates them or carries them through a loop the update is in place; called eagerly,
         XLA first copies them (the caller's arrays stay valid).
       k_scale, v_scale: (L, B, S, Hkv) float32 per-(token, head) scales for an FP8 cache; None
@@ -235,12 +238,15 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
     del interpret
     fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths)
     B, T = k_new.shape[:2]
+    S = k_cache.shape[2]
     pos = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T)[None, :]        # (B, T)
     b_idx = jnp.arange(B)[:, None]
     out = []
     for x, cache, scale in ((k_new, k_cache, k_scale), (v_new, v_cache, v_scale)):
         # v_cache (L, B, H, D, S): the indices split by slices put (B, T) first, as in k_cache.
-        at = cache.at[layer, b_idx, pos] if cache is k_cache else cache.at[layer, b_idx, :, :, pos]
+        # Positions >= S are dropped, also inside V's padded pitch (sent past its end).
+        at = cache.at[layer, b_idx, pos] if cache is k_cache else \
+            cache.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.shape[-1])]
         xf = x.astype(jnp.float32)
         if fp8:
             fmax = float(jnp.finfo(cache.dtype).max)

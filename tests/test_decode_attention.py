@@ -187,19 +187,22 @@ def test_many_splits_combine(B, T, Hq, Hkv, D, S, lengths):
     assert float(jnp.linalg.norm(o - r) / jnp.linalg.norm(r)) < 4e-3
 
 
-def _to_ds(v):
-    """(..., S, Hkv, D) -> (..., Hkv, D, S): the "ds" V layout."""
-    return jnp.moveaxis(v, -3, -1)
+def _to_ds(v, pad=0):
+    """(..., S, Hkv, D) -> (..., Hkv, D, S + pad): the "ds" V layout, its row pitch padded with
+    NaN (a kernel that reads a padded token returns NaN)."""
+    v = jnp.moveaxis(v, -3, -1)
+    return jnp.concatenate([v, jnp.full(v.shape[:-1] + (pad,), jnp.nan, v.dtype)], axis=-1)
 
 
-@pytest.mark.parametrize("dtype,per_token,D,stacked", [
-    (jnp.float8_e4m3fn, True, 64, False),     # per-(token, head) scales
-    (jnp.float8_e4m3fn, False, 128, True),    # stacked layers, per-tensor scales per layer
-    (jnp.bfloat16, False, 64, False),         # bf16 cache
+@pytest.mark.parametrize("dtype,per_token,D,stacked,pad", [
+    (jnp.float8_e4m3fn, True, 64, False, 0),     # per-(token, head) scales
+    (jnp.float8_e4m3fn, False, 128, True, 8),    # stacked layers, per-tensor scales per layer
+    (jnp.bfloat16, False, 64, False, 56),        # bf16 cache
 ])
-def test_v_layout_ds_matches_sd(dtype, per_token, D, stacked):
-    # V stored (..., Hkv, D, S): same function as the "sd" layout, against the same reference;
-    # S = 200 is no multiple of block_k, so the bounded (masked) V load runs too.
+def test_v_layout_ds_matches_sd(dtype, per_token, D, stacked, pad):
+    # V stored (..., Hkv, D, S + pad): same function as the "sd" layout, against the same
+    # reference; S = 200 is no multiple of block_k, so the bounded (masked) V load runs too, and
+    # the pitch's NaN padding (up to 208 / 256 tokens, one more block) must never be read.
     tol = TOL_BF16_CACHE if dtype == jnp.bfloat16 else TOL
     B, T, Hq, Hkv, S = 2, 2, 8, 2, 200
     L = 3 if stacked else None
@@ -211,9 +214,10 @@ def test_v_layout_ds_matches_sd(dtype, per_token, D, stacked):
     kw = dict(layer=1) if stacked else {}
     lengths = jnp.array([S, 37], jnp.int32)
     ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, **kw)
-    ref_ds = da.decode_attention_reference(q, k, _to_ds(v), lengths, ks, vs, v_layout="ds", **kw)
+    v_ds = _to_ds(v, pad)
+    ref_ds = da.decode_attention_reference(q, k, v_ds, lengths, ks, vs, v_layout="ds", **kw)
     np.testing.assert_array_equal(np.asarray(ref, np.float32), np.asarray(ref_ds, np.float32))
-    out = da.decode_attention(q, k, _to_ds(v), lengths, ks, vs, config=SMALL, interpret=True,
+    out = da.decode_attention(q, k, v_ds, lengths, ks, vs, config=SMALL, interpret=True,
                               v_layout="ds", **kw)
     assert rel_err(out, ref) < tol
 
@@ -223,8 +227,11 @@ def test_v_layout_bad_inputs():
     k = jnp.zeros((1, 32, 1, 64), jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match="v_layout"):
         da.decode_attention(q, k, k, jnp.array([3]), v_layout="dk")
-    with pytest.raises(ValueError, match=r"v: expected shape \(1, 1, 64, 32\)"):
+    with pytest.raises(ValueError, match=r"v: expected shape \(1, 1, 64, P\) with P >= S=32"):
         da.decode_attention(q, k, k, jnp.array([3]), v_layout="ds")   # "sd"-shaped v
+    with pytest.raises(ValueError, match=r"P >= S=32"):                # pitch shorter than S
+        da.decode_attention(q, k, jnp.zeros((1, 1, 64, 31), k.dtype), jnp.array([3]),
+                            v_layout="ds")
 
 
 @pytest.mark.parametrize("v_layout", da.V_LAYOUTS)

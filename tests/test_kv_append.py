@@ -13,10 +13,11 @@ from jfp8 import kv_cache as kvc
 from pallas_kernels import kv_append as K
 
 
-def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0):
+def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, pitch_pad=5):
+    """Random caches; V tokens last with its row pitch padded (random bytes that must stay)."""
     rng = np.random.default_rng(seed)
     k = jnp.asarray(rng.normal(size=(L, B, S, H, D)), jnp.float32).astype(dtype)
-    v = jnp.asarray(rng.normal(size=(L, B, H, D, S)), jnp.float32).astype(dtype)   # tokens last
+    v = jnp.asarray(rng.normal(size=(L, B, H, D, S + pitch_pad)), jnp.float32).astype(dtype)
     if jnp.dtype(dtype) == jnp.bfloat16:
         return k, v, None, None
     ks = jnp.asarray(rng.uniform(0.5, 2, size=(L, B, S, H)), jnp.float32)
@@ -106,7 +107,7 @@ def test_bad_inputs():
         K.kv_append(k, v, ks, vs, k_new[:, :, :2], v_new, lengths, 0, interpret=True)
     with pytest.raises(ValueError, match="v_cache"):
         K.kv_append(k, v[:, :2], ks, vs, k_new, v_new, lengths, 0, interpret=True)
-    with pytest.raises(ValueError, match=r"v_cache: expected \(L, B, Hkv, D, S\)"):  # k's layout
+    with pytest.raises(ValueError, match=r"v_cache: expected \(L, B, Hkv, D, P\)"):  # k's layout
         K.kv_append(k, jnp.moveaxis(v, -1, 2), ks, vs, k_new, v_new, lengths, 0, interpret=True)
     with pytest.raises(ValueError, match="lengths"):
         K.kv_append(k, v, ks, vs, k_new, v_new, lengths[:2], 0, interpret=True)

@@ -18,7 +18,7 @@ L, B, S, HKV, D = 2, 3, 16, 2, 8
 
 def _dequant(cache, layer):
     k = cache.k[layer].astype(jnp.float32)
-    v = jnp.moveaxis(cache.v[layer], -1, 1).astype(jnp.float32)   # (B, Hkv, D, S) -> (B, S, Hkv, D)
+    v = jnp.moveaxis(cache.v[layer][..., :cache.max_len], -1, 1).astype(jnp.float32)  # (B, S, Hkv, D)
     if cache.scaling == "per_token_head":
         return k * cache.k_scale[layer][..., None], v * cache.v_scale[layer][..., None]
     return k * cache.k_scale[layer], v * cache.v_scale[layer]
@@ -35,7 +35,7 @@ def _rand(key, T, scale=1.0):
                                            (jfp8.E4M3, "per_tensor"), (jnp.bfloat16, "per_tensor")])
 def test_init_shapes_and_nbytes(dtype, scaling):
     c = KVCache.init(L, B, S, HKV, D, dtype=dtype, scaling=scaling)
-    assert c.k.shape == (L, B, S, HKV, D) and c.v.shape == (L, B, HKV, D, S)
+    assert c.k.shape == (L, B, S, HKV, D) and c.v.shape == (L, B, HKV, D, S)   # S = 16: no pad
     assert c.lengths.shape == (B,) and c.lengths.dtype == jnp.int32
     assert c.max_len == S and c.num_layers == L and c.num_kv_heads == HKV and c.head_dim == D
     data = 2 * L * B * S * HKV * D * jnp.dtype(c.dtype).itemsize
@@ -191,3 +191,18 @@ def test_append_advance_match_numpy_model_under_jit(lengths, T, layer):
     np.testing.assert_array_equal(np.asarray(out.k, np.float32), want_k)
     np.testing.assert_array_equal(out.lengths, np.minimum(np.array(lengths) + T, S))
     np.testing.assert_array_equal(out.overflow, np.array(lengths) + T > S)
+
+
+def test_v_pitch_padding_is_never_written():
+    """max_len 19: V's token axis is padded to 32 (16-byte aligned rows, kv_cache.V_PITCH); an
+    append that overflows under jit writes positions < 19 only and the padding stays zero."""
+    c = kvc.advance(KVCache.init(1, B, 19, HKV, D), jnp.array([15, 0, 17]))
+    assert c.v.shape == (1, B, HKV, D, 32) and c.max_len == 19 and c.k.shape[2] == 19
+    k_new, v_new = _rand(jax.random.key(5), 6)
+    c = jax.jit(lambda c, k, v: kvc.append(c, 0, k, v))(c, k_new, v_new)
+    np.testing.assert_array_equal(np.asarray(c.overflow), [True, False, True])
+    v = np.asarray(c.v.astype(jnp.float32))
+    assert (v[..., 19:] == 0).all()
+    assert (np.abs(v[0, 0, :, :, 15:19]).sum(axis=(0, 1)) > 0).all()   # the 4 that fit
+    _, vd = _dequant(c, 0)
+    np.testing.assert_allclose(vd[1, :6], v_new[1], rtol=2 ** -4, atol=2 ** -4 * 4)
