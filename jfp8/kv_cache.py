@@ -4,14 +4,19 @@
         cache = kv_cache.append(cache, layer, k_new, v_new)   # each layer, at cache.lengths[b]
         cache = kv_cache.advance(cache, num_tokens)           # once per step, after all layers
 
-Layout: `k` (L, B, S_max, Hkv, D), `v` (L, B, Hkv, D, P) with P = S_max rounded up to a multiple of
-16 (`V_PITCH`: every V row starts 16-byte aligned, which the kernel's vector loads need; tokens
->= S_max are never written or read); `lengths` (B,) int32 tokens already committed per sequence.
-V is stored tokens last because the attention kernel's P.V product reads it
-along tokens: in this layout each (D, block) tile feeds the MMA straight from shared memory, where
-the token-major layout costs byte-wise shared loads for 8-bit data (decode attention 8-14% faster
-at B = 16 on an H200, benchmarks/results/decode_attention_h200_vds.md). The write side pays a
-strided store of one new token's V (Hkv x D scattered elements per layer and step). Scales (x ~ data * scale, scale = amax / fmax):
+Layout: `k` (L, B, S_max, Hkv, D); `lengths` (B,) int32 tokens already committed per sequence;
+`v` by dtype (`cache.v_layout`, read with `cache.layer_v(layer)` in the K layout):
+* FP8, "ds": (L, B, Hkv, D, P), tokens last, P = S_max rounded up to a multiple of `V_PITCH` (16)
+    so every V row starts 16-byte aligned (tokens >= S_max are never written or read). The
+    attention kernel's P.V product reads V along tokens; stored tokens last, each (D, block) tile
+    feeds the MMA without the byte-wise shared-memory loads that 8-bit token-major data costs.
+    Measured in the decode step on an H200 (profile_decode_h200_r5.json vs r2): attention 1660
+    -> 1521 µs per step at 8B B=16 4K, 3854-3969 -> 2998 µs at 1B B=16 32K; the strided write
+    of the new token's V costs ~28 µs per step (kv_append 60 -> 88 µs at 8B B=16).
+* bf16, "sd": like k. 16-bit V is read along tokens efficiently either way (ldmatrix.trans), and
+    tokens last measured 4-5% slower in the same runs (8B B=16 4K 2352 -> 2443 µs, 1B B=16 32K
+    4040 -> 4248 µs).
+Scales (x ~ data * scale, scale = amax / fmax):
 
 * scaling="per_token_head" (default): `k_scale`, `v_scale` (L, B, S_max, Hkv) f32, one per
     written (token, head), from that row's amax over D. Keys with outlier channels keep their
@@ -66,8 +71,9 @@ class KVCache:
     """Stacked per-layer KV cache (a pytree: pass it through jit, donate it).
 
     Attributes:
-        k: (L, B, S_max, Hkv, D), v: (L, B, Hkv, D, P) (tokens last, P = S_max rounded up to a
-            multiple of V_PITCH), float8_e4m3fn / float8_e5m2 / bfloat16.
+        k: (L, B, S_max, Hkv, D), float8_e4m3fn / float8_e5m2 / bfloat16.
+        v: FP8 (L, B, Hkv, D, P) (tokens last, P = S_max rounded up to a multiple of V_PITCH);
+            bf16 (L, B, S_max, Hkv, D). See `v_layout`.
         k_scale, v_scale: (L,) f32 (per_tensor or bf16) or (L, B, S_max, Hkv) f32 (per_token_head).
             Per-tensor scale 0 means "not set yet" (dynamic, set by the first write of the layer).
         lengths: (B,) int32, tokens committed per sequence.
@@ -116,7 +122,8 @@ class KVCache:
         else:
             ks = _per_layer("k_scale", k_scale, L, default=1.0 if scaling == "none" else 0.0)
             vs = _per_layer("v_scale", v_scale, L, default=1.0 if scaling == "none" else 0.0)
-        v_shape = (L, batch, num_kv_heads, head_dim, -(-max_len // V_PITCH) * V_PITCH)
+        v_shape = shape if data_dtype == jnp.bfloat16 else (
+            L, batch, num_kv_heads, head_dim, -(-max_len // V_PITCH) * V_PITCH)
         return cls(k=jnp.zeros(shape, data_dtype), v=jnp.zeros(v_shape, data_dtype), k_scale=ks,
                    v_scale=vs, lengths=jnp.zeros((batch,), jnp.int32),
                    overflow=jnp.zeros((batch,), bool), scaling=scaling)
@@ -145,6 +152,19 @@ class KVCache:
     @property
     def dtype(self):
         return self.k.dtype
+
+    @property
+    def v_layout(self) -> str:
+        """How `v` is stored: "ds" (FP8: (L, B, Hkv, D, P), tokens last) or "sd" (bf16: like k);
+        the `v_layout` argument of `pallas_kernels.decode_attention` and `kv_append`."""
+        return "sd" if self.k.dtype == jnp.bfloat16 else "ds"
+
+    def layer_v(self, layer) -> jax.Array:
+        """One layer's V as (B, S_max, Hkv, D), the layout of k (a transpose for FP8)."""
+        v = self.v[layer]
+        if self.v_layout == "sd":
+            return v
+        return jnp.moveaxis(v[..., :self.max_len], -1, 1)
 
     @property
     def format(self) -> Format | None:
@@ -311,10 +331,13 @@ def _append(cache: KVCache, layer, k_new, v_new, num_valid) -> KVCache:
     b_idx = jnp.arange(B)[:, None]                                     # (B, 1)
     pos = cache.lengths[:, None] + jnp.arange(T)[None, :]               # (B, T); >= S dropped
     k = cache.k.at[layer, b_idx, pos].set(kd, mode="drop")
-    # v (L, B, Hkv, D, P): the indices split by slices put (B, T) first, the shape of vd;
-    # positions >= S inside the pitch are sent past its end, so they drop as in k.
-    v = cache.v.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.v.shape[-1])].set(
-        vd, mode="drop")
+    if cache.v_layout == "sd":
+        v = cache.v.at[layer, b_idx, pos].set(vd, mode="drop")
+    else:
+        # v (L, B, Hkv, D, P): the indices split by slices put (B, T) first, the shape of vd;
+        # positions >= S inside the pitch are sent past its end, so they drop as in k.
+        v = cache.v.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.v.shape[-1])].set(
+            vd, mode="drop")
     if ks is not None:
         k_scale = k_scale.at[layer, b_idx, pos].set(ks, mode="drop")
         v_scale = v_scale.at[layer, b_idx, pos].set(vs, mode="drop")

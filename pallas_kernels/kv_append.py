@@ -16,11 +16,12 @@ select per array written (K, V and, for FP8, their scales), about ten launches p
 decode step. Here the cache buffers are aliased to the outputs (`input_output_aliases`), so only
 the T new rows are written and the rest of the cache is never touched.
 
-Layout (`jfp8.KVCache`'s): k_cache (L, B, S_max, Hkv, D), v_cache (L, B, Hkv, D, P) (tokens
-last, the layout `decode_attention(..., v_layout="ds")` reads fastest; row pitch P >= S_max), scales (L, B, S_max, Hkv)
-f32, new rows (B, T, Hkv, D). Grid (B, T, 2): one program writes one token's Hkv x D values of K
-(one contiguous run) or of V (one byte or bf16 per row of S_max, strided). Hkv is padded to a power
-of two inside the kernel (masked), D must be a power of two.
+Layout (`jfp8.KVCache`'s): k_cache (L, B, S_max, Hkv, D); v_cache in `decode_attention`'s two
+V layouts: v_layout "sd", like k_cache, or "ds", (L, B, Hkv, D, P) with tokens last and a row
+pitch P >= S_max (the FP8 cache's layout); scales (L, B, S_max, Hkv) f32; new rows
+(B, T, Hkv, D). Grid (B, T, 2): one program writes one token's Hkv x D values of K (one
+contiguous run) or of V (contiguous for "sd"; one element per row of P, strided, for "ds"). Hkv
+is padded to a power of two inside the kernel (masked), D must be a power of two.
 
 `kv_append_qkv` takes the fused projection instead, qkv (B, T, (Hq + 2 Hkv) D) holding q, k, v
 head after head, plus the RoPE tables cos, sin (B, T, D/2) f32, and also does the decode step's
@@ -47,7 +48,10 @@ from jax.experimental import pallas as pl
 from pallas_kernels import triton_compat
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
-__all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference"]
+__all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
+           "V_LAYOUTS"]
+
+V_LAYOUTS = ("sd", "ds")   # decode_attention's V layouts
 
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
@@ -66,8 +70,13 @@ def _write_rows(xs, dsts, scale_dst, write_ok, *, fp8, fmax, exact_div):
         triton_compat.store(dst, x.astype(dst.dtype), write_ok[:, None])
 
 
+def _v_row(v_out, layer, b, rows, pos, v_ds):
+    """The ref view of one token's (Hp, D) V values, in either V layout."""
+    return v_out.at[layer, b, rows, :, pos] if v_ds else v_out.at[layer, b, pos, rows, :]
+
+
 def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_len, heads,
-                      heads_pad, fp8, fmax, exact_div):
+                      heads_pad, fp8, fmax, exact_div, v_ds):
     if fp8:
         k_out, v_out, ks_out, vs_out = refs[4:]
     else:
@@ -91,7 +100,7 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
     pl.when(pl.program_id(2) == 0)(lambda: write(
         k_new_ref, k_out.at[layer, b, pos, rows, :], ks_out if fp8 else None))
     pl.when(pl.program_id(2) == 1)(lambda: write(
-        v_new_ref, v_out.at[layer, b, rows, :, pos], vs_out if fp8 else None))
+        v_new_ref, _v_row(v_out, layer, b, rows, pos, v_ds), vs_out if fp8 else None))
 
 
 def _rotate(x1, x2, c, s):
@@ -102,7 +111,7 @@ def _rotate(x1, x2, c, s):
 
 def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *refs, max_len,
                           q_heads, q_heads_pad, kv_heads, kv_heads_pad, head_dim, fp8, fmax,
-                          exact_div):
+                          exact_div, v_ds):
     if fp8:
         k_out, v_out, ks_out, vs_out, q_out = refs[4:]
     else:
@@ -148,7 +157,7 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
 
     def write_v():
         _write_rows([load(kv_heads, kv_heads_pad, slice(None))],
-                    [v_out.at[layer, b, kv_rows, :, pos]],
+                    [_v_row(v_out, layer, b, kv_rows, pos, v_ds)],
                     vs_out.at[layer, b, pos, kv_rows] if fp8 else None, write_ok, **kw)
 
     pl.when(which == 0)(write_q)
@@ -156,15 +165,21 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
     pl.when(which == 2)(write_v)
 
 
-def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
+def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout):
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
+    if v_layout not in V_LAYOUTS:
+        raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
     L, B, S, H, D = k_cache.shape
-    if v_cache.ndim != 5 or tuple(v_cache.shape[:4]) != (L, B, H, D) or v_cache.shape[4] < S \
-            or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache: expected (L, B, Hkv, D, P) = {(L, B, H, D)} + (P,), P >= "
-                         f"S={S}, {k_cache.dtype} (k_cache's dtype), got {v_cache.shape} "
-                         f"{v_cache.dtype}")
+    if v_layout == "sd":
+        v_ok, want = tuple(v_cache.shape) == (L, B, S, H, D), f"{k_cache.shape} like k_cache"
+    else:
+        v_ok = v_cache.ndim == 5 and tuple(v_cache.shape[:4]) == (L, B, H, D) and \
+            v_cache.shape[4] >= S
+        want = f"(L, B, Hkv, D, P) = ({L}, {B}, {H}, {D}, P), P >= S={S}"
+    if not v_ok or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache: expected {want} (v_layout {v_layout!r}), {k_cache.dtype} "
+                         f"(k_cache's dtype), got {v_cache.shape} {v_cache.dtype}")
     dtype = jnp.dtype(k_cache.dtype)
     if dtype not in CACHE_DTYPES:
         raise TypeError(f"k_cache: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {dtype}")
@@ -188,13 +203,13 @@ def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths):
 
 
 def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *,
-              interpret: bool = False):
+              v_layout: str = "sd", interpret: bool = False):
     """Quantize and write k_new / v_new at positions lengths[b] + t of `layer`, in place.
 
     Args:
-      k_cache: (L, B, S, Hkv, D), v_cache: (L, B, Hkv, D, P) with a row pitch P >= S (tokens
-        >= S are never written), float8_e4m3fn / float8_e5m2 / bfloat16 (both the same). Inside
-        a jit
+      k_cache: (L, B, S, Hkv, D), v_cache: (L, B, S, Hkv, D) (v_layout "sd") or (L, B, Hkv, D,
+        P) with a row pitch P >= S (v_layout "ds"; tokens >= S are never written),
+        float8_e4m3fn / float8_e5m2 / bfloat16 (both the same). Inside a jit
         that donates them or carries them through a loop the update is in place; called eagerly,
         XLA first copies them (the caller's arrays stay valid).
       k_scale, v_scale: (L, B, S, Hkv) float32 per-(token, head) scales for an FP8 cache; None
@@ -203,24 +218,25 @@ def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, 
       lengths: (B,) int32, the first position written for each sequence; rows landing at
         positions >= S are dropped (nothing else is touched).
       layer: int or int32 scalar, 0 <= layer < L (not checked under jit).
+      v_layout: "sd" or "ds", how v_cache is stored (see v_cache).
       interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns (k_cache, v_cache, k_scale, v_scale) updated (scales None for a bf16 cache).
     """
-    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout)
     return _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new,
                           jnp.asarray(lengths, jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1),
-                          fp8=fp8, interpret=interpret)
+                          fp8=fp8, v_ds=v_layout == "ds", interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("fp8", "interpret"))
+@functools.partial(jax.jit, static_argnames=("fp8", "v_ds", "interpret"))
 def _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *, fp8,
-                   interpret):
+                   v_ds, interpret):
     L, B, S, H, D = k_cache.shape
     T = k_new.shape[1]
     fmax = float(jnp.finfo(k_cache.dtype).max) if fp8 else 1.0
     kernel = functools.partial(
         _kv_append_kernel, max_len=S, heads=H, heads_pad=max(2, pl.next_power_of_2(H)), fp8=fp8,
-        fmax=fmax, exact_div=not interpret)
+        fmax=fmax, exact_div=not interpret, v_ds=v_ds)
     caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
     out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
     kw = dict(interpret=True) if interpret else triton_compat.compiler_params(num_warps=4,
@@ -233,10 +249,10 @@ def _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, la
 
 
 def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *,
-                        interpret: bool = False):
+                        v_layout: str = "sd", interpret: bool = False):
     """Plain-JAX version of `kv_append` (same signature and results; interpret ignored)."""
     del interpret
-    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout)
     B, T = k_new.shape[:2]
     S = k_cache.shape[2]
     pos = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T)[None, :]        # (B, T)
@@ -245,7 +261,7 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
     for x, cache, scale in ((k_new, k_cache, k_scale), (v_new, v_cache, v_scale)):
         # v_cache (L, B, H, D, S): the indices split by slices put (B, T) first, as in k_cache.
         # Positions >= S are dropped, also inside V's padded pitch (sent past its end).
-        at = cache.at[layer, b_idx, pos] if cache is k_cache else \
+        at = cache.at[layer, b_idx, pos] if cache is k_cache or v_layout == "sd" else \
             cache.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.shape[-1])]
         xf = x.astype(jnp.float32)
         if fp8:
@@ -262,7 +278,8 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
     return out[0], out[2], out[1], out[3]
 
 
-def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q_heads):
+def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q_heads,
+               v_layout):
     """Validate `kv_append_qkv`'s arguments; returns (fp8, Hq, Hkv, D)."""
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
@@ -279,16 +296,17 @@ def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q
             raise ValueError(f"{name}: expected ({B}, {T}, {D // 2}) float32 (B, T, D/2), got "
                              f"{tuple(x.shape)} {x.dtype}")
     new = jax.ShapeDtypeStruct((B, T, H, D), qkv.dtype)
-    fp8 = _check(k_cache, v_cache, k_scale, v_scale, new, new, lengths)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, new, new, lengths, v_layout)
     return fp8, Hq, H, D
 
 
 def kv_append_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
-                  num_q_heads: int, interpret: bool = False):
+                  num_q_heads: int, v_layout: str = "sd", interpret: bool = False):
     """Split qkv, RoPE q and k, write k and v as `kv_append` does, in place; return q rotated.
 
     Args:
-      k_cache, v_cache, k_scale, v_scale, lengths, layer, interpret: as for `kv_append`.
+      k_cache, v_cache, k_scale, v_scale, lengths, layer, v_layout, interpret: as for
+        `kv_append`.
       qkv: (B, T, (Hq + 2 Hkv) D) bfloat16 / float16 / float32, the fused q/k/v projection
         (q heads, then k heads, then v heads; D per head), before RoPE.
       cos, sin: (B, T, D/2) float32 RoPE tables of the T new positions.
@@ -297,16 +315,16 @@ def kv_append_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, la
     for a bf16 cache).
     """
     fp8, Hq, _, _ = _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths,
-                               num_q_heads)
+                               num_q_heads, v_layout)
     return _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin,
                               jnp.asarray(lengths, jnp.int32),
                               jnp.asarray(layer, jnp.int32).reshape(1), num_q_heads=Hq, fp8=fp8,
-                              interpret=interpret)
+                              v_ds=v_layout == "ds", interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("num_q_heads", "fp8", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_q_heads", "fp8", "v_ds", "interpret"))
 def _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
-                       num_q_heads, fp8, interpret):
+                       num_q_heads, fp8, v_ds, interpret):
     L, B, S, H, D = k_cache.shape
     T = qkv.shape[1]
     Hq = num_q_heads
@@ -314,7 +332,7 @@ def _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, length
     kernel = functools.partial(
         _kv_append_qkv_kernel, max_len=S, q_heads=Hq, q_heads_pad=max(2, pl.next_power_of_2(Hq)),
         kv_heads=H, kv_heads_pad=max(2, pl.next_power_of_2(H)), head_dim=D, fp8=fp8, fmax=fmax,
-        exact_div=not interpret)
+        exact_div=not interpret, v_ds=v_ds)
     caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
     out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
     out_shape.append(jax.ShapeDtypeStruct((B, T, Hq, D), qkv.dtype))
@@ -329,12 +347,12 @@ def _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, length
 
 
 def kv_append_qkv_reference(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
-                            num_q_heads: int, interpret: bool = False):
+                            num_q_heads: int, v_layout: str = "sd", interpret: bool = False):
     """Plain-JAX version of `kv_append_qkv` (same signature and results; interpret ignored):
     slice, RoPE in f32 cast back to qkv.dtype, then `kv_append_reference`."""
     del interpret
     _, Hq, H, D = _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths,
-                             num_q_heads)
+                             num_q_heads, v_layout)
     B, T = qkv.shape[:2]
     heads = qkv.reshape(B, T, Hq + 2 * H, D)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
@@ -345,4 +363,5 @@ def kv_append_qkv_reference(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, l
         return jnp.concatenate([r1, r2], axis=-1).astype(qkv.dtype)
 
     q, k, v = rope(heads[:, :, :Hq]), rope(heads[:, :, Hq:Hq + H]), heads[:, :, Hq + H:]
-    return (q,) + kv_append_reference(k_cache, v_cache, k_scale, v_scale, k, v, lengths, layer)
+    return (q,) + kv_append_reference(k_cache, v_cache, k_scale, v_scale, k, v, lengths, layer,
+                                      v_layout=v_layout)

@@ -13,11 +13,13 @@ from jfp8 import kv_cache as kvc
 from pallas_kernels import kv_append as K
 
 
-def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, pitch_pad=5):
-    """Random caches; V tokens last with its row pitch padded (random bytes that must stay)."""
+def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, v_layout="ds", pitch_pad=5):
+    """Random caches; V like K ("sd") or tokens last ("ds") with its row pitch padded by
+    pitch_pad tokens (random bytes that must stay)."""
     rng = np.random.default_rng(seed)
     k = jnp.asarray(rng.normal(size=(L, B, S, H, D)), jnp.float32).astype(dtype)
-    v = jnp.asarray(rng.normal(size=(L, B, H, D, S + pitch_pad)), jnp.float32).astype(dtype)
+    v_shape = (L, B, S, H, D) if v_layout == "sd" else (L, B, H, D, S + pitch_pad)
+    v = jnp.asarray(rng.normal(size=v_shape), jnp.float32).astype(dtype)
     if jnp.dtype(dtype) == jnp.bfloat16:
         return k, v, None, None
     ks = jnp.asarray(rng.uniform(0.5, 2, size=(L, B, S, H)), jnp.float32)
@@ -53,35 +55,43 @@ def _bits_equal(a, b):
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16])
 @pytest.mark.parametrize("T", [1, 5])
-def test_kernel_matches_reference_bitwise(dtype, T):
+@pytest.mark.parametrize("v_layout", K.V_LAYOUTS)
+def test_kernel_matches_reference_bitwise(dtype, T, v_layout):
     """Every byte of the cache (written rows, untouched rows, dropped overflow) equals the
     reference: the same f32 math, so exact equality is the right bound."""
-    caches = _caches(dtype)
+    caches = _caches(dtype, v_layout=v_layout)
     S, H, D = caches[0].shape[2:]
     k_new, v_new = _new(3, T, H, D, seed=T)
     lengths = jnp.array([0, 7, S - 2], jnp.int32)       # the last one overflows when T > 2
-    got = K.kv_append(*caches, k_new, v_new, lengths, 1, interpret=True)
-    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 1)
+    got = K.kv_append(*caches, k_new, v_new, lengths, 1, v_layout=v_layout, interpret=True)
+    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 1, v_layout=v_layout)
     for g, w in zip(got, want):
         _bits_equal(g, w)
     # Layer 0 and the rows outside [lengths, lengths + T) are untouched.
     _bits_equal(got[0][0], caches[0][0])
-    _bits_equal(got[1][1, 1, :, :, :7], caches[1][1, 1, :, :, :7])
+    v_head = got[1][1, 1] if v_layout == "sd" else jnp.moveaxis(got[1][1, 1], -1, 0)
+    v_head0 = caches[1][1, 1] if v_layout == "sd" else jnp.moveaxis(caches[1][1, 1], -1, 0)
+    _bits_equal(v_head[:7], v_head0[:7])
 
 
-def test_matches_kv_cache_append_per_token_head():
-    """The kernel writes what jfp8.kv_cache.append (XLA) writes, data and scales, bit for bit."""
+@pytest.mark.parametrize("dtype", [jfp8.E4M3, jnp.bfloat16])
+def test_matches_kv_cache_append(dtype):
+    """The kernel writes what jfp8.kv_cache.append (XLA) writes into a KVCache in its own V
+    layout (FP8 tokens last with a padded pitch, bf16 like K), data and scales, bit for bit."""
     L, B, S, H, D = 2, 3, 21, 2, 128
-    cache = jfp8.KVCache.init(L, B, S, H, D)
+    cache = jfp8.KVCache.init(L, B, S, H, D, dtype=dtype)
     cache = kvc.advance(cache, jnp.array([0, 5, 20], jnp.int32))
     k_new, v_new = _new(B, 1, H, D, seed=3)
     want = kvc.append(cache, 1, k_new, v_new)
-    k, v, ks, vs = K.kv_append(cache.k, cache.v, cache.k_scale, cache.v_scale, k_new, v_new,
-                               cache.lengths, 1, interpret=True)
+    fp8 = cache.scaling == "per_token_head"
+    k, v, ks, vs = K.kv_append(cache.k, cache.v, cache.k_scale if fp8 else None,
+                               cache.v_scale if fp8 else None, k_new, v_new, cache.lengths, 1,
+                               v_layout=cache.v_layout, interpret=True)
     _bits_equal(k, want.k)
     _bits_equal(v, want.v)
-    _bits_equal(ks, want.k_scale)
-    _bits_equal(vs, want.v_scale)
+    if fp8:
+        _bits_equal(ks, want.k_scale)
+        _bits_equal(vs, want.v_scale)
 
 
 def test_no_retrace_across_positions_and_layers():
@@ -89,7 +99,7 @@ def test_no_retrace_across_positions_and_layers():
     S, H, D = caches[0].shape[2:]
     k_new, v_new = _new(3, 1, H, D, seed=9)
     f = chex.assert_max_traces(n=1)(lambda c, kn, vn, ln, l: K.kv_append(
-        *c, kn, vn, ln, l, interpret=True))
+        *c, kn, vn, ln, l, v_layout="ds", interpret=True))
     f = jax.jit(f)
     for step in range(3):
         caches = f(caches, k_new, v_new, jnp.array([step, step + 3, 4], jnp.int32),
@@ -101,33 +111,39 @@ def test_bad_inputs():
     S, H, D = k.shape[2:]
     k_new, v_new = _new(3, 1, H, D, seed=1)
     lengths = jnp.zeros((3,), jnp.int32)
+    append = functools.partial(K.kv_append, v_layout="ds", interpret=True)
+    with pytest.raises(ValueError, match="v_layout"):
+        K.kv_append(k, v, ks, vs, k_new, v_new, lengths, 0, v_layout="dk", interpret=True)
+    with pytest.raises(ValueError, match=r"v_cache: expected \(2, 3, 19, 3, 64\) like k_cache"):
+        K.kv_append(k, v, ks, vs, k_new, v_new, lengths, 0, interpret=True)  # "sd" by default
     with pytest.raises(ValueError, match="k_scale"):
-        K.kv_append(k, v, None, vs, k_new, v_new, lengths, 0, interpret=True)
+        append(k, v, None, vs, k_new, v_new, lengths, 0)
     with pytest.raises(ValueError, match="k_new"):
-        K.kv_append(k, v, ks, vs, k_new[:, :, :2], v_new, lengths, 0, interpret=True)
+        append(k, v, ks, vs, k_new[:, :, :2], v_new, lengths, 0)
     with pytest.raises(ValueError, match="v_cache"):
-        K.kv_append(k, v[:, :2], ks, vs, k_new, v_new, lengths, 0, interpret=True)
+        append(k, v[:, :2], ks, vs, k_new, v_new, lengths, 0)
     with pytest.raises(ValueError, match=r"v_cache: expected \(L, B, Hkv, D, P\)"):  # k's layout
-        K.kv_append(k, jnp.moveaxis(v, -1, 2), ks, vs, k_new, v_new, lengths, 0, interpret=True)
+        append(k, jnp.moveaxis(v, -1, 2), ks, vs, k_new, v_new, lengths, 0)
     with pytest.raises(ValueError, match="lengths"):
-        K.kv_append(k, v, ks, vs, k_new, v_new, lengths[:2], 0, interpret=True)
+        append(k, v, ks, vs, k_new, v_new, lengths[:2], 0)
     with pytest.raises(TypeError, match="k_cache"):
-        K.kv_append(k.astype(jnp.float32), v.astype(jnp.float32), ks, vs, k_new, v_new, lengths,
-                    0, interpret=True)
+        append(k.astype(jnp.float32), v.astype(jnp.float32), ks, vs, k_new, v_new, lengths, 0)
     kb, vb, _, _ = _caches(jnp.bfloat16)
     with pytest.raises(ValueError, match="k_scale"):
-        K.kv_append(kb, vb, ks, vs, k_new, v_new, lengths, 0, interpret=True)
+        append(kb, vb, ks, vs, k_new, v_new, lengths, 0)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16])
-def test_gpu_kernel_matches_reference_bitwise(dtype):
+@pytest.mark.parametrize("v_layout", K.V_LAYOUTS)
+def test_gpu_kernel_matches_reference_bitwise(dtype, v_layout):
     """Compiled through Triton: `div.rn.f32` and the saturating cast give the reference's bits."""
-    caches = _caches(dtype, L=3, B=4, S=300, H=8, D=128, seed=5)
+    caches = _caches(dtype, L=3, B=4, S=300, H=8, D=128, seed=5, v_layout=v_layout)
     k_new, v_new = _new(4, 3, 8, 128, seed=6)
     lengths = jnp.array([0, 100, 298, 299], jnp.int32)
-    got = jax.jit(K.kv_append)(*caches, k_new, v_new, lengths, 2)
-    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 2)
+    fn = functools.partial(K.kv_append, v_layout=v_layout)
+    got = jax.jit(fn)(*caches, k_new, v_new, lengths, 2)
+    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 2, v_layout=v_layout)
     for g, w in zip(got, want):
         _bits_equal(g, w)
 
@@ -145,17 +161,19 @@ def _qkv_inputs(B, T, Hq, H, D, seed):
             jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+@pytest.mark.parametrize("dtype,v_layout", [(jnp.float8_e4m3fn, "ds"), (jnp.bfloat16, "sd"),
+                                            (jnp.float8_e4m3fn, "sd")])
 @pytest.mark.parametrize("T,Hq,H,D", [(1, 6, 3, 16), (3, 12, 2, 32), (3, 6, 3, 32)])
-def test_qkv_kernel_matches_reference_bitwise(dtype, T, Hq, H, D):
+def test_qkv_kernel_matches_reference_bitwise(dtype, v_layout, T, Hq, H, D):
     """Rotated q, cache data and scales equal the reference (slice, RoPE in f32 cast to bf16,
     kv_append_reference) byte for byte: the same f32 math in the same order."""
     B, S = 2, 11
-    caches = _caches(dtype, L=2, B=B, S=S, H=H, D=D, seed=T + Hq)
+    caches = _caches(dtype, L=2, B=B, S=S, H=H, D=D, seed=T + Hq, v_layout=v_layout)
     qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=D + T)
     lengths = jnp.array([int(np.random.default_rng(T).integers(0, S - T)), S - 2], jnp.int32)
-    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 1, num_q_heads=Hq, interpret=True)
-    want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 1, num_q_heads=Hq)
+    kw = dict(num_q_heads=Hq, v_layout=v_layout)
+    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 1, interpret=True, **kw)
+    want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 1, **kw)
     assert got[0].shape == (B, T, Hq, D) and got[0].dtype == qkv.dtype
     for g, w in zip(got, want):
         _bits_equal(g, w)
@@ -168,11 +186,13 @@ def test_qkv_equals_rope_then_kv_append():
     caches = _caches(jnp.float8_e4m3fn, L=2, B=B, S=9, H=H, D=D, seed=4)
     qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=8)
     lengths = jnp.array([3, 8], jnp.int32)
-    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 0, num_q_heads=Hq, interpret=True)
+    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 0, num_q_heads=Hq, v_layout="ds",
+                          interpret=True)
     heads = qkv.reshape(B, T, Hq + 2 * H, D)
     q = attention.apply_rope(heads[:, :, :Hq], cos, sin)
     k = attention.apply_rope(heads[:, :, Hq:Hq + H], cos, sin)
-    want = K.kv_append(*caches, k, heads[:, :, Hq + H:], lengths, 0, interpret=True)
+    want = K.kv_append(*caches, k, heads[:, :, Hq + H:], lengths, 0, v_layout="ds",
+                       interpret=True)
     for g, w in zip(got, (q,) + tuple(want)):
         _bits_equal(g, w)
 
@@ -183,7 +203,7 @@ def test_qkv_bad_inputs():
     lengths = jnp.zeros((2,), jnp.int32)
     call = lambda **kw: K.kv_append_qkv(*[kw.get(n, x) for n, x in (
         ("k", k), ("v", v), ("ks", ks), ("vs", vs), ("qkv", qkv), ("cos", cos), ("sin", sin),
-        ("lengths", lengths))], 0, num_q_heads=kw.get("hq", 4), interpret=True)
+        ("lengths", lengths))], 0, num_q_heads=kw.get("hq", 4), v_layout="ds", interpret=True)
     with pytest.raises(ValueError, match="qkv"):
         call(hq=6)
     with pytest.raises(ValueError, match="qkv"):
@@ -204,17 +224,19 @@ def test_qkv_bad_inputs():
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
 @pytest.mark.parametrize("Hq,H", [(32, 8), (12, 3)])
 def test_gpu_qkv_kernel_matches_reference_bitwise(dtype, Hq, H):
+    v_layout = "sd" if dtype == jnp.bfloat16 else "ds"     # jfp8.KVCache's
     """Compiled through Triton against the eager reference (eager: XLA may otherwise keep the
     rotated k in f32 across a fusion, xla_allow_excess_precision). A mismatch in q or the cache
     that is one bf16 ulp of RoPE would point at FMA contraction of x1 c - x2 s differing between
     Triton and XLA."""
     B, T, D = 4, 3, 128
-    caches = _caches(dtype, L=3, B=B, S=300, H=H, D=D, seed=5)
+    caches = _caches(dtype, L=3, B=B, S=300, H=H, D=D, seed=5, v_layout=v_layout)
     qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=6)
     lengths = jnp.array([0, 100, 298, 299], jnp.int32)
-    got = jax.jit(functools.partial(K.kv_append_qkv, num_q_heads=Hq))(
+    got = jax.jit(functools.partial(K.kv_append_qkv, num_q_heads=Hq, v_layout=v_layout))(
         *caches, qkv, cos, sin, lengths, 2)
-    want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 2, num_q_heads=Hq)
+    want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 2, num_q_heads=Hq,
+                                     v_layout=v_layout)
     for g, w in zip(got, want):
         _bits_equal(g, w)
 
@@ -227,16 +249,17 @@ def test_kernels_lower_for_cuda(dtype, fused):
     # on the device.
     L, B, S, Hq, H, D, T = 2, 3, 40, 8, 2, 128, 1
     sds = jax.ShapeDtypeStruct
+    v_layout = "sd" if dtype == jnp.bfloat16 else "ds"     # jfp8.KVCache's
     k = sds((L, B, S, H, D), dtype)
-    v = sds((L, B, H, D, S), dtype)
+    v = sds((L, B, S, H, D) if v_layout == "sd" else (L, B, H, D, S), dtype)
     sc = sds((L, B, S, H), jnp.float32) if dtype != jnp.bfloat16 else None
     lens = sds((B,), jnp.int32)
     if fused:
         qkv = sds((B, T, (Hq + 2 * H) * D), jnp.bfloat16)
         cs = sds((B, T, D // 2), jnp.float32)
-        fn = functools.partial(K.kv_append_qkv, layer=1, num_q_heads=Hq)
+        fn = functools.partial(K.kv_append_qkv, layer=1, num_q_heads=Hq, v_layout=v_layout)
         jax.jit(fn).trace(k, v, sc, sc, qkv, cs, cs, lens).lower(lowering_platforms=("cuda",))
     else:
         new = sds((B, T, H, D), jnp.bfloat16)
-        fn = functools.partial(K.kv_append, layer=1)
+        fn = functools.partial(K.kv_append, layer=1, v_layout=v_layout)
         jax.jit(fn).trace(k, v, sc, sc, new, new, lens).lower(lowering_platforms=("cuda",))

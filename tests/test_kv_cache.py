@@ -18,7 +18,7 @@ L, B, S, HKV, D = 2, 3, 16, 2, 8
 
 def _dequant(cache, layer):
     k = cache.k[layer].astype(jnp.float32)
-    v = jnp.moveaxis(cache.v[layer][..., :cache.max_len], -1, 1).astype(jnp.float32)  # (B, S, Hkv, D)
+    v = cache.layer_v(layer).astype(jnp.float32)
     if cache.scaling == "per_token_head":
         return k * cache.k_scale[layer][..., None], v * cache.v_scale[layer][..., None]
     return k * cache.k_scale[layer], v * cache.v_scale[layer]
@@ -35,7 +35,10 @@ def _rand(key, T, scale=1.0):
                                            (jfp8.E4M3, "per_tensor"), (jnp.bfloat16, "per_tensor")])
 def test_init_shapes_and_nbytes(dtype, scaling):
     c = KVCache.init(L, B, S, HKV, D, dtype=dtype, scaling=scaling)
-    assert c.k.shape == (L, B, S, HKV, D) and c.v.shape == (L, B, HKV, D, S)   # S = 16: no pad
+    assert c.k.shape == (L, B, S, HKV, D)
+    fp8 = dtype != jnp.bfloat16     # V tokens last for FP8 (S = 16: no pitch padding), bf16 like K
+    assert c.v.shape == ((L, B, HKV, D, S) if fp8 else (L, B, S, HKV, D))
+    assert c.v_layout == ("ds" if fp8 else "sd") and c.layer_v(1).shape == (B, S, HKV, D)
     assert c.lengths.shape == (B,) and c.lengths.dtype == jnp.int32
     assert c.max_len == S and c.num_layers == L and c.num_kv_heads == HKV and c.head_dim == D
     data = 2 * L * B * S * HKV * D * jnp.dtype(c.dtype).itemsize
