@@ -144,6 +144,8 @@ def main():
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--prologue", default="none", choices=("none", "rmsnorm", "swiglu"))
+    p.add_argument("--act-dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                   help="gemv: activation dtype (W8A16)")
     p.add_argument("--prefetch", action="store_true", help="GemvConfig.prefetch (manual double buffer)")
     p.add_argument("--row-blocks", type=int, default=1, help="GemvConfig.row_blocks")
     p.add_argument("--out", default="/tmp/kernel_sass")
@@ -156,7 +158,7 @@ def main():
     cfg = G.GemvConfig(bn, bk, split_k=sk, use_dot=m > 1, prefetch=a.prefetch, num_warps=a.warps,
                        num_stages=a.stages, row_blocks=a.row_blocks)
     pro = None if a.prologue == "none" else a.prologue
-    x = jax.ShapeDtypeStruct((m, 2 * k if pro == "swiglu" else k), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((m, 2 * k if pro == "swiglu" else k), jnp.dtype(a.act_dtype))
     w = jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn)
     ws = jax.ShapeDtypeStruct((-(-n // 128), -(-k // 128)), jnp.float32)
     nw = jax.ShapeDtypeStruct((k,), jnp.bfloat16)
@@ -166,7 +168,7 @@ def main():
         return G.fp8_gemv(x, w, None, ws, layout="block", prologue=pro, config=cfg, **kw)
 
     name = (f"fp8_gemv_{m}x{n}x{k}_{bn}_{bk}_{sk}_{a.prologue}{'_prefetch' if a.prefetch else ''}"
-            f"{f'_rb{a.row_blocks}' if a.row_blocks > 1 else ''}")
+            f"{f'_rb{a.row_blocks}' if a.row_blocks > 1 else ''}_{a.act_dtype}")
     base = os.path.join(a.out, name)
     [ttir] = triton_ir(fn, x, w, ws, nw)
     kernel = compile_sm90(ttir, base + ".ttir", a.warps, a.stages)

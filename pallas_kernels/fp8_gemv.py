@@ -3,12 +3,13 @@
     C[m, n] = sum_k (A[m, k] * sa) * (W[n, k] * sw) + bias[n]     (f32 math, bf16/f32 output)
 
 Two modes, picked by a's dtype:
-- W8A16: `a: (M, K) bfloat16 | float16`, `a_scale=None`. FP8 weights are upcast to bf16 in
-  registers; bf16 x e4m3 products are exact in f32, so only the f32 summation order differs from
-  the reference.
+- W8A16: `a: (M, K) bfloat16 | float16`, `a_scale=None`. FP8 weights are upcast in registers to
+  the activations' dtype (e4m3 is exact in both); bf16 / f16 x e4m3 products are exact in f32, so
+  only the f32 summation order differs from the reference.
 - W8A8: `a: (M, K) float8_e4m3fn` with `a_scale` (1, 1), (M, 1) or (M, ceil(K/128)) float32 (per
-  tensor, per token, per 1x128 token group). Both operands are upcast to bf16 (exact), so the
-  products are exact too; FP8 tensor cores (wgmma) need M >= 64 and buy nothing at these shapes.
+  tensor, per token, per 1x128 token group). Both operands are upcast to f16 (exact, and one
+  conversion instruction per pair where bf16 takes four), so the products are exact too; FP8
+  tensor cores (wgmma) need M >= 64 and buy nothing at these shapes.
 
 `w: (N, K) float8_e4m3fn` (out, in), K-major, with `w_scale` in the layouts of `fp8_gemm`:
 "tensor" (1, 1), "row" (N, 1), "block" (ceil(N/128), ceil(K/128)). Per-tensor / per-row scales
@@ -227,7 +228,11 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     k_blocked = a_kind == "group" or w_kind == "block"
     sub_k = SCALE_BLOCK if k_blocked else block_k
     num_sub = block_k // sub_k
-    compute_dtype = jnp.bfloat16 if use_dot else jnp.float32
+    # MMA operands: bf16 for bf16 activations; f16 for f16 activations (bf16 would round them)
+    # and for W8A8 (e4m3 is exact in f16, and e4m3x2 -> f16x2 is one conversion instruction
+    # where bf16 takes four: offline SASS, benchmarks/kernel_sass.py).
+    compute_dtype = jnp.float32 if not use_dot else (
+        jnp.bfloat16 if a_ref.dtype == jnp.bfloat16 else jnp.float16)
     rows_m = jnp.arange(m_pad)[:, None]
 
     inv_rms = None
