@@ -11,7 +11,7 @@ Which kernel, by shape and recipe:
 
 | case | kernel |
 |---|---|
-| M <= 64, weights-only recipe, x bf16/f16 | `fp8_gemv` W8A16 (FP8 weights upcast in registers) |
+| M <= 64, weights-only recipe, x bf16/f16 | `fp8_gemv` W8A16 (FP8 weights upcast in registers; at 2 <= M <= `F16_STAGING_MAX_M` bf16 x staged exactly into f16 rows first) |
 | M <= 64, FP8 activations (x quantized here, or given as a QArray) | `fp8_gemv` W8A8, or `fp8_gemm` where `DECODE_KERNEL` measured it faster |
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
@@ -60,6 +60,12 @@ FUSED_PROLOGUE_MAX_M = 1
 # projections (equal on lm_head); M = 8..64 gemm wins everywhere (e.g. qkv M = 16: 21.6 vs 37.5 µs,
 # lm_head M = 16: 203 vs 458 µs), the gemv's per-128-K group-scale path being slow at M > 1.
 DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
+# W8A16 with bf16 x at 2 <= M <= this: x goes through `fp8_gemv.stage_f16_rows` (per-row power of
+# two, f16; exact for the bf16 values that matter, see there) so the kernel's MMA runs on f16
+# operands: standalone at M = 16 on the H200 qkv 16.2 -> 12.9 µs, o 12.9 -> 10.6, gate_up
+# 51.3 -> 39.7, down 29.8 -> 25.5 (results/gemm_decode_h200_m16_f16act.md, staging not timed;
+# it is one XLA row reduction + scaling fusion per matmul). M = 1 runs an FMA loop in f32.
+F16_STAGING_MAX_M = 16
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
@@ -128,6 +134,10 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
         return fallback(x2)
 
     if not isinstance(x2, QArray) and recipe.act_format is None:          # W8A16
+        if gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16:
+            x16, row_scale = fp8_gemv.stage_f16_rows(x2)
+            return fp8_gemv.fp8_gemv(x16, wq.data, row_scale, wq.scale, layout=w_layout,
+                                     bias=bias, out_dtype=out_dtype, interpret=interpret)
         if gemv_w8a16:
             return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
                                      out_dtype=out_dtype, interpret=interpret)

@@ -97,6 +97,48 @@ def test_float16_activations_keep_their_precision(m, cfg):
     assert rel_err(out, ref) < TOL[jnp.dtype(jnp.float32)]
 
 
+def test_stage_f16_rows_is_exact_for_bf16_rows():
+    """Rows far outside f16's range (amax 3e5 and 1e-20), a zero row, values 2^30 below their
+    row's amax, and non-finite values: rows * scales gives back every bf16 value at least
+    amax * 2^-28 exactly and the smaller ones within amax * 2^-39 (f16 subnormals), non-finite
+    ones stay non-finite, scales are powers of two, and no f16 row overflows."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 384)) * np.array([[3e5], [1e-20], [0.0], [1.0], [7.0], [1.0]])
+    a[3, :10] *= 2.0 ** -30                          # tiny next to the row's amax: still exact
+    a[4, 3], a[4, 7], a[5, 0] = np.inf, np.nan, -np.inf
+    a = jnp.asarray(a, jnp.bfloat16)
+    rows, scales = G.stage_f16_rows(a)
+    assert rows.dtype == jnp.float16 and scales.shape == (6, 1) and scales.dtype == jnp.float32
+    s = np.asarray(scales)
+    np.testing.assert_array_equal(s, 2.0 ** np.round(np.log2(s)))
+    back = np.asarray(rows, np.float32) * s
+    want = np.asarray(a, np.float32)
+    np.testing.assert_array_equal(np.isfinite(back), np.isfinite(want))
+    fin = np.isfinite(want)
+    amax = np.max(np.where(fin, np.abs(want), 0), axis=1, keepdims=True)
+    big = fin & (np.abs(want) >= amax * 2.0 ** -28)
+    np.testing.assert_array_equal(back[big], want[big])
+    err = np.abs(np.where(fin, back, 0) - np.where(fin, want, 0))
+    assert (err <= amax * 2.0 ** -39).all() and (fin & ~big).sum() > 0
+    assert np.abs(np.asarray(rows, np.float32)[fin]).max() < 2.0 ** 15
+    assert s[2, 0] == 1.0                            # zero row
+
+
+@pytest.mark.parametrize("m,cfg", [(7, C(32, 128, split_k=2)), (16, C(32, 256))])
+def test_staged_f16_rows_match_the_bf16_reference(m, cfg):
+    """bf16 activations staged to f16 rows + row scales give the W8A16 function of the bf16
+    activations (f32 output, summation-order tolerance), including a row beyond f16's range."""
+    n, k = 200, 384
+    a, w, _, w_scale, bias = make(m, n, k, "block", None, seed=m + 7)
+    a = a.at[1].multiply(1e6)                         # a row at ~4e6, past f16's 65504
+    rows, scales = G.stage_f16_rows(a)
+    out = G.fp8_gemv(rows, w, scales, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
+                     config=cfg, interpret=True)
+    ref = reference(a, w, None, w_scale, layout="block", bias=bias, out_dtype=jnp.float32)
+    assert rel_err(out[1:2], ref[1:2]) < TOL[jnp.dtype(jnp.float32)]
+    assert rel_err(out, ref) < TOL[jnp.dtype(jnp.float32)]
+
+
 # Fused prologues (W8A16). The kernel rounds its prologue output to bf16 as the reference does,
 # from f32 values that can differ in the last bit (exp in SwiGLU: Triton's and XLA's differ; the
 # RMSNorm's 1 / rms, reduced in the kernel, sums in another order): such an element flips by one
