@@ -60,12 +60,18 @@ FUSED_PROLOGUE_MAX_M = 1
 # projections (equal on lm_head); M = 8..64 gemm wins everywhere (e.g. qkv M = 16: 21.6 vs 37.5 µs,
 # lm_head M = 16: 203 vs 458 µs), the gemv's per-128-K group-scale path being slow at M > 1.
 DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
-# W8A16 with bf16 x at 2 <= M <= this: x goes through `fp8_gemv.stage_f16_rows` (per-row power of
-# two, f16; exact for the bf16 values that matter, see there) so the kernel's MMA runs on f16
-# operands: standalone at M = 16 on the H200 qkv 16.2 -> 12.9 µs, o 12.9 -> 10.6, gate_up
-# 51.3 -> 39.7, down 29.8 -> 25.5 (results/gemm_decode_h200_m16_f16act.md, staging not timed;
-# it is one XLA row reduction + scaling fusion per matmul). M = 1 runs an FMA loop in f32.
+# W8A16 with bf16 x at 2 <= M <= F16_STAGING_MAX_M on weights of >= F16_STAGING_MIN_WEIGHT
+# elements: x goes through `fp8_gemv.stage_f16_rows` (per-row power of two, f16; exact for the
+# bf16 values that matter, see there) so the kernel's MMA runs on f16 operands. Standalone at
+# M = 16 on the H200 (results/gemm_decode_h200_m16_f16act.md, staging not timed): qkv 16.2 ->
+# 12.9 µs, o 12.9 -> 10.6, gate_up 51.3 -> 39.7, down 29.8 -> 25.5. The staging (XLA row
+# reduction + scaling) costs ~4 µs per matmul inside a step, so only large weights gain: 8B
+# B=16 4K decode step 5.24 ms unstaged, 5.11 staging all four projections, 4.99 staging weights
+# >= 2^26 elements (gate_up, lm_head); 1B B=16 32K 4.00 / 4.14 / 4.00 ms
+# (results/decode_e2e_h200_r7.md, _r8_f16stage.md, _r9_f16stage_big.md). M = 1 runs an FMA
+# loop in f32 (no MMA to feed).
 F16_STAGING_MAX_M = 16
+F16_STAGING_MIN_WEIGHT = 1 << 26
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
@@ -134,7 +140,8 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
         return fallback(x2)
 
     if not isinstance(x2, QArray) and recipe.act_format is None:          # W8A16
-        if gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16:
+        if (gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
+                and wq.shape[0] * wq.shape[1] >= F16_STAGING_MIN_WEIGHT):
             x16, row_scale = fp8_gemv.stage_f16_rows(x2)
             return fp8_gemv.fp8_gemv(x16, wq.data, row_scale, wq.scale, layout=w_layout,
                                      bias=bias, out_dtype=out_dtype, interpret=interpret)

@@ -59,6 +59,23 @@ def test_interpret_matches_xla(lead, recipe, out_dtype):
     assert rel_err(y, y_xla) < tol
 
 
+@pytest.mark.parametrize("min_weight,staged", [(0, True), (N * K + 1, False)])
+def test_w8a16_f16_staging_dispatch(monkeypatch, min_weight, staged):
+    """W8A16 at 2 <= M <= 16 with bf16 x on weights of >= F16_STAGING_MIN_WEIGHT elements stages x
+    into f16 rows (fp8_gemv.stage_f16_rows) and stays the same function (f32 bound above), also
+    for a row beyond f16's range; smaller weights keep the bf16 operands."""
+    from pallas_kernels import fp8_gemv
+    calls = []
+    stage = fp8_gemv.stage_f16_rows
+    monkeypatch.setattr(fp8_gemv, "stage_f16_rows", lambda x: calls.append(x.shape) or stage(x))
+    monkeypatch.setattr(_matmul_pallas, "F16_STAGING_MIN_WEIGHT", min_weight)
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    x = jax.random.normal(jax.random.key(11), (5, K), jnp.bfloat16).at[2].multiply(3e5)
+    y, y_xla = both(x, weights(recipe, seed=4), out_dtype=jnp.float32, recipe=recipe)
+    assert calls == ([(5, K)] if staged else [])
+    assert rel_err(y, y_xla) < 1e-5 and rel_err(y[2], y_xla[2]) < 1e-5
+
+
 def test_qarray_input():
     # An already-quantized (1, K) activation goes straight to the W8A8 gemv (same compiled
     # kernel as the (1,) block128 case above).
