@@ -140,13 +140,12 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
         return fallback(x2)
 
     if not isinstance(x2, QArray) and recipe.act_format is None:          # W8A16
-        if (gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
-                and wq.shape[0] * wq.shape[1] >= F16_STAGING_MIN_WEIGHT):
-            x16, row_scale = fp8_gemv.stage_f16_rows(x2)
-            return fp8_gemv.fp8_gemv(x16, wq.data, row_scale, wq.scale, layout=w_layout,
-                                     bias=bias, out_dtype=out_dtype, interpret=interpret)
         if gemv_w8a16:
-            return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
+            a, a_scale = x2, None
+            if (2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
+                    and wq.shape[0] * wq.shape[1] >= F16_STAGING_MIN_WEIGHT):
+                a, a_scale = fp8_gemv.stage_f16_rows(x2)
+            return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
                                      out_dtype=out_dtype, interpret=interpret)
         return fallback(x2)
 

@@ -46,12 +46,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
+from pallas_kernels.decode_attention import V_LAYOUTS   # the two V layouts the attention reads
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
            "V_LAYOUTS"]
-
-V_LAYOUTS = ("sd", "ds")   # decode_attention's V layouts
 
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
