@@ -130,6 +130,21 @@ def test_gpu_pallas_matches_float64(m, recipe):
     assert rel_err(y, ref) < (2.0**-10 if fp8_cores else 1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [3, 16])
+def test_gpu_staged_w8a16_matches_float64(monkeypatch, m):
+    # The f16-staged W8A16 path (jfp8.matmul stages on large weights; the threshold is lowered
+    # here so a 4096 x 4096 weight takes it), compiled for the GPU: same bound as above.
+    monkeypatch.setattr(_matmul_pallas, "F16_STAGING_MIN_WEIGHT", 0)
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16).at[0].multiply(1e5)
+    wq = weights(recipe, n=4096, k=4096)
+    with jfp8.use_backend("pallas"):
+        y = jax.jit(lambda x: jfp8.matmul(x, wq, out_dtype=jnp.float32, recipe=recipe))(x)
+    ref = _float64_reference(x, wq, recipe)
+    assert rel_err(y[:1], ref[:1]) < 1e-4 and rel_err(y[1:], ref[1:]) < 1e-4   # row 0 at ~1e5
+
+
 # Prologues: the interpret backend fuses RMSNorm and SwiGLU into fp8_gemv (W8A16, M == 1;
 # _matmul_pallas.FUSED_PROLOGUES) and applies them in XLA first elsewhere; the XLA path applies the
 # same formula first. The fused bf16 prologue output can flip one ulp where the f32 value differs
