@@ -61,8 +61,9 @@ def apply_overrides(spec: str) -> None:
     `gemv:M_CLASS/N_CLASS/K_CLASS=bn,bk,sk,warps,stages,fma[,field=int...]`
     (pallas_kernels.fp8_gemv.TUNING; extra GemvConfig fields such as prefetch=1, row_blocks=2),
     `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)
-    or `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
-    `fuse:` alone fuses none)."""
+    , `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
+    `fuse:` alone fuses none) or `stage:N` (W8A16 f16 staging on weights >= N elements,
+    jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none)."""
     import decode_attention as bench_attn
     import gemv_layout
     import jfp8
@@ -74,6 +75,9 @@ def apply_overrides(spec: str) -> None:
         if kind == "fuse":
             _matmul_pallas.FUSED_PROLOGUES = tuple(getattr(jfp8, name)
                                                    for name in filter(None, rest.split("+")))
+            continue
+        if kind == "stage":
+            _matmul_pallas.F16_STAGING_MIN_WEIGHT = int(rest)
             continue
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
@@ -100,12 +104,14 @@ def main(argv=None):
     from jfp8 import _matmul_pallas
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
-    committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES)
+    committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
+                 _matmul_pallas.F16_STAGING_MIN_WEIGHT)
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
         gv.TUNING.clear(), gv.TUNING.update(committed[0])
         da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
         _matmul_pallas.FUSED_PROLOGUES = committed[2]
+        _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
         # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
         # variant's table would only reach the kernels traced for the first time.
         jax.clear_caches()
