@@ -619,11 +619,16 @@ def swiglu_reference(x):
 
 
 def stage_f16_rows(a):
-    """bf16 / f16 / f32 activations (M, K) -> (f16 rows (M, K), scales (M, 1) f32), a ~ rows *
+    """bf16 / f16 activations (M, K) -> (f16 rows (M, K), scales (M, 1) f32), a ~ rows *
     scales: each row times 2^-e, e = floor(log2(amax of its finite values)) - 14 (e = 0 for an
     all-zero row), so the row's amax lands in [2^14, 2^15) (f16 max 65504) and its bf16 values
     stay exact in f16 down to amax * 2^-31. Non-finite values stay non-finite. XLA ops (a row
-    reduction and one scaling pass), jittable; `fp8_gemv` takes the pair as W8A8 takes FP8 rows."""
+    reduction and one scaling pass), jittable; `fp8_gemv` takes the pair as W8A8 takes FP8 rows.
+    f32 activations are refused: f16 would round their 24-bit significands."""
+    if not hasattr(a, "shape") or len(a.shape) != 2:
+        raise ValueError(f"a: expected a 2-D (M, K) array, got shape {getattr(a, 'shape', None)}")
+    if jnp.dtype(a.dtype) not in ACT_DTYPES:
+        raise TypeError(f"a: expected bfloat16 or float16 activations, got {a.dtype}")
     x = a.astype(jnp.float32)
     amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=1, keepdims=True)
     _, ex = jnp.frexp(amax)                         # amax = f * 2^ex, f in [0.5, 1)

@@ -124,6 +124,13 @@ def test_stage_f16_rows_is_exact_for_bf16_rows():
     assert s[2, 0] == 1.0                            # zero row
 
 
+def test_stage_f16_rows_bad_inputs():
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        G.stage_f16_rows(jnp.ones((2, 8), jnp.float32))      # f16 would round f32 significands
+    with pytest.raises(ValueError, match="2-D"):
+        G.stage_f16_rows(jnp.ones((8,), jnp.bfloat16))
+
+
 @pytest.mark.parametrize("m,cfg", [(7, C(32, 128, split_k=2)), (16, C(32, 256))])
 def test_staged_f16_rows_match_the_bf16_reference(m, cfg):
     """bf16 activations staged to f16 rows + row scales give the W8A16 function of the bf16
