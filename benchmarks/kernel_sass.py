@@ -148,6 +148,7 @@ def main():
                    help="gemv: activation dtype (W8A16)")
     p.add_argument("--prefetch", action="store_true", help="GemvConfig.prefetch (manual double buffer)")
     p.add_argument("--row-blocks", type=int, default=1, help="GemvConfig.row_blocks")
+    p.add_argument("--swap-ab", action="store_true", help="GemvConfig.swap_ab (weight as the dot's A)")
     p.add_argument("--out", default="/tmp/kernel_sass")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -156,7 +157,7 @@ def main():
     m, n, k = (int(v) for v in a.shape.split(","))
     bn, bk, sk = (int(v) for v in a.config.split(","))
     cfg = G.GemvConfig(bn, bk, split_k=sk, use_dot=m > 1, prefetch=a.prefetch, num_warps=a.warps,
-                       num_stages=a.stages, row_blocks=a.row_blocks)
+                       num_stages=a.stages, row_blocks=a.row_blocks, swap_ab=a.swap_ab)
     pro = None if a.prologue == "none" else a.prologue
     x = jax.ShapeDtypeStruct((m, 2 * k if pro == "swiglu" else k), jnp.dtype(a.act_dtype))
     w = jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn)
@@ -168,7 +169,8 @@ def main():
         return G.fp8_gemv(x, w, None, ws, layout="block", prologue=pro, config=cfg, **kw)
 
     name = (f"fp8_gemv_{m}x{n}x{k}_{bn}_{bk}_{sk}_{a.prologue}{'_prefetch' if a.prefetch else ''}"
-            f"{f'_rb{a.row_blocks}' if a.row_blocks > 1 else ''}_{a.act_dtype}")
+            f"{f'_rb{a.row_blocks}' if a.row_blocks > 1 else ''}{'_swap' if a.swap_ab else ''}"
+            f"_{a.act_dtype}")
     base = os.path.join(a.out, name)
     [ttir] = triton_ir(fn, x, w, ws, nw)
     kernel = compile_sm90(ttir, base + ".ttir", a.warps, a.stages)
