@@ -131,7 +131,8 @@ def test_stage_f16_rows_bad_inputs():
         G.stage_f16_rows(jnp.ones((8,), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("m,cfg", [(7, C(32, 128, split_k=2)), (16, C(32, 256))])
+@pytest.mark.parametrize("m,cfg", [(7, C(32, 128, split_k=2)), (16, C(32, 256)),
+                                   (16, C(64, 256, swap_ab=True))])
 def test_staged_f16_rows_match_the_bf16_reference(m, cfg):
     """bf16 activations staged to f16 rows + row scales give the W8A16 function of the bf16
     activations (f32 output, summation-order tolerance), including a row beyond f16's range."""
