@@ -48,8 +48,8 @@ SWEEP_SHAPES = SHAPES  # run 1 (2026-11-25) swept 11 configs on 8x32K and 1x32K;
 INTERPRET = os.environ.get("BENCH_INTERPRET") == "1"   # CPU dry run of the script only
 # Rank configs (and report) by GPU kernel time from a profiler trace; wall time is kept too.
 TRACE = not INTERPRET and os.environ.get("BENCH_TRACE", "1") == "1"
-METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16", "ours_bf16_sd",
-           "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd", "ours_fp8_tok_sd"]
+METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16",
+           "ours_bf16_sd", "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd", "ours_fp8_tok_sd"]
 LIB_V_LAYOUT = "ds"   # jfp8.KVCache's V layout: the one ours_* run
 
 

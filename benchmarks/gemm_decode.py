@@ -254,7 +254,8 @@ def write_markdown(result, path):
              "", f"Copy ceiling (same run): {c} GB/s. µs per matmul (R distinct weights per jit); "
              "GB/s on weight bytes; % = of the copy ceiling; ratio = XLA bf16 µs / ours.", "",
              "| weight | N×K | M | XLA read floor µs (GB/s) | XLA bf16 µs (GB/s) | XLA FP8-upcast µs (GB/s) | XLA FP8 per-tensor µs | "
-             "ours W8A16 block µs (GB/s, % copy) | same, f16 activations µs | same, staged µs | ours W8A16 row µs | ours W8A8 incl. quant µs | "
+             "ours W8A16 block µs (GB/s, % copy) | same, f16 activations µs | same, staged µs | "
+             "ours W8A16 row µs | ours W8A8 incl. quant µs | "
              "fp8_gemm W8A8 incl. quant µs | "
              "W8A16 vs bf16 | W8A16 vs FP8-upcast | best config |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -117,7 +117,8 @@ def attention(a):
 
     def fn(q, k, v, lens, ks=tensor_scale, vs=tensor_scale):
         return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg, v_layout=a.v_layout)
-    name = f"decode_attention_D{D}_S{S}p{pitch}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}_v{a.v_layout}"
+    name = (f"decode_attention_D{D}_S{S}p{pitch}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}"
+            f"_v{a.v_layout}")
     base = os.path.join(a.out, name)
     kernel = compile_sm90(triton_ir(fn, *args)[0], base + ".ttir", a.warps, a.stages)
     c = sass_counts(kernel.asm["cubin"], base)
@@ -148,7 +149,8 @@ def main():
                    help="gemv: activation dtype (W8A16)")
     p.add_argument("--prefetch", action="store_true", help="GemvConfig.prefetch (manual double buffer)")
     p.add_argument("--row-blocks", type=int, default=1, help="GemvConfig.row_blocks")
-    p.add_argument("--swap-ab", action="store_true", help="GemvConfig.swap_ab (weight as the dot's A)")
+    p.add_argument("--swap-ab", action="store_true",
+                   help="GemvConfig.swap_ab (the weight as the dot's A operand)")
     p.add_argument("--out", default="/tmp/kernel_sass")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)

@@ -11,7 +11,7 @@ Which kernel, by shape and recipe:
 
 | case | kernel |
 |---|---|
-| M <= 64, weights-only recipe, x bf16/f16 | `fp8_gemv` W8A16 (FP8 weights upcast in registers; at 2 <= M <= `F16_STAGING_MAX_M` bf16 x staged exactly into f16 rows first) |
+| M <= 64, weights-only recipe, x bf16/f16 | `fp8_gemv` W8A16 (FP8 weights upcast in registers; bf16 x staged into f16 rows first where `F16_STAGING_*` say) |
 | M <= 64, FP8 activations (x quantized here, or given as a QArray) | `fp8_gemv` W8A8, or `fp8_gemm` where `DECODE_KERNEL` measured it faster |
 | M > 64, FP8 activations, matching scale layouts (tensor/tensor, row/row, 1x128 / 128x128) | `fp8_gemm` (Triton) or its Mosaic GPU twin, per `pick_gemm_backend` |
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |

@@ -87,7 +87,8 @@ def test_matches_reference_interpret(m, layout, a_kind, cfg, with_bias, out_dtyp
 def test_float16_activations_keep_their_precision(m, cfg):
     """f16 activations are multiplied as f16 (11 significant bits), not rounded to bf16 (8): the
     f32-output error is the f32 summation order's (1e-5), where a bf16 rounding of the
-    activations would give ~2**-9 relative error per term (1.6e-3 and 1.8e-3 on the dot cases before the fix)."""
+    activations would give ~2**-9 relative error per term (1.6e-3 and 1.8e-3 on the dot cases
+    before the fix)."""
     n, k = 200, 384
     _, w, _, w_scale, _ = make(m, n, k, "block", None, seed=m)
     a = (jax.random.normal(jax.random.key(m + 100), (m, k)) * 30).astype(jnp.float16)
@@ -104,7 +105,7 @@ def test_stage_f16_rows_is_exact_for_bf16_rows():
     ones stay non-finite, scales are powers of two, and no f16 row overflows."""
     rng = np.random.default_rng(0)
     a = rng.normal(size=(6, 384)) * np.array([[3e5], [1e-20], [0.0], [1.0], [7.0], [1.0]])
-    a[3, :10] *= 2.0 ** -30                          # tiny next to the row's amax: still exact
+    a[3, :10] *= 2.0 ** -30                          # some fall below amax * 2^-28
     a[4, 3], a[4, 7], a[5, 0] = np.inf, np.nan, -np.inf
     a = jnp.asarray(a, jnp.bfloat16)
     rows, scales = G.stage_f16_rows(a)
