@@ -43,8 +43,8 @@ except AttributeError:  # pragma: no cover
 
 from pallas_kernels import triton_compat
 
-__all__ = ["DecodeAttentionConfig", "CONFIGS", "V_LAYOUTS", "config_for", "decode_attention",
-           "decode_attention_reference", "reference_math"]
+__all__ = ["DecodeAttentionConfig", "CONFIGS", "V_LAYOUTS", "v_shape_matches", "config_for",
+           "decode_attention", "decode_attention_reference", "reference_math"]
 
 _LOG2E = math.log2(math.e)
 #: V cache layouts: "sd" = (..., S, Hkv, D) like K; "ds" = (..., Hkv, D, S).
@@ -259,13 +259,21 @@ def _scale_mode(name, scale, k_shape, stacked):
                      f"head) scale of shape {tuple(k_shape[:-1])}, got {shape}")
 
 
-def _v_shape(k_shape, v_layout, pitch=None):
-    """The V cache shape for a K cache shape: the same, or (..., Hkv, D, pitch) for v_layout
-    "ds" (pitch >= S, default S)."""
+def _v_shape(k_shape, v_layout):
+    """The V cache shape for a K cache shape: the same, or (..., Hkv, D, S) for v_layout "ds"."""
     if v_layout == "sd":
         return tuple(k_shape)
     *lead, S, Hkv, D = k_shape
-    return (*lead, Hkv, D, S if pitch is None else pitch)
+    return (*lead, Hkv, D, S)
+
+
+def v_shape_matches(k_shape, v_shape, v_layout) -> bool:
+    """Whether a V cache of v_shape goes with a K cache of k_shape in v_layout: like k ("sd"), or
+    (..., Hkv, D, P) with a row pitch P >= S ("ds"; tokens >= S are never read or written)."""
+    want = _v_shape(k_shape, v_layout)
+    if v_layout == "sd" or len(v_shape) != len(want):
+        return tuple(v_shape) == want
+    return tuple(v_shape[:-1]) == want[:-1] and v_shape[-1] >= want[-1]
 
 
 def _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout="sd"):
@@ -275,10 +283,7 @@ def _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout="sd"):
         raise ValueError(f"k: expected (B, S, Hkv, D) or (L, B, S, Hkv, D), got shape {k.shape}")
     if v_layout not in V_LAYOUTS:
         raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
-    # "ds": V's token axis may be padded past S (a row pitch; tokens >= S are never read).
-    pitch = v.shape[-1] if v_layout == "ds" and v.ndim == k.ndim and v.shape[-1] >= k.shape[-3] \
-        else None
-    if tuple(v.shape) != _v_shape(k.shape, v_layout, pitch) or v.dtype != k.dtype:
+    if not v_shape_matches(k.shape, v.shape, v_layout) or v.dtype != k.dtype:
         want = _v_shape(k.shape, v_layout)
         if v_layout == "ds":
             want = "(" + ", ".join(map(str, want[:-1])) + f", P) with P >= S={k.shape[-3]}"

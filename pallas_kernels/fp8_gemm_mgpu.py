@@ -99,17 +99,27 @@ class MgpuConfig:
     return self.tile_n * (2 if self.wg_dim == "n" else 1)
 
   @property
+  def pair_m(self) -> int:
+    """CTAs of a cluster along M (2 with cluster "m", else 1)."""
+    return 2 if self.cluster == "m" else 1
+
+  @property
+  def pair_n(self) -> int:
+    """CTAs of a cluster along N (2 with cluster "n", else 1)."""
+    return 2 if self.cluster == "n" else 1
+
+  @property
   def cluster_size(self) -> int:
-    return 1 if self.cluster is None else 2
+    return self.pair_m * self.pair_n
 
   @property
   def cluster_m(self) -> int:
     """Rows of output one cluster covers (the M padding unit)."""
-    return self.cta_m * (2 if self.cluster == "m" else 1)
+    return self.cta_m * self.pair_m
 
   @property
   def cluster_n(self) -> int:
-    return self.cta_n * (2 if self.cluster == "n" else 1)
+    return self.cta_n * self.pair_n
 
 
 # Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep.json, H100).
@@ -224,13 +234,12 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
   def _scope(allocs, out_smem, bias_smem=None, bias_barrier=None):
     wg = lax.axis_index("wg")
     minor = 0 if cfg.grid_minor == "m" else 1
-    pair_m = 2 if cfg.cluster == "m" else 1
-    pair_n = 2 if cfg.cluster == "n" else 1
 
-    @plgpu.nd_loop(((num_m // pair_m) * (num_n // pair_n),), collective_axes="cluster_grid")
+    @plgpu.nd_loop(((num_m // cfg.pair_m) * (num_n // cfg.pair_n),),
+                   collective_axes="cluster_grid")
     def _tile_loop(info):
       (lin,) = info.index
-      i_m, i_n = plgpu.planar_snake(lin, (num_m // pair_m, num_n // pair_n), minor,
+      i_m, i_n = plgpu.planar_snake(lin, (num_m // cfg.pair_m, num_n // cfg.pair_n), minor,
                                     cfg.grid_tile_width)
       if cfg.cluster is not None:  # this CTA's tile of the cluster's pair
         cta = lax.axis_index("cluster")

@@ -65,6 +65,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
+from pallas_kernels.quantize import _finite_abs
 
 LAYOUTS = ("tensor", "row", "block")
 #: K width of one scale block ("block" weight layout, 1x128 activation groups).
@@ -630,7 +631,7 @@ def stage_f16_rows(a):
     if jnp.dtype(a.dtype) not in ACT_DTYPES:
         raise TypeError(f"a: expected bfloat16 or float16 activations, got {a.dtype}")
     x = a.astype(jnp.float32)
-    amax = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=1, keepdims=True)
+    amax = jnp.max(_finite_abs(x), axis=1, keepdims=True)
     _, ex = jnp.frexp(amax)                         # amax = f * 2^ex, f in [0.5, 1)
     e = jnp.where(amax > 0, ex - 15, 0)             # floor(log2(amax)) - 14
     return jnp.ldexp(x, -e).astype(jnp.float16), jnp.ldexp(jnp.ones_like(amax), e)

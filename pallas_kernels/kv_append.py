@@ -46,7 +46,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.decode_attention import V_LAYOUTS   # the two V layouts the attention reads
+from pallas_kernels.decode_attention import V_LAYOUTS, v_shape_matches   # the attention's layouts
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
@@ -170,13 +170,10 @@ def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout):
     if v_layout not in V_LAYOUTS:
         raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
     L, B, S, H, D = k_cache.shape
-    if v_layout == "sd":
-        v_ok, want = tuple(v_cache.shape) == (L, B, S, H, D), f"{k_cache.shape} like k_cache"
-    else:
-        v_ok = v_cache.ndim == 5 and tuple(v_cache.shape[:4]) == (L, B, H, D) and \
-            v_cache.shape[4] >= S
-        want = f"(L, B, Hkv, D, P) = ({L}, {B}, {H}, {D}, P), P >= S={S}"
-    if not v_ok or v_cache.dtype != k_cache.dtype:
+    want = f"{k_cache.shape} like k_cache" if v_layout == "sd" else \
+        f"(L, B, Hkv, D, P) = ({L}, {B}, {H}, {D}, P), P >= S={S}"
+    if not v_shape_matches(k_cache.shape, v_cache.shape, v_layout) \
+            or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache: expected {want} (v_layout {v_layout!r}), {k_cache.dtype} "
                          f"(k_cache's dtype), got {v_cache.shape} {v_cache.dtype}")
     dtype = jnp.dtype(k_cache.dtype)
