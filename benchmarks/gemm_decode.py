@@ -32,6 +32,7 @@ from pallas_kernels import fp8_gemv as G
 from pallas_kernels import quantize as Q
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gemv_layout  # noqa: E402
 import harness  # noqa: E402
 
 SHAPES = [(6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"),
@@ -85,8 +86,14 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     p.add_argument("--shapes", default="", help="comma list of shape names to run (default all)")
     p.add_argument("--ms", default="", help="comma list of M (default 1,8,16,32,64)")
-    p.add_argument("--configs", default="", help="override the sweep: 'bn,bk,sk[,warps[,stages[,fma]]];...'")
+    p.add_argument("--configs", default="", help="override the sweep: "
+                   "'bn,bk,sk[,warps[,stages[,fma[,field=int...]]]];...' (extra GemvConfig fields, "
+                   "e.g. swap_ab=1)")
     p.add_argument("--quick", action="store_true", help="W8A16 sweep only (no baselines, W8A8, GEMM)")
+    p.add_argument("--xla", action="store_true", help="with --quick: the XLA baselines too")
+    p.add_argument("--sweep-act", default="bf16", choices=("bf16", "staged"),
+                   help="activations the W8A16 sweep runs on at M > 1: bf16 rows, or bf16 rows "
+                   "staged into f16 by stage_f16_rows (staging timed), as jfp8.matmul runs them")
     p.add_argument("--tag", default="", help="suffix for the output files (a side sweep)")
     args = p.parse_args()
     interpret = args.smoke
@@ -119,7 +126,7 @@ def main():
                 row[key] = dict(us=round(t * 1e6, 2), GBs=round(nbytes / t / 1e9, 1),
                                 pct_copy=round(100 * nbytes / t / 1e9 / ceiling, 1))
 
-            if not interpret and not args.quick:
+            if not interpret and (not args.quick or args.xla):
                 t = timed(lambda a, w: lax.dot_general(a, w, DN, preferred_element_type=jnp.float32
                                                        ).astype(jnp.bfloat16), a, w16)
                 rec("xla_bf16", t, 2 * n * k)
@@ -140,12 +147,19 @@ def main():
             if args.configs:
                 cands = [parse_config(c, m) for c in args.configs.split(";")]
             ref = G.fp8_gemv_reference(a, w8[0], None, ws_block, layout="block", out_dtype=jnp.float32)
+            staged_sweep = args.sweep_act == "staged" and m > 1
+            row["sweep_act"] = "staged" if staged_sweep else "bf16"
+
+            def sweep_op(a, w, s, cfg, out_dtype=jnp.bfloat16):
+                a_scale = None
+                if staged_sweep:
+                    a, a_scale = G.stage_f16_rows(a)
+                return G.fp8_gemv(a, w, a_scale, s, layout="block", config=cfg, out_dtype=out_dtype,
+                                  interpret=interpret)
             for cfg in cands:
                 try:
-                    err = rel_err(G.fp8_gemv(a, w8[0], None, ws_block, layout="block", config=cfg,
-                                             out_dtype=jnp.float32, interpret=interpret), ref)
-                    t = timed(lambda a, w, s, cfg=cfg: G.fp8_gemv(a, w, None, s, layout="block", config=cfg,
-                                                                  interpret=interpret), a, w8, ws_block,
+                    err = rel_err(sweep_op(a, w8[0], ws_block, cfg, jnp.float32), ref)
+                    t = timed(lambda a, w, s, cfg=cfg: sweep_op(a, w, s, cfg), a, w8, ws_block,
                               interpret=interpret)
                 except Exception as e:  # record the failure, keep sweeping
                     sweep.append(dict(cfg=dataclasses.asdict(cfg), error=repr(e)[:300]))
@@ -180,6 +194,9 @@ def main():
                 rec("w8a16_block_staged", timed(staged, a, w8, ws_block, interpret=interpret),
                     fp8_bytes)
             if args.quick:
+                if "xla_bf16" in row:
+                    row["ratio_w8a16_vs_xla_bf16"] = round(
+                        row["xla_bf16"]["us"] / row["w8a16_block"]["us"], 3)
                 rows.append(row)
                 dump(args, dev, ceiling, interpret, rows)
                 continue
@@ -222,11 +239,13 @@ def main():
 
 
 def parse_config(text: str, m: int) -> G.GemvConfig:
-    f = [int(v) for v in text.split(",")]
-    f += [4, 3, 0][len(f) - 3:] if len(f) < 6 else []
-    bn, bk, sk, warps, stages, fma = f[:6]
-    return G.GemvConfig(bn, bk, split_k=sk, num_warps=warps, num_stages=stages,
-                        use_dot=not (fma and m == 1))
+    """'bn,bk,sk[,warps[,stages[,fma[,field=int...]]]]' (the defaults 4 warps, 3 stages, dot; the
+    extra fields as in gemv_layout.parse_config); fma only at M = 1."""
+    head = [v for v in text.split(",") if "=" not in v]
+    extra = [v for v in text.split(",") if "=" in v]
+    head += ["4", "3", "0"][len(head) - 3:] if len(head) < 6 else []
+    cfg = gemv_layout.parse_config(",".join(head + extra))
+    return dataclasses.replace(cfg, use_dot=cfg.use_dot or m > 1)
 
 
 def dump(args, dev, ceiling, interpret, rows, final=False):
@@ -266,7 +285,7 @@ def write_markdown(result, path):
         cfg = r.get("w8a16_block", {}).get("cfg")
         cfg_s = (f"bn{cfg['block_n']} bk{cfg['block_k']} sk{cfg['split_k']}"
                  f"{'' if cfg['use_dot'] else ' fma'}{' swap' if cfg['swap_ab'] else ''}{' pf' if cfg['prefetch'] else ''} w{cfg['num_warps']}"
-                 if cfg else "-")
+                 if cfg else "-") + (" on staged f16" if r.get("sweep_act") == "staged" else "")
         lines.append(
             f"| {r['name']} | {r['N']}×{r['K']} | {r['M']} | {g('xla_read_floor')} | {g('xla_bf16')} | {g('xla_fp8_upcast')} | "
             f"{g('xla_fp8_pertensor', '{us}')} | {g('w8a16_block', '{us} ({GBs}, {pct_copy}%)')} | "
