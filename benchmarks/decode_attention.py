@@ -51,6 +51,7 @@ TRACE = not INTERPRET and os.environ.get("BENCH_TRACE", "1") == "1"
 METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16",
            "ours_bf16_sd", "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd", "ours_fp8_tok_sd"]
 LIB_V_LAYOUT = "ds"   # jfp8.KVCache's V layout: the one ours_* run
+V_PITCH = 0           # --v-pitch
 
 
 def _timeit(fn, args, calls=10, rounds=5):
@@ -168,7 +169,9 @@ def run_shape(B, S, sweep_configs, log):
     fns, ours = make_methods(data, B, S, n)
     row = dict(B=B, S=S, Hq=HQ, Hkv=HKV, D=D, layers_per_call=n, us={}, gbs={}, errors={})
     # V in the library's layout (tokens last) for ours_*; the token-major copy for *_sd.
-    to_ds = jax.jit(lambda v: jnp.moveaxis(v, -3, -1))
+    pitch = -(-S // V_PITCH) * V_PITCH if V_PITCH else S     # the token axis of V "ds"
+    to_ds = jax.jit(lambda v: jnp.pad(jnp.moveaxis(v, -3, -1),
+                                      [(0, 0)] * (v.ndim - 1) + [(0, pitch - S)]))
     k8 = jnp.stack(data["k8"])
     v8_sd = jnp.stack(data["v8"])
     v8 = to_ds(v8_sd)
@@ -430,7 +433,16 @@ def main():
     ap.add_argument("--configs", default="", help="sweep these configs (comma list of "
                     "bk128_tp264_mb2_w4_s2) on every shape instead of the built-in sweep")
     ap.add_argument("--tag", default="", help="suffix of the output names")
+    ap.add_argument("--v-pitch", type=int, default=0, help="pad V's token axis (\"ds\") to a "
+                    "multiple of this many tokens, as jfp8.KVCache does (kv_cache.V_PITCH); 0: none")
+    ap.add_argument("--heads", default="", help="HQ,HKV,D instead of 32,8,128 (Llama-3.1-8B); "
+                    "32,8,64 is Llama-3.2-1B")
     a = ap.parse_args()
+    global V_PITCH
+    V_PITCH = a.v_pitch
+    if a.heads:
+        global HQ, HKV, D
+        HQ, HKV, D = (int(x) for x in a.heads.split(","))
     if a.report:
         res = json.load(open(a.report))
         base = os.path.splitext(a.report)[0]

@@ -63,11 +63,12 @@ def apply_overrides(spec: str) -> None:
     `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)
     , `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
     `fuse:` alone fuses none) or `stage:N` (W8A16 f16 staging on weights >= N elements,
-    jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none)."""
+    jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none) or
+    `pitch:N` (the FP8 cache's V row pitch in tokens, jfp8.kv_cache.V_PITCH)."""
     import decode_attention as bench_attn
     import gemv_layout
     import jfp8
-    from jfp8 import _matmul_pallas
+    from jfp8 import _matmul_pallas, kv_cache
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
     for item in filter(None, spec.split(";")):
@@ -78,6 +79,9 @@ def apply_overrides(spec: str) -> None:
             continue
         if kind == "stage":
             _matmul_pallas.F16_STAGING_MIN_WEIGHT = int(rest)
+            continue
+        if kind == "pitch":
+            kv_cache.V_PITCH = int(rest)
             continue
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
@@ -101,17 +105,18 @@ def main(argv=None):
     bench = decode_e2e.Bench(argparse.Namespace(smoke=False, fused=True, steps=args.steps, reps=1))
     results = []
     import jax
-    from jfp8 import _matmul_pallas
+    from jfp8 import _matmul_pallas, kv_cache
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
     committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
-                 _matmul_pallas.F16_STAGING_MIN_WEIGHT)
+                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH)
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
         gv.TUNING.clear(), gv.TUNING.update(committed[0])
         da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
         _matmul_pallas.FUSED_PROLOGUES = committed[2]
         _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
+        kv_cache.V_PITCH = committed[4]
         # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
         # variant's table would only reach the kernels traced for the first time.
         jax.clear_caches()

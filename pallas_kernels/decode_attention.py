@@ -90,7 +90,7 @@ class DecodeAttentionConfig:
 # once the GPU is full (B=8, S=32K: 512 programs of 32 blocks beat 1024 of 16); 2 pipeline stages
 # win where programs are short (B = 1). B=1 long from decode_attention_r5.json (>= 2 GB per timed
 # call, kernel time from a profiler trace): 256 programs 35.4 µs vs 512 programs 37.6 µs.
-CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
+CONFIGS: dict[tuple[str, ...], DecodeAttentionConfig] = {
     ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, min_blocks_per_split=1,
                                           num_stages=2),
     ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=256, min_blocks_per_split=1,
@@ -101,6 +101,13 @@ CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
     ("large", "short"): DecodeAttentionConfig(block_k=128, target_programs=256),
     ("large", "long"): DecodeAttentionConfig(block_k=128, target_programs=256),
 }
+# Head dim 64 (Llama-3.2-1B: Hq 32, Hkv 8), B > 8, S = 32K, swept on the H200
+# (results/decode_attention_h200_d64_sweep.md, kernel µs per layer): 256-token blocks (the bytes
+# per step of a 128-token block at D = 128) 154.4 against 166.0 for the D = 128 entry; 8 warps
+# 157.6, 2 stages 173.1, 512 programs 183.9, 128 programs 178.1. At S = 4K every config was
+# within 27.1-27.4 µs except the slower 8-warp / 2-stage / 64-token ones: no d64 entry there.
+CONFIGS[("large", "long", "d64")] = DecodeAttentionConfig(block_k=256, target_programs=256,
+                                                          min_blocks_per_split=1)
 # B = 1 short re-swept inside the 8B decode step on the H200 (4K context;
 # profile_decode_h200_r2.json, attention + combine per step over 32 layers): one 128-token block per program (256 programs)
 # 255 + 111 µs, against 2 blocks per program 322 + 93 µs; 64-token blocks 251-293 + 180 µs;
@@ -111,10 +118,13 @@ CONFIGS: dict[tuple[str, str], DecodeAttentionConfig] = {
 # at 4K).
 
 
-def config_for(batch: int, max_len: int) -> DecodeAttentionConfig:
-    """The tuned config for a shape class (see CONFIGS)."""
+def config_for(batch: int, max_len: int, head_dim: int = 128) -> DecodeAttentionConfig:
+    """The tuned config for a shape class (see CONFIGS): (batch class, length class, "d64") for
+    head_dim <= 64 where the table has that key, else (batch class, length class)."""
     b = "1" if batch == 1 else ("small" if batch <= 8 else "large")
     s = "short" if max_len <= 8192 else "long"
+    if head_dim <= 64 and (b, s, "d64") in CONFIGS:
+        return CONFIGS[(b, s, "d64")]
     return CONFIGS[(b, s)]
 
 
@@ -446,7 +456,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
             layer), or per (token, head): (B, S, Hkv) / (L, B, S, Hkv) float32 (same as k minus D).
         layer: int or int32 scalar, required with a stacked cache.
         sm_scale: softmax scale, default D ** -0.5.
-        config: override the tuned `config_for(B, S)`.
+        config: override the tuned `config_for(B, S, D)`.
         interpret: run the Pallas kernel in interpret mode (CPU tests).
         v_layout: "sd" (v shaped like k) or "ds": v (B, Hkv, D, P) / (L, B, Hkv, D, P), each
             head's D rows of tokens contiguous (vLLM's V layout), so the P.V product reads V
@@ -465,7 +475,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
         v_scale = v_scale if v_scale is None or jnp.ndim(v_scale) != 3 else v_scale[None]
         layer = 0
     if config is None:
-        config = config_for(q.shape[0], k.shape[2])
+        config = config_for(q.shape[0], k.shape[2], D)
     return _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, sm_scale=sm_scale,
                                  config=config, interpret=interpret, v_layout=v_layout)
 

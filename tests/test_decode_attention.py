@@ -123,6 +123,15 @@ def test_config_for_and_splits():
                                          B * 8 * pl_cdiv(S, cfg.block_k * cfg.min_blocks_per_split))
 
 
+def test_config_for_head_dim_64_uses_its_own_entry_where_the_table_has_one():
+    # D <= 64 reads half the bytes per token: its sweep picked longer blocks at B > 8, S > 8K.
+    assert da.config_for(16, 32768, 64) is da.CONFIGS[("large", "long", "d64")]
+    assert da.config_for(16, 32768, 128) is da.CONFIGS[("large", "long")]
+    assert da.config_for(16, 32768) is da.CONFIGS[("large", "long")]
+    # no d64 entry for short caches: the D = 128 one serves
+    assert da.config_for(16, 4096, 64) is da.CONFIGS[("large", "short")]
+
+
 def pl_cdiv(a, b):
     return -(-a // b)
 
