@@ -154,7 +154,8 @@ def main():
                 a_scale = None
                 if staged_sweep:
                     a, a_scale = G.stage_f16_rows(a)
-                return G.fp8_gemv(a, w, a_scale, s, layout="block", config=cfg, out_dtype=out_dtype,
+                layout = "tensor" if s.shape == (1, 1) else "block"
+                return G.fp8_gemv(a, w, a_scale, s, layout=layout, config=cfg, out_dtype=out_dtype,
                                   interpret=interpret)
             for cfg in cands:
                 try:
@@ -193,6 +194,11 @@ def main():
                                       interpret=interpret)
                 rec("w8a16_block_staged", timed(staged, a, w8, ws_block, interpret=interpret),
                     fp8_bytes)
+            if args.quick and args.xla:
+                # The best config on a per-tensor weight scale (the XLA FP8-upcast row's scaling):
+                # what the per-128-K block scales cost.
+                t = timed(lambda a, w, s: sweep_op(a, w, s, cfg), a, w8, ws_t, interpret=interpret)
+                rec("w8a16_tensor", t, n * k)
             if args.quick:
                 if "xla_bf16" in row:
                     row["ratio_w8a16_vs_xla_bf16"] = round(
@@ -274,10 +280,10 @@ def write_markdown(result, path):
              "GB/s on weight bytes; % = of the copy ceiling; ratio = XLA bf16 µs / ours.", "",
              "| weight | N×K | M | XLA read floor µs (GB/s) | XLA bf16 µs (GB/s) | XLA FP8-upcast µs (GB/s) | XLA FP8 per-tensor µs | "
              "ours W8A16 block µs (GB/s, % copy) | same, f16 activations µs | same, staged µs | "
-             "ours W8A16 row µs | ours W8A8 incl. quant µs | "
+             "ours W8A16 row µs | ours W8A16 per-tensor µs | ours W8A8 incl. quant µs | "
              "fp8_gemm W8A8 incl. quant µs | "
              "W8A16 vs bf16 | W8A16 vs FP8-upcast | best config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         def g(key, fmt="{us} ({GBs})"):
             v = r.get(key)
@@ -290,7 +296,8 @@ def write_markdown(result, path):
             f"| {r['name']} | {r['N']}×{r['K']} | {r['M']} | {g('xla_read_floor')} | {g('xla_bf16')} | {g('xla_fp8_upcast')} | "
             f"{g('xla_fp8_pertensor', '{us}')} | {g('w8a16_block', '{us} ({GBs}, {pct_copy}%)')} | "
             f"{g('w8a16_block_f16act', '{us}')} | {g('w8a16_block_staged', '{us}')} | "
-            f"{g('w8a16_row', '{us}')} | {g('w8a8_block_incl_quant', '{us}')} | "
+            f"{g('w8a16_row', '{us}')} | {g('w8a16_tensor', '{us}')} | "
+            f"{g('w8a8_block_incl_quant', '{us}')} | "
             f"{g('fp8_gemm_block_incl_quant', '{us}')} | "
             f"{r.get('ratio_w8a16_vs_xla_bf16', '-')} | {r.get('ratio_w8a16_vs_xla_fp8_upcast', '-')} | {cfg_s} |")
     lines += ["", "## Every W8A16 variant tried (µs)", "",
