@@ -80,6 +80,7 @@ def main(argv=None):
     ap.add_argument("--mgpu", default="", help="';'-separated swap-AB probes of the Mosaic GEMM: "
                     "layout,tile_m,tile_n,stages (layout tensor | block)")
     ap.add_argument("--skip-xla", action="store_true")
+    ap.add_argument("--m", type=int, default=1, help="activation rows (tokens)")
     args = ap.parse_args(argv)
     ceiling = harness.copy_ceiling_gbs(1 << 30, calls=20)
     dev = jax.devices()[0]
@@ -94,7 +95,7 @@ def main(argv=None):
         f8_kn = [w.T.copy() for w in f8_nk]
         ws_block = jnp.full((-(-n // 128), -(-k // 128)), 0.1 / 448, jnp.float32)
         s = jnp.full((1, 1), 0.1 / 448, jnp.float32)
-        a = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+        a = jax.random.normal(jax.random.key(1), (args.m, k), jnp.bfloat16)
         row = dict(name=name, N=n, K=k, R=r, us={}, xla_tiles={})
 
         def bf16_dot(dn):
@@ -153,7 +154,7 @@ def main(argv=None):
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     labels = list(rows[0]["us"]) if rows else []
     with open(stem + ".md", "w") as f:
-        f.write(f"# M = 1 read rate by weight layout, {meta['device']}, jax {meta['jax']}, "
+        f.write(f"# M = {args.m} read rate by weight layout, {meta['device']}, jax {meta['jax']}, "
                 f"{meta['date']}\n\nCopy ceiling {meta['copy_ceiling_gbs']} GB/s. GPU µs per "
                 "matmul (R distinct weights per jit); GB/s on the weight bytes in brackets.\n\n")
         f.write("| weight | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n")

@@ -64,7 +64,8 @@ def apply_overrides(spec: str) -> None:
     , `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
     `fuse:` alone fuses none) or `stage:N` (W8A16 f16 staging on weights >= N elements,
     jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none) or
-    `pitch:N` (the FP8 cache's V row pitch in tokens, jfp8.kv_cache.V_PITCH)."""
+    `pitch:N` (the FP8 cache's V row pitch in tokens, jfp8.kv_cache.V_PITCH) or `combine:N`
+    (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head)."""
     import decode_attention as bench_attn
     import gemv_layout
     import jfp8
@@ -82,6 +83,9 @@ def apply_overrides(spec: str) -> None:
             continue
         if kind == "pitch":
             kv_cache.V_PITCH = int(rest)
+            continue
+        if kind == "combine":
+            da.COMBINE_MIN_PROGRAMS = int(rest)
             continue
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
@@ -109,7 +113,7 @@ def main(argv=None):
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
     committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
-                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH)
+                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH, da.COMBINE_MIN_PROGRAMS)
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
         gv.TUNING.clear(), gv.TUNING.update(committed[0])
@@ -117,6 +121,7 @@ def main(argv=None):
         _matmul_pallas.FUSED_PROLOGUES = committed[2]
         _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
         kv_cache.V_PITCH = committed[4]
+        da.COMBINE_MIN_PROGRAMS = committed[5]
         # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
         # variant's table would only reach the kernels traced for the first time.
         jax.clear_caches()

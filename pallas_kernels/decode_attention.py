@@ -118,6 +118,10 @@ CONFIGS[("large", "long", "d64")] = DecodeAttentionConfig(block_k=256, target_pr
 # at 4K).
 
 
+#: The combine kernel splits D (down to 32 columns) until about this many programs run.
+COMBINE_MIN_PROGRAMS = 64
+
+
 def config_for(batch: int, max_len: int, head_dim: int = 128) -> DecodeAttentionConfig:
     """The tuned config for a shape class (see CONFIGS): (batch class, length class, "d64") for
     head_dim <= 64 where the table has that key, else (batch class, length class)."""
@@ -221,10 +225,12 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
 
 
 def _combine_kernel(out_scale_ref, acc_ref, m_ref, l_ref, o_ref, *, splits, rows, chunk):
-    """One (sequence, KV head): o = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max_s m_s).
+    """One (sequence, KV head, D part): o = sum_s w_s acc_s / sum_s w_s l_s,
+    w_s = 2^(m_s - max_s m_s).
 
-    acc_ref (splits_pad, rows_pad, D), m_ref / l_ref (splits_pad, rows_pad) f32 (entries past
-    `splits` / `rows` are never written and never read: masked); o_ref (rows, D)."""
+    acc_ref (splits_pad, rows_pad, Dc), m_ref / l_ref (splits_pad, rows_pad) f32 (entries past
+    `splits` / `rows` are never written and never read: masked); o_ref (rows, Dc); Dc = D or a
+    power-of-two part of it (grid axis 2)."""
     splits_pad, rows_pad = m_ref.shape
     r_ok = (jnp.arange(rows_pad) < rows)[None, :]
     ok = (jnp.arange(splits_pad) < splits)[:, None] & r_ok
@@ -418,17 +424,25 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         out_scale = jnp.full((1,), 1.0 / v_boost, jnp.float32)
     else:
         out_scale = _per_layer_scalar(v_scale, layer_arr[0], True).reshape(1)
+    # Few (sequence, KV head) pairs (B = 1: 8 programs, each walking all splits' partials,
+    # latency-bound): split D too, so about COMBINE_MIN_PROGRAMS programs share the loads.
+    d_parts = 1
+    while (B * Hkv * d_parts < COMBINE_MIN_PROGRAMS and D // (2 * d_parts) >= 32
+           and D % (2 * d_parts) == 0):
+        d_parts *= 2
+    dc = D // d_parts
     # Partials of up to 16K f32 are loaded at once (every load issued up front: one memory
     # latency per program); larger ones in chunks of 8K.
-    chunk = splits_pad if splits_pad * rows_pad * D <= 16384 else max(1, 8192 // (rows_pad * D))
+    chunk = splits_pad if splits_pad * rows_pad * dc <= 16384 else max(1, 8192 // (rows_pad * dc))
     o = pl.pallas_call(
         functools.partial(_combine_kernel, splits=splits, rows=TG, chunk=chunk),
-        grid=(B, Hkv),
-        in_specs=[pl.BlockSpec((1,), lambda b, h: (0,)),
-                  pl.BlockSpec((None, None, splits_pad, rows_pad, D), lambda b, h: (b, h, 0, 0, 0)),
-                  pl.BlockSpec((None, None, splits_pad, rows_pad), lambda b, h: (b, h, 0, 0)),
-                  pl.BlockSpec((None, None, splits_pad, rows_pad), lambda b, h: (b, h, 0, 0))],
-        out_specs=pl.BlockSpec((None, None, TG, D), lambda b, h: (b, h, 0, 0)),
+        grid=(B, Hkv, d_parts),
+        in_specs=[pl.BlockSpec((1,), lambda b, h, c: (0,)),
+                  pl.BlockSpec((None, None, splits_pad, rows_pad, dc),
+                               lambda b, h, c: (b, h, 0, 0, c)),
+                  pl.BlockSpec((None, None, splits_pad, rows_pad), lambda b, h, c: (b, h, 0, 0)),
+                  pl.BlockSpec((None, None, splits_pad, rows_pad), lambda b, h, c: (b, h, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, TG, dc), lambda b, h, c: (b, h, 0, c)),
         out_shape=jax.ShapeDtypeStruct((B, Hkv, TG, D), jnp.bfloat16),
         name="jfp8_decode_attention_combine",
         **(dict(interpret=True) if interpret else

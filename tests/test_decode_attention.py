@@ -196,6 +196,23 @@ def test_many_splits_combine(B, T, Hq, Hkv, D, S, lengths):
     assert float(jnp.linalg.norm(o - r) / jnp.linalg.norm(r)) < 4e-3
 
 
+def test_combine_split_along_d_is_bit_exact(monkeypatch):
+    """B * Hkv = 2 pairs: the combine splits D into 128 / 32 = 4 parts (COMBINE_MIN_PROGRAMS);
+    every output column is combined on its own, so the parts give the very same bits as one
+    program per pair."""
+    B, T, Hq, Hkv, D, S = 1, 1, 8, 2, 128, 700
+    cfg = da.DecodeAttentionConfig(block_k=32, target_programs=64, min_blocks_per_split=1)
+    q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
+                              jnp.float8_e4m3fn, True)
+    lengths = jnp.array([613], jnp.int32)
+    split = da.decode_attention(q, k, v, lengths, ks, vs, config=cfg, interpret=True)
+    monkeypatch.setattr(da, "COMBINE_MIN_PROGRAMS", 1)
+    jax.clear_caches()   # the constant is read at trace time
+    whole = da.decode_attention(q, k, v, lengths, ks, vs, config=cfg, interpret=True)
+    np.testing.assert_array_equal(np.asarray(split, np.float32), np.asarray(whole, np.float32))
+    assert rel_err(split, da.decode_attention_reference(q, k, v, lengths, ks, vs)) < TOL
+
+
 def _to_ds(v, pad=0):
     """(..., S, Hkv, D) -> (..., Hkv, D, S + pad): the "ds" V layout, its row pitch padded with
     NaN (a kernel that reads a padded token returns NaN)."""
