@@ -6,8 +6,8 @@
 
 Layout: `k` (L, B, S_max, Hkv, D); `lengths` (B,) int32 tokens already committed per sequence;
 `v` by dtype (`cache.v_layout`, read with `cache.layer_v(layer)` in the K layout):
-* FP8, "ds": (L, B, Hkv, D, P), tokens last, P = S_max rounded up to a multiple of `V_PITCH` (16)
-    so every V row starts 16-byte aligned (tokens >= S_max are never written or read). The
+* FP8, "ds": (L, B, Hkv, D, P), tokens last, P = S_max rounded up to a multiple of `V_PITCH` (128)
+    so every V row starts 128-byte aligned (tokens >= S_max are never written or read). The
     attention kernel's P.V product reads V along tokens; stored tokens last, each (D, block) tile
     feeds the MMA without the byte-wise shared-memory loads that 8-bit token-major data costs.
     Measured in the decode step on an H200 (profile_decode_h200_r5.json vs r2): attention 1660
@@ -57,10 +57,14 @@ __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "byt
 
 SCALINGS = ("per_token_head", "per_tensor")
 # V's token axis is padded to a multiple of this many tokens, so each (layer, b, head, d) row
-# starts 16-byte aligned (FP8: 16 bytes; bf16: 32). With S_max = 4136 unpadded, the attention
-# loop's V copies narrow to 8 bytes (offline SASS: 26 cp.async per block, 8 of them 64-bit,
-# against 18 at 128 bits).
-V_PITCH = 16
+# starts 128-byte aligned (FP8): a 128-token block of a row is then one 128-byte line, not parts
+# of two. With S_max = 4136 unpadded, the attention loop's V copies narrow to 8 bytes (offline
+# SASS: 26 cp.async per block, 8 of them 64-bit, against 18 at 128 bits); with rows only 16-byte
+# aligned (pitch 16: 4144, 32816) the copies stay 16 bytes wide but each block straddles lines.
+# Measured on an H200: attention at 8B B=16, S_max = 32808 279.6 -> 257.3 µs per layer
+# (results/decode_attention_h200_pitch{16,128}.md), in the 8B B=16 4K step 1484 -> 1398 µs
+# (profile_decode_h200_r7_8b_b16_pitch.md). Costs < 128 tokens of V per row.
+V_PITCH = 128
 # Per-tensor scales set from a first write get one binade of headroom (margin 1 -> x2).
 PER_TENSOR_MARGIN = 1
 
@@ -217,7 +221,8 @@ def _per_layer(name, scale, L, default):
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=None,
                     scaling: str = "per_token_head") -> int:
-    """Cache bytes one token takes over all layers (K and V, plus per-(token, head) scales)."""
+    """Cache bytes one token takes over all layers (K and V, plus per-(token, head) scales); an
+    FP8 cache also pads V rows to a multiple of V_PITCH tokens (< V_PITCH tokens a row)."""
     data_dtype, _ = _resolve_dtype(dtype)
     per_head = head_dim * data_dtype.itemsize
     if data_dtype != jnp.bfloat16 and scaling == "per_token_head":

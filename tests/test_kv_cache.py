@@ -36,12 +36,13 @@ def _rand(key, T, scale=1.0):
 def test_init_shapes_and_nbytes(dtype, scaling):
     c = KVCache.init(L, B, S, HKV, D, dtype=dtype, scaling=scaling)
     assert c.k.shape == (L, B, S, HKV, D)
-    fp8 = dtype != jnp.bfloat16     # V tokens last for FP8 (S = 16: no pitch padding), bf16 like K
-    assert c.v.shape == ((L, B, HKV, D, S) if fp8 else (L, B, S, HKV, D))
+    fp8 = dtype != jnp.bfloat16     # V tokens last for FP8 (pitch padded to V_PITCH), bf16 like K
+    pitch = -(-S // kvc.V_PITCH) * kvc.V_PITCH
+    assert c.v.shape == ((L, B, HKV, D, pitch) if fp8 else (L, B, S, HKV, D))
     assert c.v_layout == ("ds" if fp8 else "sd") and c.layer_v(1).shape == (B, S, HKV, D)
     assert c.lengths.shape == (B,) and c.lengths.dtype == jnp.int32
     assert c.max_len == S and c.num_layers == L and c.num_kv_heads == HKV and c.head_dim == D
-    data = 2 * L * B * S * HKV * D * jnp.dtype(c.dtype).itemsize
+    data = L * B * (S + (pitch if fp8 else S)) * HKV * D * jnp.dtype(c.dtype).itemsize
     scales = 2 * 4 * (L * B * S * HKV if c.scaling == "per_token_head" else L)
     assert c.nbytes == data + scales + B * 4 + B
     leaves = jax.tree_util.tree_leaves(c)
@@ -166,10 +167,11 @@ def test_tokens_per_gb_8b_shape():
     assert bf16 == int(1e9 // (32 * 2 * 8 * 128 * 2)) == 7629
     assert fp8 == 2 * bf16 or fp8 == 2 * bf16 + 1           # exactly 2x the bytes
     assert fp8_tok == int(1e9 // (32 * 2 * 8 * (128 + 4)))   # + f32 scale per (token, head)
-    # The calculator agrees with a real cache's bytes.
-    c = KVCache.init(2, 1, 64, 2, 16, dtype=jfp8.E4M3, scaling="per_token_head")
+    # The calculator agrees with a real cache's bytes (max_len a multiple of V_PITCH: no V
+    # padding, which is < V_PITCH tokens per row otherwise).
+    c = KVCache.init(2, 1, 2 * kvc.V_PITCH, 2, 16, dtype=jfp8.E4M3, scaling="per_token_head")
     per_token = kvc.bytes_per_token(2, 2, 16, jfp8.E4M3, "per_token_head")
-    assert c.nbytes - 1 * 4 - 1 == 64 * per_token
+    assert c.nbytes - 1 * 4 - 1 == 2 * kvc.V_PITCH * per_token
 
 
 _step_cache = {}
@@ -197,10 +199,10 @@ def test_append_advance_match_numpy_model_under_jit(lengths, T, layer):
 
 
 def test_v_pitch_padding_is_never_written():
-    """max_len 19: V's token axis is padded to 32 (16-byte aligned rows, kv_cache.V_PITCH); an
+    """max_len 19: V's token axis is padded to 128 (128-byte aligned rows, kv_cache.V_PITCH); an
     append that overflows under jit writes positions < 19 only and the padding stays zero."""
     c = kvc.advance(KVCache.init(1, B, 19, HKV, D), jnp.array([15, 0, 17]))
-    assert c.v.shape == (1, B, HKV, D, 32) and c.max_len == 19 and c.k.shape[2] == 19
+    assert c.v.shape == (1, B, HKV, D, kvc.V_PITCH) and c.max_len == 19 and c.k.shape[2] == 19
     k_new, v_new = _rand(jax.random.key(5), 6)
     c = jax.jit(lambda c, k, v: kvc.append(c, 0, k, v))(c, k_new, v_new)
     np.testing.assert_array_equal(np.asarray(c.overflow), [True, False, True])
