@@ -20,7 +20,8 @@ MMA), walks its S-split in `block_k` steps with an online softmax in f32 (base 2
 f16 in registers (exact for E4M3 and E5M2, and a cheaper conversion than to bf16), applies the
 scales after the QK dot (per-token K scales on the logits columns, per-token V scales folded into
 P), skips blocks past the sequence's length, and writes an unnormalised partial (acc, m, l). A
-second small kernel (grid (B, Hkv)) combines the splits by log-sum-exp and writes bf16.
+second small kernel (grid (B, Hkv, D parts)) combines the splits by log-sum-exp and writes bf16;
+D is split across programs when few (sequence, KV head) pairs run (`COMBINE_MIN_PROGRAMS`).
 
 Block sizes, warps, stages and the split count come from `DecodeAttentionConfig` and the
 `CONFIGS` table keyed by shape class (`config_for`); an explicit `config=` overrides.
