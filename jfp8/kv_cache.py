@@ -61,7 +61,7 @@ SCALINGS = ("per_token_head", "per_tensor")
 # of two. With S_max = 4136 unpadded, the attention loop's V copies narrow to 8 bytes (offline
 # SASS: 26 cp.async per block, 8 of them 64-bit, against 18 at 128 bits); with rows only 16-byte
 # aligned (pitch 16: 4144, 32816) the copies stay 16 bytes wide but each block straddles lines.
-# Measured on an H200: attention at 8B B=16, S_max = 32808 279.6 -> 257.3 µs per layer
+# Measured on an H200: attention at 8B B=16, S_max = 32808 282.7 -> 261.8 µs per layer
 # (results/decode_attention_h200_pitch{16,128}.md), in the 8B B=16 4K step 1484 -> 1398 µs
 # (profile_decode_h200_r7_8b_b16_pitch.md). Costs < 128 tokens of V per row.
 V_PITCH = 128
