@@ -52,7 +52,7 @@ shared memory every step and the GEMV 1.5-1.75x slower (see `fetch`). `rms_norm_
 `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
-`config_for`.
+`config_for`, `TUNING` / `TUNING_F16` (the tuning tables).
 """
 from __future__ import annotations
 
@@ -168,6 +168,20 @@ TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block
 TUNING[("m1", "n_large", "k_short")] = dataclasses.replace(_M1, block_n=16, split_k=1)
 
 
+# f16 MMA operands (staged bf16 rows, `stage_f16_rows`, or f16 activations) at M <= 16 take
+# XLA's own tile for its FP8-upcast dot (16 x 128 outputs, 8 warps: the tile dump in
+# results/gemv_layout_h200_m16.md). On the H200 with staged rows, staging timed
+# (results/gemm_decode_h200_m16_bn128.md, µs per matmul): gate_up 45.36 -> 39.72 and lm_head
+# 154.99 -> 136.17 (93% of copy) with bn128 split-K 1 (against bn32 split-K 2); down 28.98 ->
+# 22.66 with bn128 split-K 8; qkv / o within 2% (13.02 / 10.45 with bn128 split-K 4), so they keep
+# the table's tile. Not measured on bf16 operands (their loop converts the weight with four
+# instructions per pair instead of one), which keep TUNING.
+TUNING_F16: dict[tuple[str, str, str], GemvConfig] = {
+    ("m16", "n_large", "k_short"): dataclasses.replace(_M16, block_n=128, num_warps=8),
+    ("m16", "n_small", "k_long"): dataclasses.replace(_M16, block_n=128, split_k=8, num_warps=8),
+}
+
+
 def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
     m_class = "m1" if m == 1 else ("m16" if m <= 16 else "m64")
     n_class = "n_small" if n <= 8192 else "n_large"
@@ -175,11 +189,14 @@ def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
     return m_class, n_class, k_class
 
 
-def config_for(m: int, n: int, k: int, layout: str, *, w8a8: bool = False) -> GemvConfig:
+def config_for(m: int, n: int, k: int, layout: str, *, w8a8: bool = False,
+               f16_act: bool = False) -> GemvConfig:
     """The tuned config for a shape, made valid for the layout (block scales need block_n | 128
-    and block_k a multiple of 128) and for the sizes (no tile wider than the padded array)."""
+    and block_k a multiple of 128) and for the sizes (no tile wider than the padded array).
+    f16_act: the activations are float16 (staged bf16 rows or f16): `TUNING_F16` first."""
     del w8a8  # one table serves both modes: the weight stream is the same
-    cfg = TUNING[_shape_class(m, n, k)]
+    key = _shape_class(m, n, k)
+    cfg = TUNING_F16.get(key, TUNING[key]) if f16_act else TUNING[key]
     if m > 1 and not cfg.use_dot:
         cfg = dataclasses.replace(cfg, use_dot=True)
     block_n = min(cfg.block_n, max(16, _next_pow2(n)))
@@ -514,7 +531,11 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
     a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight)
     m = a.shape[0]
     n, k = w.shape
-    cfg = config_for(m, n, k, layout, w8a8=a_scale is not None) if config is None else config
+    if config is None:
+        cfg = config_for(m, n, k, layout, w8a8=jnp.dtype(a.dtype) in FP8_DTYPES,
+                         f16_act=jnp.dtype(a.dtype) == jnp.float16)
+    else:
+        cfg = config
     k_blocked = a_kind == "group" or layout == "block"
     if k_blocked and cfg.block_k % SCALE_BLOCK:
         raise ValueError(f"config: block_k must be a multiple of {SCALE_BLOCK} when scales vary "

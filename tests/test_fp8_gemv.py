@@ -247,6 +247,32 @@ def test_config_for_is_valid_for_every_layout():
                     assert 128 % cfg.block_n == 0 and cfg.block_k % 128 == 0
 
 
+def test_f16_activations_take_the_f16_table_at_m16():
+    # Staged (f16) rows at M <= 16 on large weights use TUNING_F16's tile; bf16 ones keep TUNING.
+    for m in (2, 16):
+        for (n, k) in ((28672, 4096), (4096, 14336)):
+            key = G._shape_class(m, n, k)
+            assert G.config_for(m, n, k, "block", f16_act=True) == G.TUNING_F16[key]
+            assert G.config_for(m, n, k, "block") == G.TUNING[key]
+    assert G.config_for(16, 4096, 4096, "block", f16_act=True) == G.TUNING[("m16", "n_small",
+                                                                              "k_short")]
+    for cfg in G.TUNING_F16.values():
+        assert cfg.use_dot and 128 % cfg.block_n == 0 and cfg.block_k % 128 == 0
+
+
+@pytest.mark.parametrize("cfg", list(G.TUNING_F16.values()))
+def test_f16_table_tiles_match_reference_on_staged_rows(cfg):
+    """Each TUNING_F16 tile (bn128, 8 warps; split-K 1 and 8) on staged bf16 rows, N=200, K=384
+    (masked N, K shorter than the split), M=9: f32 sums of exact products."""
+    a, w, _, w_scale, bias = make(9, 200, 384, "block", None, seed=3)
+    rows, scales = G.stage_f16_rows(a)
+    out = G.fp8_gemv(rows, w, scales, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
+                     config=cfg, interpret=True)
+    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout="block", bias=bias,
+                               out_dtype=jnp.float32)
+    assert rel_err(out, ref) < 1e-5
+
+
 def _args(m=4, n=200, k=384, layout="row"):
     a, w, a_scale, w_scale, _ = make(m, n, k, layout, None, seed=0)
     return a, w, a_scale, w_scale
