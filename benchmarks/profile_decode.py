@@ -59,7 +59,8 @@ def profile_row(bench, preset, mode, B, ctx, steps):
 def apply_overrides(spec: str) -> None:
     """Patch the kernels' tuning tables for one variant. spec: ';'-separated items
     `gemv:M_CLASS/N_CLASS/K_CLASS=bn,bk,sk,warps,stages,fma[,field=int...]`
-    (pallas_kernels.fp8_gemv.TUNING; extra GemvConfig fields such as prefetch=1, row_blocks=2),
+    (pallas_kernels.fp8_gemv.TUNING; extra GemvConfig fields such as prefetch=1, row_blocks=2;
+    `gemvf16:` the same for TUNING_F16, the tiles of f16 / staged activations),
     `attn:BATCH_CLASS/LEN_CLASS=bk128_tp256_mb1_w4_s2` (pallas_kernels.decode_attention.CONFIGS)
     , `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
     `fuse:` alone fuses none) or `stage:N` (W8A16 f16 staging on weights >= N elements,
@@ -91,6 +92,8 @@ def apply_overrides(spec: str) -> None:
         key = tuple(key.split("/"))
         if kind == "gemv":
             gv.TUNING[key] = gemv_layout.parse_config(value)
+        elif kind == "gemvf16":
+            gv.TUNING_F16[key] = gemv_layout.parse_config(value)
         elif kind == "attn":
             da.CONFIGS[key] = bench_attn.parse_config(value)
         else:
@@ -112,11 +115,13 @@ def main(argv=None):
     from jfp8 import _matmul_pallas, kv_cache
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
+    committed_f16 = dict(gv.TUNING_F16)
     committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
                  _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH, da.COMBINE_MIN_PROGRAMS)
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
         gv.TUNING.clear(), gv.TUNING.update(committed[0])
+        gv.TUNING_F16.clear(), gv.TUNING_F16.update(committed_f16)
         da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
         _matmul_pallas.FUSED_PROLOGUES = committed[2]
         _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
