@@ -150,17 +150,18 @@ def main():
             staged_sweep = args.sweep_act == "staged" and m > 1
             row["sweep_act"] = "staged" if staged_sweep else "bf16"
 
-            def sweep_op(a, w, s, cfg, out_dtype=jnp.bfloat16):
+            def gemv(a, w, s, cfg, *, staged=staged_sweep, layout="block", out_dtype=jnp.bfloat16):
+                """W8A16 fp8_gemv; staged: a goes through stage_f16_rows first (timed with it),
+                as jfp8.matmul runs large weights at 2 <= M <= 16."""
                 a_scale = None
-                if staged_sweep:
+                if staged:
                     a, a_scale = G.stage_f16_rows(a)
-                layout = "tensor" if s.shape == (1, 1) else "block"
                 return G.fp8_gemv(a, w, a_scale, s, layout=layout, config=cfg, out_dtype=out_dtype,
                                   interpret=interpret)
             for cfg in cands:
                 try:
-                    err = rel_err(sweep_op(a, w8[0], ws_block, cfg, jnp.float32), ref)
-                    t = timed(lambda a, w, s, cfg=cfg: sweep_op(a, w, s, cfg), a, w8, ws_block,
+                    err = rel_err(gemv(a, w8[0], ws_block, cfg, out_dtype=jnp.float32), ref)
+                    t = timed(lambda a, w, s, cfg=cfg: gemv(a, w, s, cfg), a, w8, ws_block,
                               interpret=interpret)
                 except Exception as e:  # record the failure, keep sweeping
                     sweep.append(dict(cfg=dataclasses.asdict(cfg), error=repr(e)[:300]))
@@ -182,22 +183,17 @@ def main():
             # The same kernel and config on f16 activations (f16 MMA operands: the weight's
             # e4m3 -> f16 upcast is one instruction per pair, to bf16 four).
             if m > 1:
-                a16 = a.astype(jnp.float16)
-                t = timed(lambda a, w, s: G.fp8_gemv(a, w, None, s, layout="block", config=cfg,
-                                                     interpret=interpret), a16, w8, ws_block,
-                          interpret=interpret)
+                t = timed(lambda a, w, s: gemv(a, w, s, cfg, staged=False), a.astype(jnp.float16),
+                          w8, ws_block, interpret=interpret)
                 rec("w8a16_block_f16act", t, fp8_bytes)
-
-                def staged(a, w, s):   # what jfp8.matmul runs on large weights at 2 <= M <= 16
-                    rows, row_scale = G.stage_f16_rows(a)
-                    return G.fp8_gemv(rows, w, row_scale, s, layout="block", config=cfg,
-                                      interpret=interpret)
-                rec("w8a16_block_staged", timed(staged, a, w8, ws_block, interpret=interpret),
-                    fp8_bytes)
+                t = timed(lambda a, w, s: gemv(a, w, s, cfg, staged=True), a, w8, ws_block,
+                          interpret=interpret)
+                rec("w8a16_block_staged", t, fp8_bytes)
             if args.quick and args.xla:
                 # The best config on a per-tensor weight scale (the XLA FP8-upcast row's scaling):
                 # what the per-128-K block scales cost.
-                t = timed(lambda a, w, s: sweep_op(a, w, s, cfg), a, w8, ws_t, interpret=interpret)
+                t = timed(lambda a, w, s: gemv(a, w, s, cfg, layout="tensor"), a, w8, ws_t,
+                          interpret=interpret)
                 rec("w8a16_tensor", t, n * k)
             if args.quick:
                 if "xla_bf16" in row:

@@ -115,13 +115,13 @@ def main(argv=None):
     from jfp8 import _matmul_pallas, kv_cache
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
-    committed_f16 = dict(gv.TUNING_F16)
     committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
-                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH, da.COMBINE_MIN_PROGRAMS)
+                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH, da.COMBINE_MIN_PROGRAMS,
+                 dict(gv.TUNING_F16))
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
         gv.TUNING.clear(), gv.TUNING.update(committed[0])
-        gv.TUNING_F16.clear(), gv.TUNING_F16.update(committed_f16)
+        gv.TUNING_F16.clear(), gv.TUNING_F16.update(committed[6])
         da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
         _matmul_pallas.FUSED_PROLOGUES = committed[2]
         _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
