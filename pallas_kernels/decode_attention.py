@@ -138,7 +138,8 @@ def config_for(batch: int, max_len: int, head_dim: int = 128) -> DecodeAttention
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, num_blocks: int, num_splits: int, num_queries: int,
                              group: int, rows: int, max_len: int, per_token_scales: bool, dot_dtype,
-                             v_boost: float, sm_scale: float, v_ds: bool = False):
+                             v_boost: float, sm_scale: float, v_ds: bool = False,
+                             v_blocked: bool = False):
     if per_token_scales:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
     else:
@@ -168,7 +169,9 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     def load_kv(ref, off, bounded, tokens_last=False):
         """(block_k, D) tile of tokens [off, off + block_k), or (D, block_k) when the cache
         stores tokens last (V in the "ds" layout)."""
-        if tokens_last:
+        if tokens_last and v_blocked:   # (NB, D, block_k): block off // block_k, contiguous
+            kv_ref = ref.at[layer, off // block_k, :, :]
+        elif tokens_last:
             kv_ref = ref.at[layer, :, pl.ds(off, block_k)]
         else:
             kv_ref = ref.at[layer, pl.ds(off, block_k), :]
@@ -351,11 +354,14 @@ def _per_layer_scalar(scale, layer, stacked):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "partials_only",
-                                             "v_layout"))
+                                             "v_layout", "k_layout"))
 def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale, config,
-                          interpret, partials_only=False, v_layout="sd"):
+                          interpret, partials_only=False, v_layout="sd", k_layout="shd"):
     B, T, Hq, D = q.shape
-    L, _, S, Hkv, _ = k.shape
+    if k_layout == "hsd":   # probe: K (L, B, Hkv, S, D), scales (L, B, Hkv, S)
+        L, _, Hkv, S, _ = k.shape
+    else:
+        L, _, S, Hkv, _ = k.shape
     G = Hq // Hkv
     TG = T * G
     R = max(16, pl.next_power_of_2(TG))  # MMA needs >= 16 rows
@@ -388,10 +394,20 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         _decode_attention_kernel, block_k=config.block_k,
         num_blocks=pl.cdiv(S, config.block_k), num_splits=splits,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
-        v_boost=v_boost, sm_scale=sm_scale, v_ds=v_layout == "ds")
-    kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
-    v_spec = kv_spec if v_layout == "sd" else pl.BlockSpec((L, None, None, D, v.shape[-1]),
-                                                           lambda h, s, b: (0, b, h, 0, 0))
+        v_boost=v_boost, sm_scale=sm_scale, v_ds=v_layout in ("ds", "dsb"),
+        v_blocked=v_layout == "dsb")
+    if k_layout == "hsd":
+        kv_spec = pl.BlockSpec((L, None, None, S, D), lambda h, s, b: (0, b, h, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
+    if v_layout == "sd":
+        v_spec = kv_spec
+    elif v_layout == "dsb":   # probe: V (L, B, Hkv, NB, D, block_k)
+        assert v.shape[-1] == config.block_k, (v.shape, config.block_k)
+        v_spec = pl.BlockSpec((L, None, None) + tuple(v.shape[3:]),
+                              lambda h, s, b: (0, b, h, 0, 0, 0))
+    else:
+        v_spec = pl.BlockSpec((L, None, None, D, v.shape[-1]), lambda h, s, b: (0, b, h, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer
         pl.BlockSpec((1,), lambda h, s, b: (b,)),                       # lengths
@@ -400,7 +416,9 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         kv_spec, v_spec]
     args = [layer_arr, lengths, qk_scale, qg, k, v]
     if per_token:
-        scale_spec = pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h))
+        scale_spec = (pl.BlockSpec((L, None, None, S), lambda h, s, b: (0, b, h, 0))
+                      if k_layout == "hsd" else
+                      pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h)))
         in_specs += [scale_spec, scale_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
     # Partials padded to powers of two (splits, rows) so the combine loads whole tiles; only
