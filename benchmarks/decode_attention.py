@@ -14,15 +14,18 @@ from a profiler trace, which excludes dispatch and launch gaps):
   cudnn_bf16      jax.nn.dot_product_attention(implementation="cudnn") on a bf16 cache
   xla_fp8_upcast  the XLA path on an E4M3 cache upcast to bf16 inside the jit (per-tensor scales)
   pallas_ops_bf16 jax.experimental.pallas.ops.gpu.decode_attention.gqa, default config, bf16
-  ours_fp8        pallas_kernels.decode_attention, E4M3 cache, per-tensor scales, V stored
-                  (Hkv, D, S) as jfp8.KVCache stores it (v_layout="ds")
+  ours_fp8        pallas_kernels.decode_attention, E4M3 cache, per-tensor scales, stored as
+                  jfp8.KVCache stores it (layout "hsd": K head-major, V in token blocks of
+                  kv_cache.v_block(D) tokens)
   ours_fp8_tok    the same with per-(token, head) scales (4 more bytes per token and head)
-  ours_bf16       the same kernel on the bf16 cache (ours_bf16_sd: V stored like K)
-  ours_fp8_kernel ours_fp8 without the XLA combine of the splits (where the time goes)
-  ours_fp8_sd, ours_fp8_tok_sd   ours_fp8 / ours_fp8_tok with V stored like K, (S, Hkv, D)
-                  (v_layout="sd"; the cache's layout before 2026-12-02: the "ds" gain)
-(Result files before 2026-12-02 (third session) name the "sd" runs ours_fp8 / ours_fp8_tok and the
-"ds" ones ours_fp8_ds / ours_fp8_tok_ds.)
+  ours_bf16       the same kernel on the bf16 cache in jfp8.KVCache's bf16 layout ("sd");
+                  ours_bf16_hsd: stored "hsd" (V blocks of v_block(D, bf16) tokens)
+  ours_fp8_kernel ours_fp8 without the combine of the splits (where the time goes)
+  ours_fp8_sd, ours_fp8_tok_sd   ours_fp8 / ours_fp8_tok stored token-major, (S, Hkv, D)
+(Result files before 2026-12-03 have V stored (Hkv, D, S) (layout "ds", since removed) in
+ours_fp8 / ours_fp8_tok / ours_bf16, and ours_bf16_sd for the bf16 "sd" run; before 2026-12-02
+(third session) the "sd" runs are named ours_fp8 / ours_fp8_tok and the "ds" ones ours_fp8_ds /
+ours_fp8_tok_ds.)
 Effective GB/s count the bytes each method must read (K and V, plus scales where used).
 """
 from __future__ import annotations
@@ -49,9 +52,25 @@ INTERPRET = os.environ.get("BENCH_INTERPRET") == "1"   # CPU dry run of the scri
 # Rank configs (and report) by GPU kernel time from a profiler trace; wall time is kept too.
 TRACE = not INTERPRET and os.environ.get("BENCH_TRACE", "1") == "1"
 METHODS = ["xla_bf16", "cudnn_bf16", "xla_fp8_upcast", "pallas_ops_bf16", "ours_bf16",
-           "ours_bf16_sd", "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd", "ours_fp8_tok_sd"]
-LIB_V_LAYOUT = "ds"   # jfp8.KVCache's V layout: the one ours_* run
-V_PITCH = 0           # --v-pitch
+           "ours_bf16_hsd", "ours_fp8", "ours_fp8_tok", "ours_fp8_kernel", "ours_fp8_sd",
+           "ours_fp8_tok_sd"]
+LIB_LAYOUT = "hsd"   # jfp8.KVCache's FP8 layout: the one ours_fp8* run
+
+
+def to_hsd(k, v, k_scale=None, v_scale=None):
+    """Token-major (..., S, Hkv, D) arrays -> the "hsd" layout jfp8.KVCache stores (V in blocks
+    of kv_cache.v_block(D, dtype) tokens, zero-padded)."""
+    import jax.numpy as jnp
+    from jfp8 import kv_cache
+    S, D = k.shape[-3], k.shape[-1]
+    vb = kv_cache.v_block(D, k.dtype)
+    nb = -(-S // vb)
+    vt = jnp.moveaxis(v, -3, -1)                                         # (..., Hkv, D, S)
+    vt = jnp.pad(vt, [(0, 0)] * (vt.ndim - 1) + [(0, nb * vb - S)])
+    vt = jnp.swapaxes(vt.reshape(vt.shape[:-1] + (nb, vb)), -3, -2)      # (..., Hkv, NB, D, VB)
+    if k_scale is not None and k_scale.ndim == k.ndim - 1:
+        k_scale, v_scale = jnp.swapaxes(k_scale, -1, -2), jnp.swapaxes(v_scale, -1, -2)
+    return jnp.swapaxes(k, -3, -2), vt, k_scale, v_scale
 
 
 def _timeit(fn, args, calls=10, rounds=5):
@@ -130,7 +149,7 @@ def make_methods(data, B, S, n, config=None):
         print("pallas ops import failed", e)
 
     def ours(stacked_k, stacked_v, ks, vs, partials_only=False, cfg=config,
-             v_layout=LIB_V_LAYOUT):
+             layout=LIB_LAYOUT):
         cfg_ = cfg or da.config_for(B, S)
 
         def f(qs, k, v, ks, vs):
@@ -139,11 +158,11 @@ def make_methods(data, B, S, n, config=None):
                 if partials_only:
                     outs.append(da._decode_attention_jit(
                         qs[l], k, v, lengths, ks, vs, l, sm_scale=D ** -0.5, config=cfg_,
-                        interpret=INTERPRET, partials_only=True, v_layout=v_layout))
+                        interpret=INTERPRET, partials_only=True, layout=layout))
                 else:
                     outs.append(da.decode_attention(qs[l], k, v, lengths, ks, vs, layer=l,
                                                     config=cfg_, interpret=INTERPRET,
-                                                    v_layout=v_layout))
+                                                    layout=layout))
             return outs
         return jax.jit(f), (data["qs"], stacked_k, stacked_v, ks, vs)
 
@@ -152,7 +171,7 @@ def make_methods(data, B, S, n, config=None):
 
 def bytes_read(method, B, S):
     kv = 2 * B * S * HKV * D
-    if method in ("xla_bf16", "cudnn_bf16", "pallas_ops_bf16", "ours_bf16", "ours_bf16_sd"):
+    if method in ("xla_bf16", "cudnn_bf16", "pallas_ops_bf16", "ours_bf16", "ours_bf16_hsd"):
         return 2 * kv
     if method in ("ours_fp8_tok", "ours_fp8_tok_sd"):
         return kv + 2 * B * S * HKV * 4
@@ -168,13 +187,10 @@ def run_shape(B, S, sweep_configs, log):
     data = build(B, S, n, jax.random.key(B * 100003 + S))
     fns, ours = make_methods(data, B, S, n)
     row = dict(B=B, S=S, Hq=HQ, Hkv=HKV, D=D, layers_per_call=n, us={}, gbs={}, errors={})
-    # V in the library's layout (tokens last) for ours_*; the token-major copy for *_sd.
-    pitch = -(-S // V_PITCH) * V_PITCH if V_PITCH else S     # the token axis of V "ds"
-    to_ds = jax.jit(lambda v: jnp.pad(jnp.moveaxis(v, -3, -1),
-                                      [(0, 0)] * (v.ndim - 1) + [(0, pitch - S)]))
-    k8 = jnp.stack(data["k8"])
-    v8_sd = jnp.stack(data["v8"])
-    v8 = to_ds(v8_sd)
+    # The cache in the library's layout ("hsd") for ours_*; the token-major copy for *_sd.
+    lib = jax.jit(to_hsd)
+    k8_sd, v8_sd = jnp.stack(data["k8"]), jnp.stack(data["v8"])
+    k8, v8, _, _ = lib(k8_sd, v8_sd)
     def record(name, fn_args, cfg=None):
         fn, args = fn_args
         try:
@@ -227,34 +243,35 @@ def run_shape(B, S, sweep_configs, log):
     tov = [data["quant_token"](x) for x in data["vb"]]
     k8t = jnp.stack([a for a, _ in tok]); kst = jnp.stack([s for _, s in tok]); del tok
     v8t = jnp.stack([a for a, _ in tov]); vst = jnp.stack([s for _, s in tov]); del tov
-    record("ours_fp8_tok", ours(k8t, to_ds(v8t), kst, vst, cfg=cfg))
-    # The same two with V stored like K, (..., S, Hkv, D) (v_layout="sd").
-    record("ours_fp8_sd", ours(k8, v8_sd, data["k8s"], data["v8s"], cfg=cfg, v_layout="sd"))
-    record("ours_fp8_tok_sd", ours(k8t, v8t, kst, vst, cfg=cfg, v_layout="sd"))
-    del v8_sd
+    hsd_tok = lib(k8t, v8t, kst, vst)
+    record("ours_fp8_tok", ours(*hsd_tok, cfg=cfg))
+    # The same two stored token-major, (..., S, Hkv, D) (layout "sd").
+    record("ours_fp8_sd", ours(k8_sd, v8_sd, data["k8s"], data["v8s"], cfg=cfg, layout="sd"))
+    record("ours_fp8_tok_sd", ours(k8t, v8t, kst, vst, cfg=cfg, layout="sd"))
+    del k8_sd, v8_sd
     # Accuracy of the timed configuration, layer 0, vs the f32 reference (when it fits).
     if B * S <= 8 * 32768:
         q0 = data["qs"][0]
         lengths = jnp.full((B,), S, jnp.int32)
         for name, (kk, vv, ks, vs, vl) in {
-                "ours_fp8": (k8, v8, data["k8s"], data["v8s"], "ds"),
-                "ours_fp8_tok": (k8t, to_ds(v8t), kst, vst, "ds"),
+                "ours_fp8": (k8, v8, data["k8s"], data["v8s"], "hsd"),
+                "ours_fp8_tok": (*hsd_tok, "hsd"),
                 "ours_fp8_tok_sd": (k8t, v8t, kst, vst, "sd")}.items():
             o = da.decode_attention(q0, kk, vv, lengths, ks, vs, layer=0, config=cfg,
-                                    interpret=INTERPRET, v_layout=vl)
-            r = da.decode_attention_reference(q0, kk, vv, lengths, ks, vs, layer=0, v_layout=vl)
+                                    interpret=INTERPRET, layout=vl)
+            r = da.decode_attention_reference(q0, kk, vv, lengths, ks, vs, layer=0, layout=vl)
             o, r = o.astype(jnp.float32), r.astype(jnp.float32)
             row.setdefault("rel_err_vs_f32_reference", {})[name] = float(
                 jnp.linalg.norm(o - r) / jnp.linalg.norm(r))
         log(f"  rel err vs f32 reference: {row['rel_err_vs_f32_reference']}")
-    del k8t, v8t
+    del k8t, v8t, hsd_tok
     if B * S <= 16 * 32768:   # bf16 through our kernel (needs stacked bf16 copies)
-        kbs, vbs_sd = jnp.stack(data["kb"]), jnp.stack(data["vb"])
+        kbs, vbs = jnp.stack(data["kb"]), jnp.stack(data["vb"])
         cfg16 = dataclasses.replace(cfg, dot_dtype="bfloat16")
-        record("ours_bf16_sd", ours(kbs, vbs_sd, None, None, cfg=cfg16, v_layout="sd"))
-        vbs = to_ds(vbs_sd)
-        del vbs_sd
-        record("ours_bf16", ours(kbs, vbs, None, None, cfg=cfg16))
+        record("ours_bf16", ours(kbs, vbs, None, None, cfg=cfg16, layout="sd"))
+        kbh, vbh, _, _ = lib(kbs, vbs)
+        del kbs, vbs
+        record("ours_bf16_hsd", ours(kbh, vbh, None, None, cfg=cfg16))
     return row
 
 
@@ -291,8 +308,8 @@ def smoke(log):
                 ks = vs = None
                 kd, vd = k.astype(dt), v.astype(dt)
             lengths = jnp.array([T, S // 2 + 3, S], jnp.int32)
-            vd = jnp.moveaxis(vd, -3, -1)            # the library's V layout, tokens last
-            kw = dict(layer=1, v_layout=LIB_V_LAYOUT)
+            kd, vd, ks, vs = to_hsd(kd, vd, ks, vs)     # the library's FP8 layout
+            kw = dict(layer=1, layout=LIB_LAYOUT)
             o = da.decode_attention(q, kd, vd, lengths, ks, vs, **kw).astype(jnp.float32)
             r = da.decode_attention_reference(q, kd, vd, lengths, ks, vs, **kw).astype(jnp.float32)
             out[name] = float(jnp.linalg.norm(o - r) / jnp.linalg.norm(r))
@@ -433,13 +450,9 @@ def main():
     ap.add_argument("--configs", default="", help="sweep these configs (comma list of "
                     "bk128_tp264_mb2_w4_s2) on every shape instead of the built-in sweep")
     ap.add_argument("--tag", default="", help="suffix of the output names")
-    ap.add_argument("--v-pitch", type=int, default=0, help="pad V's token axis (\"ds\") to a "
-                    "multiple of this many tokens, as jfp8.KVCache does (kv_cache.V_PITCH); 0: none")
     ap.add_argument("--heads", default="", help="HQ,HKV,D instead of 32,8,128 (Llama-3.1-8B); "
                     "32,8,64 is Llama-3.2-1B")
     a = ap.parse_args()
-    global V_PITCH
-    V_PITCH = a.v_pitch
     if a.heads:
         global HQ, HKV, D
         HQ, HKV, D = (int(x) for x in a.heads.split(","))

@@ -4,7 +4,7 @@
     pip install triton==3.6.0        # the device image's version; no GPU needed to compile
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --config 32,512,2 --prologue rmsnorm
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --head-dim 64 --kv fp8_token
-    PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --kv fp8_token --v-layout ds
+    PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --kv fp8_token --layout sd
 
 Lowers the kernel's `pallas_call` for the "cuda" platform (jax's cross-platform lowering), takes
 the Triton IR out of the custom call, compiles it with `triton.compile` for compute capability 9.0
@@ -102,23 +102,23 @@ def attention(a):
     B, S, Hq, Hkv, L, D = 16, a.seq_len, 32, 8, 2, a.head_dim
     kv_dtype = jnp.bfloat16 if a.kv == "bf16" else jnp.float8_e4m3fn
     q = jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((L, B, S, Hkv, D), kv_dtype)
-    pitch = -(-S // a.v_pitch) * a.v_pitch          # jfp8.KVCache pads V's rows to V_PITCH
-    vv = kv if a.v_layout == "sd" else jax.ShapeDtypeStruct((L, B, Hkv, D, pitch), kv_dtype)
+    k_shape = (L, B, Hkv, S, D) if a.layout == "hsd" else (L, B, S, Hkv, D)
+    kv = jax.ShapeDtypeStruct(k_shape, kv_dtype)
+    vv = jax.ShapeDtypeStruct(DA.v_shape_for(k_shape, a.layout, a.v_block), kv_dtype)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     cfg = DA.DecodeAttentionConfig(block_k=a.block_k, target_programs=256, num_warps=a.warps,
                                    num_stages=a.stages)
     if a.kv == "fp8_token":
-        scales = jax.ShapeDtypeStruct((L, B, S, Hkv), jnp.float32)
+        scales = jax.ShapeDtypeStruct(k_shape[:-1], jnp.float32)
         args = (q, kv, vv, lens, scales, scales)
     else:
         args = (q, kv, vv, lens)
     tensor_scale = None if a.kv == "bf16" else 1.0
 
     def fn(q, k, v, lens, ks=tensor_scale, vs=tensor_scale):
-        return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg, v_layout=a.v_layout)
-    name = (f"decode_attention_D{D}_S{S}p{pitch}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}"
-            f"_v{a.v_layout}")
+        return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg, layout=a.layout)
+    name = (f"decode_attention_D{D}_S{S}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}"
+            f"_{a.layout}" + (f"_vb{a.v_block}" if a.layout == "hsd" else ""))
     base = os.path.join(a.out, name)
     kernel = compile_sm90(triton_ir(fn, *args)[0], base + ".ttir", a.warps, a.stages)
     c = sass_counts(kernel.asm["cubin"], base)
@@ -136,10 +136,11 @@ def main():
     p.add_argument("--kv", default="fp8_token", choices=("fp8_token", "fp8_tensor", "bf16"),
                    help="attention: cache dtype and scale granularity")
     p.add_argument("--block-k", type=int, default=128, help="attention: KV tokens per step")
-    p.add_argument("--v-layout", default="sd", choices=("sd", "ds"), help="attention: V cache layout")
+    p.add_argument("--layout", default="hsd", choices=("sd", "hsd"),
+                   help="attention: cache layout (decode_attention.LAYOUTS)")
     p.add_argument("--seq-len", type=int, default=32768, help="attention: S_max of the cache")
-    p.add_argument("--v-pitch", type=int, default=16, help="attention, ds: V's token axis is "
-                   "padded to a multiple of this (jfp8.kv_cache.V_PITCH; 1: unpadded)")
+    p.add_argument("--v-block", type=int, default=128, help="attention, hsd: tokens per V block "
+                   "(jfp8.kv_cache.v_block)")
     p.add_argument("--shape", default="1,28672,4096", help="M,N,K")
     p.add_argument("--config", default="32,512,2", help="block_n,block_k,split_k (FMA if M == 1)")
     p.add_argument("--warps", type=int, default=4)

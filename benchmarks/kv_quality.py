@@ -62,10 +62,11 @@ def _decode(q, k, v, cache):
 
 def attention_inputs(cache):
     """The dequantized keys as attention sees them (L=0, first S tokens)."""
-    kd = cache.k[0, :, :S].astype(jnp.float32)
+    k, _, ks, _ = cache.layer_kv(0)
+    kd = k[:, :S].astype(jnp.float32)
     if cache.scaling == "per_token_head":
-        return kd * cache.k_scale[0, :, :S, :, None]
-    return kd * cache.k_scale[0]
+        return kd * ks[:, :S, :, None]
+    return kd * ks
 
 
 def run_case(q, k, v, dtype, scaling):

@@ -65,7 +65,7 @@ def apply_overrides(spec: str) -> None:
     , `fuse:RMSNorm+SwiGLU` (the prologues dispatch fuses, jfp8._matmul_pallas.FUSED_PROLOGUES;
     `fuse:` alone fuses none) or `stage:N` (W8A16 f16 staging on weights >= N elements,
     jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none) or
-    `pitch:N` (the FP8 cache's V row pitch in tokens, jfp8.kv_cache.V_PITCH) or `combine:N`
+    `vblock:N` (bytes of the FP8 cache's V token blocks, jfp8.kv_cache.V_BLOCK_BYTES) or `combine:N`
     (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head)."""
     import decode_attention as bench_attn
     import gemv_layout
@@ -82,8 +82,8 @@ def apply_overrides(spec: str) -> None:
         if kind == "stage":
             _matmul_pallas.F16_STAGING_MIN_WEIGHT = int(rest)
             continue
-        if kind == "pitch":
-            kv_cache.V_PITCH = int(rest)
+        if kind == "vblock":
+            kv_cache.V_BLOCK_BYTES = int(rest)
             continue
         if kind == "combine":
             da.COMBINE_MIN_PROGRAMS = int(rest)
@@ -116,7 +116,7 @@ def main(argv=None):
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
     committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
-                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_PITCH, da.COMBINE_MIN_PROGRAMS,
+                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_BLOCK_BYTES, da.COMBINE_MIN_PROGRAMS,
                  dict(gv.TUNING_F16))
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
@@ -125,7 +125,7 @@ def main(argv=None):
         da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
         _matmul_pallas.FUSED_PROLOGUES = committed[2]
         _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
-        kv_cache.V_PITCH = committed[4]
+        kv_cache.V_BLOCK_BYTES = committed[4]
         da.COMBINE_MIN_PROGRAMS = committed[5]
         # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
         # variant's table would only reach the kernels traced for the first time.

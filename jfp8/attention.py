@@ -155,7 +155,7 @@ def _decode_qkv(qkv, cos, sin, cache, layer, num_valid, *, num_q_heads, backend,
         fp8 = cache.scaling == "per_token_head"
         q, k, v, ks, vs = kernel.kv_append_qkv(
             cache.k, cache.v, cache.k_scale if fp8 else None, cache.v_scale if fp8 else None, qkv,
-            cos, sin, cache.lengths, layer, num_q_heads=num_q_heads, v_layout=cache.v_layout,
+            cos, sin, cache.lengths, layer, num_q_heads=num_q_heads, layout=cache.layout,
             interpret=backend == "interpret")
         cache = _replace_appended(cache, k, v, ks, vs, num_valid)
     else:
@@ -175,7 +175,7 @@ def _attend(q, cache: KVCache, layer, *, backend, sm_scale):
         from pallas_kernels import decode_attention as kernel
         o = kernel.decode_attention(q, cache.k, cache.v, kv_lengths, k_scale, v_scale, layer=layer,
                                     sm_scale=sm_scale, interpret=backend == "interpret",
-                                    v_layout=cache.v_layout)
+                                    layout=cache.layout)
     else:
         o = decode_xla(q, cache, layer, kv_lengths, sm_scale=sm_scale)
     return o
@@ -197,7 +197,7 @@ def _append(cache: KVCache, layer, k_new, v_new, num_valid, *, backend):
     fp8 = cache.scaling == "per_token_head"
     k, v, ks, vs = kernel.kv_append(cache.k, cache.v, cache.k_scale if fp8 else None,
                                     cache.v_scale if fp8 else None, k_new, v_new, cache.lengths,
-                                    layer, v_layout=cache.v_layout,
+                                    layer, layout=cache.layout,
                                     interpret=backend == "interpret")
     return _replace_appended(cache, k, v, ks, vs, num_valid)
 
@@ -227,11 +227,9 @@ def decode_xla(q, cache: KVCache, layer, kv_lengths, *, sm_scale: float | None =
     from pallas_kernels.decode_attention import reference_math
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
-    scaled = cache.scaling != "none"
-    return reference_math(q, cache.k[layer], cache.layer_v(layer), kv_lengths,
-                          cache.k_scale[layer] if scaled else None,
-                          cache.v_scale[layer] if scaled else None,
-                          sm_scale=sm_scale, per_token=cache.scaling == "per_token_head")
+    k, v, k_scale, v_scale = cache.layer_kv(layer)
+    return reference_math(q, k, v, kv_lengths, k_scale, v_scale, sm_scale=sm_scale,
+                          per_token=cache.scaling == "per_token_head")
 
 
 def prefill(q, k, v, cache: KVCache, *, layer, lengths, sm_scale: float | None = None):

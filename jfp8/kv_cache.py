@@ -4,21 +4,26 @@
         cache = kv_cache.append(cache, layer, k_new, v_new)   # each layer, at cache.lengths[b]
         cache = kv_cache.advance(cache, num_tokens)           # once per step, after all layers
 
-Layout: `k` (L, B, S_max, Hkv, D); `lengths` (B,) int32 tokens already committed per sequence;
-`v` by dtype (`cache.v_layout`, read with `cache.layer_v(layer)` in the K layout):
-* FP8, "ds": (L, B, Hkv, D, P), tokens last, P = S_max rounded up to a multiple of `V_PITCH` (128)
-    so every V row starts 128-byte aligned (tokens >= S_max are never written or read). The
-    attention kernel's P.V product reads V along tokens; stored tokens last, each (D, block) tile
-    feeds the MMA without the byte-wise shared-memory loads that 8-bit token-major data costs.
-    Measured in the decode step on an H200 (profile_decode_h200_r5.json vs r2): attention 1660
-    -> 1521 µs per step at 8B B=16 4K, 3854-3969 -> 2998 µs at 1B B=16 32K; the strided write
-    of the new token's V costs ~28 µs per step (kv_append 60 -> 88 µs at 8B B=16).
-* bf16, "sd": like k. 16-bit V is read along tokens efficiently either way (ldmatrix.trans), and
-    tokens last measured 4-5% slower in the same runs (8B B=16 4K 2352 -> 2443 µs, 1B B=16 32K
-    4040 -> 4248 µs).
+Layout by dtype (`cache.layout`, the `layout` argument of `pallas_kernels.decode_attention` and
+`kv_append`; `cache.layer_kv(layer)` gives any layer token-major); `lengths` (B,) int32 tokens
+already committed per sequence:
+* FP8, "hsd": k (L, B, Hkv, S_max, D), head-major; v (L, B, Hkv, NB, D, VB), tokens in blocks of
+    VB = `v_block(D)` tokens (16 KB of FP8: 128 tokens at D = 128), each block a contiguous
+    (D, VB) tile with tokens last, NB = ceil(S_max / VB) (tokens >= S_max are never written or
+    read); per-(token, head) scales (L, B, Hkv, S_max). The attention kernel's block is VB, so
+    each K and V block it streams is one contiguous run, and the P.V product reads V along
+    tokens as the MMA wants it (token-major 8-bit V needs byte-wise shared-memory loads). On an
+    H200 (results/attention_layout_probe_h200.md, attention per layer at B = 16, S = 32K): 274.1
+    -> 254.6 µs at D = 128 and 169.7 -> 139.7 µs at D = 64 against K token-major with V rows
+    (Hkv, D, S), which had itself cut the 8B B=16 4K step's attention 1660 -> 1521 µs against V
+    like K (profile_decode_h200_r5.json vs r2). The new token's V is a strided write (kv_append
+    60 -> 88 µs per 8B B=16 step for rows (Hkv, D, S)).
+* bf16, "sd": k and v (L, B, S_max, Hkv, D). 16-bit rows are 256 bytes and read along tokens
+    efficiently either way (ldmatrix.trans); V tokens last measured 4-5% slower (8B B=16 4K
+    2352 -> 2443 µs, 1B B=16 32K 4040 -> 4248 µs).
 Scales (x ~ data * scale, scale = amax / fmax):
 
-* scaling="per_token_head" (default): `k_scale`, `v_scale` (L, B, S_max, Hkv) f32, one per
+* scaling="per_token_head" (default): `k_scale`, `v_scale` f32, k's shape without D, one per
     written (token, head), from that row's amax over D. Keys with outlier channels keep their
     other channels' precision relative to the row, and no scale ever changes after a write.
     Costs 4 bytes per (token, head) per K/V: 3% of an FP8 cache at D = 128.
@@ -50,21 +55,19 @@ except AttributeError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
+from pallas_kernels.decode_attention import cache_dims, to_token_major, v_shape_for
 from jfp8.scaling import reciprocal, scale_from_amax
 
 __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token",
-           "SCALINGS"]
+           "v_block", "SCALINGS"]
 
 SCALINGS = ("per_token_head", "per_tensor")
-# V's token axis is padded to a multiple of this many tokens, so each (layer, b, head, d) row
-# starts 128-byte aligned (FP8): a 128-token block of a row is then one 128-byte line, not parts
-# of two. With S_max = 4136 unpadded, the attention loop's V copies narrow to 8 bytes (offline
-# SASS: 26 cp.async per block, 8 of them 64-bit, against 18 at 128 bits); with rows only 16-byte
-# aligned (pitch 16: 4144, 32816) the copies stay 16 bytes wide but each block straddles lines.
-# Measured on an H200: attention at 8B B=16, S_max = 32808 282.7 -> 261.8 µs per layer
-# (results/decode_attention_h200_pitch{16,128}.md), in the 8B B=16 4K step 1484 -> 1398 µs
-# (profile_decode_h200_r7_8b_b16_pitch.md). Costs < 128 tokens of V per row.
-V_PITCH = 128
+# Bytes of one V token block of an FP8 cache (`v_block`): 16 KB, the K/V bytes per step of the
+# attention kernel's tuned 128-token block at D = 128 (and of its 256-token block at D = 64,
+# results/decode_attention_h200_d64_sweep.md). Blocks are whole 128-byte lines: V rows padded to
+# 16-byte alignment only (pitch 16) cost 8% at B=16 S=32K (282.7 vs 261.8 µs per layer,
+# results/decode_attention_h200_pitch{16,128}.md). Costs < one block of V per (sequence, head).
+V_BLOCK_BYTES = 16384
 # Per-tensor scales set from a first write get one binade of headroom (margin 1 -> x2).
 PER_TENSOR_MARGIN = 1
 
@@ -75,10 +78,10 @@ class KVCache:
     """Stacked per-layer KV cache (a pytree: pass it through jit, donate it).
 
     Attributes:
-        k: (L, B, S_max, Hkv, D), float8_e4m3fn / float8_e5m2 / bfloat16.
-        v: FP8 (L, B, Hkv, D, P) (tokens last, P = S_max rounded up to a multiple of V_PITCH);
-            bf16 (L, B, S_max, Hkv, D). See `v_layout`.
-        k_scale, v_scale: (L,) f32 (per_tensor or bf16) or (L, B, S_max, Hkv) f32 (per_token_head).
+        k: FP8 (L, B, Hkv, S_max, D) float8_e4m3fn / float8_e5m2; bf16 (L, B, S_max, Hkv, D).
+        v: FP8 (L, B, Hkv, ceil(S_max / VB), D, VB), VB = v_block(D); bf16 like k. See `layout`.
+        k_scale, v_scale: (L,) f32 (per_tensor or bf16) or k's shape without D, f32
+            (per_token_head).
             Per-tensor scale 0 means "not set yet" (dynamic, set by the first write of the layer).
         lengths: (B,) int32, tokens committed per sequence.
         overflow: (B,) bool, True once a write past S_max was dropped for that sequence.
@@ -110,7 +113,12 @@ class KVCache:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         data_dtype, _ = _resolve_dtype(dtype)
         L = num_layers
-        shape = (L, batch, max_len, num_kv_heads, head_dim)
+        if data_dtype == jnp.bfloat16:
+            shape = (L, batch, max_len, num_kv_heads, head_dim)
+            v_shape = shape
+        else:
+            shape = (L, batch, num_kv_heads, max_len, head_dim)
+            v_shape = v_shape_for(shape, "hsd", v_block(head_dim, data_dtype))
         if data_dtype == jnp.bfloat16:
             scaling = "none"
             if k_scale is not None or v_scale is not None:
@@ -126,8 +134,6 @@ class KVCache:
         else:
             ks = _per_layer("k_scale", k_scale, L, default=1.0 if scaling == "none" else 0.0)
             vs = _per_layer("v_scale", v_scale, L, default=1.0 if scaling == "none" else 0.0)
-        v_shape = shape if data_dtype == jnp.bfloat16 else (
-            L, batch, num_kv_heads, head_dim, -(-max_len // V_PITCH) * V_PITCH)
         return cls(k=jnp.zeros(shape, data_dtype), v=jnp.zeros(v_shape, data_dtype), k_scale=ks,
                    v_scale=vs, lengths=jnp.zeros((batch,), jnp.int32),
                    overflow=jnp.zeros((batch,), bool), scaling=scaling)
@@ -143,11 +149,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return cache_dims(self.k.shape, self.layout)[1]
 
     @property
     def num_kv_heads(self) -> int:
-        return self.k.shape[3]
+        return cache_dims(self.k.shape, self.layout)[2]
 
     @property
     def head_dim(self) -> int:
@@ -158,17 +164,17 @@ class KVCache:
         return self.k.dtype
 
     @property
-    def v_layout(self) -> str:
-        """How `v` is stored: "ds" (FP8: (L, B, Hkv, D, P), tokens last) or "sd" (bf16: like k);
-        the `v_layout` argument of `pallas_kernels.decode_attention` and `kv_append`."""
-        return "sd" if self.k.dtype == jnp.bfloat16 else "ds"
+    def layout(self) -> str:
+        """How k, v and per-token scales are stored: "hsd" (FP8) or "sd" (bf16); the `layout`
+        argument of `pallas_kernels.decode_attention` and `kv_append`."""
+        return "sd" if self.k.dtype == jnp.bfloat16 else "hsd"
 
-    def layer_v(self, layer) -> jax.Array:
-        """One layer's V as (B, S_max, Hkv, D), the layout of k (a transpose for FP8)."""
-        v = self.v[layer]
-        if self.v_layout == "sd":
-            return v
-        return jnp.moveaxis(v[..., :self.max_len], -1, 1)
+    def layer_kv(self, layer):
+        """One layer token-major: (k, v) (B, S_max, Hkv, D) and (k_scale, v_scale) as
+        `layer_scales` gives them, per-(token, head) ones as (B, S_max, Hkv). A transpose for
+        FP8: for references and the XLA path."""
+        ks, vs = self.layer_scales(layer)
+        return to_token_major(self.k[layer], self.v[layer], ks, vs, self.layout)
 
     @property
     def format(self) -> Format | None:
@@ -184,7 +190,7 @@ class KVCache:
 
     def layer_scales(self, layer):
         """(k_scale, v_scale) for one layer as the attention kernel takes them: per-tensor
-        scalars, per-(token, head) (B, S_max, Hkv) arrays, or (None, None) for bf16."""
+        scalars, per-(token, head) (B, Hkv, S_max) arrays, or (None, None) for bf16."""
         if self.scaling == "none":
             return None, None
         return self.k_scale[layer], self.v_scale[layer]
@@ -219,10 +225,18 @@ def _per_layer(name, scale, L, default):
     return jnp.broadcast_to(scale, (L,))
 
 
+def v_block(head_dim: int, dtype=jnp.float8_e4m3fn) -> int:
+    """Tokens per V block of an FP8 cache: V_BLOCK_BYTES of one head's (D, VB) tile (a power of
+    two >= 16): 128 at D = 128, 256 at D = 64."""
+    tokens = V_BLOCK_BYTES // (head_dim * jnp.dtype(dtype).itemsize)
+    return max(16, 1 << (max(tokens, 1).bit_length() - 1))
+
+
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=None,
                     scaling: str = "per_token_head") -> int:
     """Cache bytes one token takes over all layers (K and V, plus per-(token, head) scales); an
-    FP8 cache also pads V rows to a multiple of V_PITCH tokens (< V_PITCH tokens a row)."""
+    FP8 cache also pads V to whole blocks of `v_block(D)` tokens (< one block per sequence and
+    head)."""
     data_dtype, _ = _resolve_dtype(dtype)
     per_head = head_dim * data_dtype.itemsize
     if data_dtype != jnp.bfloat16 and scaling == "per_token_head":
@@ -335,17 +349,21 @@ def _append(cache: KVCache, layer, k_new, v_new, num_valid) -> KVCache:
     vd, vs = _quantize_rows(v_new, cache, layer, vs_now)
     b_idx = jnp.arange(B)[:, None]                                     # (B, 1)
     pos = cache.lengths[:, None] + jnp.arange(T)[None, :]               # (B, T); >= S dropped
-    k = cache.k.at[layer, b_idx, pos].set(kd, mode="drop")
-    if cache.v_layout == "sd":
+    # In either layout the indices split by slices put (B, T) first, the shape of kd / ks; a
+    # position >= S is sent past the end of its axis (also inside V's last, padded block).
+    if cache.layout == "sd":
+        k = cache.k.at[layer, b_idx, pos].set(kd, mode="drop")
         v = cache.v.at[layer, b_idx, pos].set(vd, mode="drop")
+        rows = (layer, b_idx, pos)
     else:
-        # v (L, B, Hkv, D, P): the indices split by slices put (B, T) first, the shape of vd;
-        # positions >= S inside the pitch are sent past its end, so they drop as in k.
-        v = cache.v.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.v.shape[-1])].set(
+        nb, vb = cache.v.shape[-3], cache.v.shape[-1]
+        k = cache.k.at[layer, b_idx, :, pos].set(kd, mode="drop")
+        v = cache.v.at[layer, b_idx, :, jnp.where(pos < S, pos // vb, nb), :, pos % vb].set(
             vd, mode="drop")
+        rows = (layer, b_idx, slice(None), pos)
     if ks is not None:
-        k_scale = k_scale.at[layer, b_idx, pos].set(ks, mode="drop")
-        v_scale = v_scale.at[layer, b_idx, pos].set(vs, mode="drop")
+        k_scale = k_scale.at[rows].set(ks, mode="drop")
+        v_scale = v_scale.at[rows].set(vs, mode="drop")
     return dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale,
                                overflow=overflow)
 

@@ -8,10 +8,20 @@ Computes, for each sequence b, query token t and query head n (KV head h = n // 
 where K = k.astype(f32) * k_scale and V = v.astype(f32) * v_scale (scale convention x ~ data *
 scale). Scales are per tensor (one scalar, or one per layer) or per (token, head).
 
-Layout: k, v are (B, S, Hkv, D) or stacked over layers (L, B, S, Hkv, D) with a `layer` index
-(the stacked array is read in place: slicing a layer out would copy it, see notes/h100.md on
-`lax.scan` over stacked weights). q is (B, T, Hq, D) with query head n = h * G + g (the GQA grouping
-of HF Llama and `jax.nn.dot_product_attention`).
+Layouts (`LAYOUTS`), each unstacked or stacked over layers (a leading L axis, with a `layer`
+index: the stacked array is read in place, since slicing a layer out would copy it, see
+notes/h100.md on `lax.scan` over stacked weights):
+- "sd" (token-major): k, v (B, S, Hkv, D); per-(token, head) scales (B, S, Hkv). jfp8.KVCache's
+  bf16 layout.
+- "hsd" (head-major, blocked V): k (B, Hkv, S, D), every head's tokens contiguous; v
+  (B, Hkv, NB, D, VB), tokens in blocks of VB (a power of two >= 16, NB * VB >= S), each block a
+  contiguous (D, VB) tile with tokens last, as the P.V product reads it; scales (B, Hkv, S). The
+  kernel's block is at most VB tokens (a divisor of it); at VB every K and V block it loads is
+  one contiguous run (16 KB for an FP8 cache at D = 128, VB = 128), where token-major FP8 rows
+  are 128-byte pieces Hkv * D bytes apart: 5-18% faster at B = 16, S = 32K on an H200
+  (results/attention_layout_probe_h200.md). jfp8.KVCache's FP8 layout.
+q is (B, T, Hq, D) with query head n = h * G + g (the GQA grouping of HF Llama and
+`jax.nn.dot_product_attention`).
 
 Kernel (Triton-lowered Pallas): grid (Hkv, splits, B), Hkv fastest so the programs that run together
 read neighbouring 128-byte head rows of the same tokens (and share the sectors of the per-token
@@ -44,12 +54,13 @@ except AttributeError:  # pragma: no cover
 
 from pallas_kernels import triton_compat
 
-__all__ = ["DecodeAttentionConfig", "CONFIGS", "V_LAYOUTS", "v_shape_matches", "config_for",
+__all__ = ["DecodeAttentionConfig", "CONFIGS", "LAYOUTS", "cache_dims", "v_shape_for",
+           "v_shape_matches", "to_token_major", "config_for",
            "decode_attention", "decode_attention_reference", "reference_math"]
 
 _LOG2E = math.log2(math.e)
-#: V cache layouts: "sd" = (..., S, Hkv, D) like K; "ds" = (..., Hkv, D, S).
-V_LAYOUTS = ("sd", "ds")
+#: Cache layouts (module docstring): "sd" token-major, "hsd" head-major with V in token blocks.
+LAYOUTS = ("sd", "hsd")
 MAX_QUERY_TOKENS = 16
 
 
@@ -138,8 +149,7 @@ def config_for(batch: int, max_len: int, head_dim: int = 128) -> DecodeAttention
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, num_blocks: int, num_splits: int, num_queries: int,
                              group: int, rows: int, max_len: int, per_token_scales: bool, dot_dtype,
-                             v_boost: float, sm_scale: float, v_ds: bool = False,
-                             v_blocked: bool = False):
+                             v_boost: float, sm_scale: float, v_block: int = 0):
     if per_token_scales:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
     else:
@@ -166,13 +176,14 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     needs_bounds = max_len % block_k != 0             # the last block may run past S_max
     cols = jnp.arange(block_k, dtype=jnp.int32)
 
+    hsd = v_block > 0
+
     def load_kv(ref, off, bounded, tokens_last=False):
-        """(block_k, D) tile of tokens [off, off + block_k), or (D, block_k) when the cache
-        stores tokens last (V in the "ds" layout)."""
-        if tokens_last and v_blocked:   # (NB, D, block_k): block off // block_k, contiguous
-            kv_ref = ref.at[layer, off // block_k, :, :]
-        elif tokens_last:
-            kv_ref = ref.at[layer, :, pl.ds(off, block_k)]
+        """(block_k, D) tile of tokens [off, off + block_k), or (D, block_k) of V in the "hsd"
+        layout: columns [off % VB, + block_k) of token block off // VB of (NB, D, VB)."""
+        if tokens_last:
+            col = 0 if block_k == v_block else pl.multiple_of(off % v_block, block_k)
+            kv_ref = ref.at[layer, off // v_block, :, pl.ds(col, block_k)]
         else:
             kv_ref = ref.at[layer, pl.ds(off, block_k), :]
         if bounded:
@@ -212,9 +223,9 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
             # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone
             # in the combine.
             p = p * (vs * v_boost)[None, :]
-        # V stored (D, S) per head ("ds"): the MMA reads it along tokens without byte loads.
-        v = load_kv(v_ref, off, bounded, tokens_last=v_ds)                     # (bk, D) | (D, bk)
-        pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (1 if v_ds else 0,)), ((), ())),
+        # V stored tokens last ("hsd"): the MMA reads it along tokens without byte loads.
+        v = load_kv(v_ref, off, bounded, tokens_last=hsd)                      # (bk, D) | (D, bk)
+        pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (1 if hsd else 0,)), ((), ())),
                              preferred_element_type=jnp.float32)
         acc = acc * alpha[:, None] + pv
         return m_new, l, acc
@@ -266,8 +277,56 @@ def _store(ref, val, *, mask):
     triton_compat.store(ref, val.astype(ref.dtype), mask)
 
 
+def cache_dims(k_shape, layout: str):
+    """(B, S, Hkv, D) of a (possibly stacked) K cache of shape k_shape in `layout`."""
+    if layout == "hsd":
+        B, Hkv, S, D = k_shape[-4:]
+    else:
+        B, S, Hkv, D = k_shape[-4:]
+    return B, S, Hkv, D
+
+
+def v_shape_for(k_shape, layout: str, v_block: int | None = None):
+    """The V cache shape that goes with a K cache shape: like k ("sd"), or
+    (..., B, Hkv, ceil(S / v_block), D, v_block) ("hsd")."""
+    if layout == "sd":
+        return tuple(k_shape)
+    B, S, Hkv, D = cache_dims(k_shape, layout)
+    return (*k_shape[:-4], B, Hkv, -(-S // v_block), D, v_block)
+
+
+def v_shape_matches(k_shape, v_shape, layout: str) -> bool:
+    """Whether a V cache of v_shape goes with a K cache of k_shape in `layout`."""
+    if layout == "sd":
+        return tuple(v_shape) == tuple(k_shape)
+    if len(v_shape) != len(k_shape) + 1:
+        return False
+    vb = v_shape[-1]
+    return (vb >= 16 and vb & (vb - 1) == 0
+            and tuple(v_shape) == v_shape_for(k_shape, layout, vb))
+
+
+def to_token_major(k, v, k_scale, v_scale, layout: str):
+    """A cache in `layout` as "sd" arrays: k, v (..., S, Hkv, D); per-(token, head) scales
+    (..., S, Hkv) (per-tensor scales and None pass through). A transpose: for references and the
+    XLA path, not for a decode loop."""
+    if layout == "sd":
+        return k, v, k_scale, v_scale
+    S = k.shape[-2]
+    k_sd = jnp.swapaxes(k, -3, -2)
+    *lead, Hkv, NB, D, VB = v.shape
+    n = v.ndim                                              # (..., Hkv, NB, D, VB) ->
+    v_sd = jnp.transpose(v, (*range(n - 4), n - 3, n - 1, n - 4, n - 2))   # (..., NB, VB, Hkv, D)
+    v_sd = v_sd.reshape(*lead, NB * VB, Hkv, D)[..., :S, :, :]
+    per_token = k_scale is not None and jnp.ndim(k_scale) == k.ndim - 1
+    if per_token:
+        k_scale, v_scale = jnp.swapaxes(k_scale, -1, -2), jnp.swapaxes(v_scale, -1, -2)
+    return k_sd, v_sd, k_scale, v_scale
+
+
 def _scale_mode(name, scale, k_shape, stacked):
-    """'none', 'tensor' or 'token' for a k_scale / v_scale argument; raises on a bad shape."""
+    """'none', 'tensor' or 'token' for a k_scale / v_scale argument; raises on a bad shape.
+    Per-(token, head) scales have k's shape without D, in either layout."""
     if scale is None:
         return "none"
     shape = tuple(jnp.shape(scale))
@@ -281,41 +340,26 @@ def _scale_mode(name, scale, k_shape, stacked):
                      f"head) scale of shape {tuple(k_shape[:-1])}, got {shape}")
 
 
-def _v_shape(k_shape, v_layout):
-    """The V cache shape for a K cache shape: the same, or (..., Hkv, D, S) for v_layout "ds"."""
-    if v_layout == "sd":
-        return tuple(k_shape)
-    *lead, S, Hkv, D = k_shape
-    return (*lead, Hkv, D, S)
-
-
-def v_shape_matches(k_shape, v_shape, v_layout) -> bool:
-    """Whether a V cache of v_shape goes with a K cache of k_shape in v_layout: like k ("sd"), or
-    (..., Hkv, D, P) with a row pitch P >= S ("ds"; tokens >= S are never read or written)."""
-    want = _v_shape(k_shape, v_layout)
-    if v_layout == "sd" or len(v_shape) != len(want):
-        return tuple(v_shape) == want
-    return tuple(v_shape[:-1]) == want[:-1] and v_shape[-1] >= want[-1]
-
-
-def _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout="sd"):
+def _validate(q, k, v, lengths, k_scale, v_scale, layer, layout="sd"):
     if q.ndim != 4:
         raise ValueError(f"q: expected (B, T, Hq, D), got shape {q.shape}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    k_axes = "(B, Hkv, S, D)" if layout == "hsd" else "(B, S, Hkv, D)"
     if k.ndim not in (4, 5):
-        raise ValueError(f"k: expected (B, S, Hkv, D) or (L, B, S, Hkv, D), got shape {k.shape}")
-    if v_layout not in V_LAYOUTS:
-        raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
-    if not v_shape_matches(k.shape, v.shape, v_layout) or v.dtype != k.dtype:
-        want = _v_shape(k.shape, v_layout)
-        if v_layout == "ds":
-            want = "(" + ", ".join(map(str, want[:-1])) + f", P) with P >= S={k.shape[-3]}"
-        raise ValueError(f"v: expected shape {want} (v_layout {v_layout!r}) and dtype {k.dtype} "
-                         f"like k, got {v.shape} {v.dtype}")
+        raise ValueError(f"k: expected {k_axes} or stacked (L, ...) for layout {layout!r}, got "
+                         f"shape {k.shape}")
+    if not v_shape_matches(k.shape, v.shape, layout) or v.dtype != k.dtype:
+        want = (str(tuple(k.shape)) if layout == "sd" else
+                "(" + ", ".join(map(str, k.shape[:-3])) + f", {k.shape[-3]}, ceil(S / VB), "
+                f"{k.shape[-1]}, VB) with S={k.shape[-2]}, VB a power of two >= 16")
+        raise ValueError(f"v: expected shape {want} (layout {layout!r}) and dtype {k.dtype} like "
+                         f"k, got {v.shape} {v.dtype}")
     stacked = k.ndim == 5
     if stacked and layer is None:
-        raise ValueError("layer: required for a stacked (L, B, S, Hkv, D) cache, got None")
+        raise ValueError("layer: required for a stacked (L, ...) cache, got None")
     B, T, Hq, D = q.shape
-    kB, S, Hkv, kD = k.shape[-4:]
+    kB, S, Hkv, kD = cache_dims(k.shape, layout)
     if kB != B:
         raise ValueError(f"k: expected batch {B} (from q), got shape {k.shape}")
     if kD != D:
@@ -354,18 +398,19 @@ def _per_layer_scalar(scale, layer, stacked):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "partials_only",
-                                             "v_layout", "k_layout"))
+                                             "layout"))
 def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale, config,
-                          interpret, partials_only=False, v_layout="sd", k_layout="shd"):
+                          interpret, partials_only=False, layout="sd"):
     B, T, Hq, D = q.shape
-    if k_layout == "hsd":   # probe: K (L, B, Hkv, S, D), scales (L, B, Hkv, S)
-        L, _, Hkv, S, _ = k.shape
-    else:
-        L, _, S, Hkv, _ = k.shape
+    L = k.shape[0]
+    _, S, Hkv, _ = cache_dims(k.shape, layout)
     G = Hq // Hkv
     TG = T * G
     R = max(16, pl.next_power_of_2(TG))  # MMA needs >= 16 rows
     per_token = k_scale is not None and jnp.ndim(k_scale) == 4
+    v_block = v.shape[-1] if layout == "hsd" else 0
+    if v_block and config.block_k > v_block:   # a kernel block lies inside one V block
+        config = dataclasses.replace(config, block_k=v_block)
     if S < config.block_k:  # a block longer than the whole cache: shrink it (>= 16 for the MMA)
         config = dataclasses.replace(config, block_k=max(16, 1 << (S.bit_length() - 1)))
     splits = config.num_splits(B, Hkv, S)
@@ -394,20 +439,13 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         _decode_attention_kernel, block_k=config.block_k,
         num_blocks=pl.cdiv(S, config.block_k), num_splits=splits,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
-        v_boost=v_boost, sm_scale=sm_scale, v_ds=v_layout in ("ds", "dsb"),
-        v_blocked=v_layout == "dsb")
-    if k_layout == "hsd":
+        v_boost=v_boost, sm_scale=sm_scale, v_block=v_block)
+    if layout == "hsd":
         kv_spec = pl.BlockSpec((L, None, None, S, D), lambda h, s, b: (0, b, h, 0, 0))
-    else:
-        kv_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
-    if v_layout == "sd":
-        v_spec = kv_spec
-    elif v_layout == "dsb":   # probe: V (L, B, Hkv, NB, D, block_k)
-        assert v.shape[-1] == config.block_k, (v.shape, config.block_k)
         v_spec = pl.BlockSpec((L, None, None) + tuple(v.shape[3:]),
                               lambda h, s, b: (0, b, h, 0, 0, 0))
     else:
-        v_spec = pl.BlockSpec((L, None, None, D, v.shape[-1]), lambda h, s, b: (0, b, h, 0, 0))
+        kv_spec = v_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer
         pl.BlockSpec((1,), lambda h, s, b: (b,)),                       # lengths
@@ -417,7 +455,7 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     args = [layer_arr, lengths, qk_scale, qg, k, v]
     if per_token:
         scale_spec = (pl.BlockSpec((L, None, None, S), lambda h, s, b: (0, b, h, 0))
-                      if k_layout == "hsd" else
+                      if layout == "hsd" else
                       pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h)))
         in_specs += [scale_spec, scale_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
@@ -478,30 +516,26 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
 def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
                      sm_scale: float | None = None,
                      config: DecodeAttentionConfig | None = None, interpret: bool = False,
-                     v_layout: str = "sd"):
+                     layout: str = "sd"):
     """Attention of T new query tokens over a (ragged) KV cache; returns (B, T, Hq, D) bfloat16.
 
     Args:
         q: (B, T, Hq, D) bfloat16 (or float32), 1 <= T <= 16; query head n uses KV head n // G.
-        k, v: (B, S, Hkv, D) or stacked (L, B, S, Hkv, D), float8_e4m3fn / float8_e5m2 / bfloat16.
+        k, v: float8_e4m3fn / float8_e5m2 / bfloat16 in `layout` (module docstring), unstacked
+            or stacked over layers (L, ...): "sd" k and v (B, S, Hkv, D); "hsd" k (B, Hkv, S, D),
+            v (B, Hkv, ceil(S / VB), D, VB) with VB a power of two >= 16 (the kernel's block).
         lengths: (B,) int32, valid KV tokens per sequence *including* the T new ones (already
             written): query t sits at position lengths[b] - T + t and sees positions <= it.
             Needs T <= lengths[b] <= S (checked when concrete; clamped to S under jit).
         k_scale, v_scale: None (data is the value), per tensor: () / (1,) / (L,) float32 (one per
-            layer), or per (token, head): (B, S, Hkv) / (L, B, S, Hkv) float32 (same as k minus D).
+            layer), or per (token, head): k's shape without D, float32.
         layer: int or int32 scalar, required with a stacked cache.
         sm_scale: softmax scale, default D ** -0.5.
-        config: override the tuned `config_for(B, S, D)`.
+        config: override the tuned `config_for(B, S, D)` ("hsd": block_k at most VB).
         interpret: run the Pallas kernel in interpret mode (CPU tests).
-        v_layout: "sd" (v shaped like k) or "ds": v (B, Hkv, D, P) / (L, B, Hkv, D, P), each
-            head's D rows of tokens contiguous (vLLM's V layout), so the P.V product reads V
-            along tokens as the MMA wants it instead of byte by byte (8-14% faster at B = 16 on
-            an H200, results/decode_attention_h200_vds.md; `jfp8.KVCache`'s layout). The row
-            pitch P >= S may pad the token axis (tokens >= S are not read): keep P * itemsize a
-            multiple of 16 bytes, or the rows lose 16-byte alignment and the V copies narrow to
-            8 bytes (S = P = 4136 FP8, offline SASS).
+        layout: "sd" or "hsd" (`LAYOUTS`).
     """
-    stacked, _ = _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout)
+    stacked, _ = _validate(q, k, v, lengths, k_scale, v_scale, layer, layout)
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if not stacked:
@@ -510,19 +544,18 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
         v_scale = v_scale if v_scale is None or jnp.ndim(v_scale) != 3 else v_scale[None]
         layer = 0
     if config is None:
-        config = config_for(q.shape[0], k.shape[2], D)
+        config = config_for(q.shape[0], cache_dims(k.shape, layout)[1], D)
     return _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, sm_scale=sm_scale,
-                                 config=config, interpret=interpret, v_layout=v_layout)
+                                 config=config, interpret=interpret, layout=layout)
 
 
 def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
                                sm_scale: float | None = None, config=None, interpret=False,
-                               v_layout: str = "sd"):
+                               layout: str = "sd"):
     """Plain-JAX f32 reference of `decode_attention`, same signature (config/interpret ignored)."""
     del config, interpret
-    stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer, v_layout)
-    if v_layout == "ds":   # (..., Hkv, D, P) -> (..., S, Hkv, D)
-        v = jnp.moveaxis(v, -1, -3)[..., :k.shape[-3], :, :]
+    stacked, per_token = _validate(q, k, v, lengths, k_scale, v_scale, layer, layout)
+    k, v, k_scale, v_scale = to_token_major(k, v, k_scale, v_scale, layout)
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if stacked:

@@ -16,12 +16,13 @@ select per array written (K, V and, for FP8, their scales), about ten launches p
 decode step. Here the cache buffers are aliased to the outputs (`input_output_aliases`), so only
 the T new rows are written and the rest of the cache is never touched.
 
-Layout (`jfp8.KVCache`'s): k_cache (L, B, S_max, Hkv, D); v_cache in `decode_attention`'s two
-V layouts: v_layout "sd", like k_cache, or "ds", (L, B, Hkv, D, P) with tokens last and a row
-pitch P >= S_max (the FP8 cache's layout); scales (L, B, S_max, Hkv) f32; new rows
-(B, T, Hkv, D). Grid (B, T, 2): one program writes one token's Hkv x D values of K (one
-contiguous run) or of V (contiguous for "sd"; one element per row of P, strided, for "ds"). Hkv
-is padded to a power of two inside the kernel (masked), D must be a power of two.
+Layouts (`decode_attention.LAYOUTS`, stacked over layers): "sd": k_cache, v_cache (L, B, S_max,
+Hkv, D), scales (L, B, S_max, Hkv) f32 (jfp8.KVCache's bf16 layout); "hsd": k_cache (L, B, Hkv,
+S_max, D), v_cache (L, B, Hkv, NB, D, VB) (tokens in blocks of VB, tokens last), scales (L, B,
+Hkv, S_max) (the FP8 cache's layout). New rows (B, T, Hkv, D). Grid (B, T, 2): one program
+writes one token's Hkv x D values of K (one contiguous run for "sd", Hkv runs of D for "hsd") or
+of V ("sd" like K; "hsd" one element per (head, d), strided). Hkv is padded to a power of two
+inside the kernel (masked), D must be a power of two.
 
 `kv_append_qkv` takes the fused projection instead, qkv (B, T, (Hq + 2 Hkv) D) holding q, k, v
 head after head, plus the RoPE tables cos, sin (B, T, D/2) f32, and also does the decode step's
@@ -46,11 +47,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.decode_attention import V_LAYOUTS, v_shape_matches   # the attention's layouts
+from pallas_kernels.decode_attention import LAYOUTS, cache_dims, v_shape_matches   # its layouts
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
-           "V_LAYOUTS"]
+           "LAYOUTS"]
 
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
@@ -69,13 +70,26 @@ def _write_rows(xs, dsts, scale_dst, write_ok, *, fp8, fmax, exact_div):
         triton_compat.store(dst, x.astype(dst.dtype), write_ok[:, None])
 
 
-def _v_row(v_out, layer, b, rows, pos, v_ds):
-    """The ref view of one token's (Hp, D) V values, in either V layout."""
-    return v_out.at[layer, b, rows, :, pos] if v_ds else v_out.at[layer, b, pos, rows, :]
+def _k_row(k_out, layer, b, rows, pos, cols, hsd):
+    """The ref view of one token's (Hp, cols) K values."""
+    return k_out.at[layer, b, rows, pos, cols] if hsd else k_out.at[layer, b, pos, rows, cols]
+
+
+def _v_row(v_out, layer, b, rows, pos, hsd):
+    """The ref view of one token's (Hp, D) V values ("hsd": block pos // VB, column pos % VB)."""
+    if hsd:
+        vb = v_out.shape[-1]
+        return v_out.at[layer, b, rows, pos // vb, :, pos % vb]
+    return v_out.at[layer, b, pos, rows, :]
+
+
+def _scale_row(scale_out, layer, b, rows, pos, hsd):
+    """The ref view of one token's (Hp,) per-head scales."""
+    return scale_out.at[layer, b, rows, pos] if hsd else scale_out.at[layer, b, pos, rows]
 
 
 def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_len, heads,
-                      heads_pad, fp8, fmax, exact_div, v_ds):
+                      heads_pad, fp8, fmax, exact_div, hsd):
     if fp8:
         k_out, v_out, ks_out, vs_out = refs[4:]
     else:
@@ -92,14 +106,14 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
     def write(new_ref, dst, scale_ref):
         x = triton_compat.load(new_ref.at[b, t, rows, :], row_ok[:, None],
                                other=0.0).astype(jnp.float32)                  # (Hp, D)
-        _write_rows([x], [dst], scale_ref.at[layer, b, pos, rows] if fp8 else None, write_ok,
-                    fp8=fp8, fmax=fmax, exact_div=exact_div)
+        _write_rows([x], [dst], _scale_row(scale_ref, layer, b, rows, pos, hsd) if fp8 else None,
+                    write_ok, fp8=fp8, fmax=fmax, exact_div=exact_div)
 
     # Grid axis 2 picks K (0) or V (1): two short programs run side by side, not one after.
     pl.when(pl.program_id(2) == 0)(lambda: write(
-        k_new_ref, k_out.at[layer, b, pos, rows, :], ks_out if fp8 else None))
+        k_new_ref, _k_row(k_out, layer, b, rows, pos, slice(None), hsd), ks_out if fp8 else None))
     pl.when(pl.program_id(2) == 1)(lambda: write(
-        v_new_ref, _v_row(v_out, layer, b, rows, pos, v_ds), vs_out if fp8 else None))
+        v_new_ref, _v_row(v_out, layer, b, rows, pos, hsd), vs_out if fp8 else None))
 
 
 def _rotate(x1, x2, c, s):
@@ -110,7 +124,7 @@ def _rotate(x1, x2, c, s):
 
 def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *refs, max_len,
                           q_heads, q_heads_pad, kv_heads, kv_heads_pad, head_dim, fp8, fmax,
-                          exact_div, v_ds):
+                          exact_div, hsd):
     if fp8:
         k_out, v_out, ks_out, vs_out, q_out = refs[4:]
     else:
@@ -151,30 +165,35 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
 
     def write_k():
         _write_rows(rope(kv_heads, kv_heads_pad),
-                    [k_out.at[layer, b, pos, kv_rows, lo], k_out.at[layer, b, pos, kv_rows, hi]],
-                    ks_out.at[layer, b, pos, kv_rows] if fp8 else None, write_ok, **kw)
+                    [_k_row(k_out, layer, b, kv_rows, pos, lo, hsd),
+                     _k_row(k_out, layer, b, kv_rows, pos, hi, hsd)],
+                    _scale_row(ks_out, layer, b, kv_rows, pos, hsd) if fp8 else None, write_ok,
+                    **kw)
 
     def write_v():
         _write_rows([load(kv_heads, kv_heads_pad, slice(None))],
-                    [_v_row(v_out, layer, b, kv_rows, pos, v_ds)],
-                    vs_out.at[layer, b, pos, kv_rows] if fp8 else None, write_ok, **kw)
+                    [_v_row(v_out, layer, b, kv_rows, pos, hsd)],
+                    _scale_row(vs_out, layer, b, kv_rows, pos, hsd) if fp8 else None, write_ok,
+                    **kw)
 
     pl.when(which == 0)(write_q)
     pl.when(which == 1)(write_k)
     pl.when(which == 2)(write_v)
 
 
-def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout):
+def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if k_cache.ndim != 5:
-        raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
-    if v_layout not in V_LAYOUTS:
-        raise ValueError(f"v_layout: expected one of {V_LAYOUTS}, got {v_layout!r}")
-    L, B, S, H, D = k_cache.shape
-    want = f"{k_cache.shape} like k_cache" if v_layout == "sd" else \
-        f"(L, B, Hkv, D, P) = ({L}, {B}, {H}, {D}, P), P >= S={S}"
-    if not v_shape_matches(k_cache.shape, v_cache.shape, v_layout) \
+        raise ValueError(f"k_cache: expected {_K_AXES[layout]}, got shape {k_cache.shape}")
+    L = k_cache.shape[0]
+    B, S, H, D = cache_dims(k_cache.shape, layout)
+    want = f"{k_cache.shape} like k_cache" if layout == "sd" else \
+        f"(L, B, Hkv, ceil(S / VB), D, VB) = ({L}, {B}, {H}, ceil({S} / VB), {D}, VB), VB a " \
+        f"power of two >= 16"
+    if not v_shape_matches(k_cache.shape, v_cache.shape, layout) \
             or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"v_cache: expected {want} (v_layout {v_layout!r}), {k_cache.dtype} "
+        raise ValueError(f"v_cache: expected {want} (layout {layout!r}), {k_cache.dtype} "
                          f"(k_cache's dtype), got {v_cache.shape} {v_cache.dtype}")
     dtype = jnp.dtype(k_cache.dtype)
     if dtype not in CACHE_DTYPES:
@@ -183,9 +202,9 @@ def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout):
         raise ValueError(f"k_cache: head dim D must be a power of two, got {D}")
     fp8 = dtype in FP8_DTYPES
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if fp8 and (s is None or tuple(s.shape) != (L, B, S, H) or s.dtype != jnp.float32):
-            raise ValueError(f"{name}: expected ({L}, {B}, {S}, {H}) float32 per-(token, head) "
-                             f"scales for an FP8 cache, got "
+        if fp8 and (s is None or tuple(s.shape) != k_cache.shape[:-1] or s.dtype != jnp.float32):
+            raise ValueError(f"{name}: expected {k_cache.shape[:-1]} float32 per-(token, head) "
+                             f"scales (k_cache's shape without D) for an FP8 cache, got "
                              f"{None if s is None else (tuple(s.shape), s.dtype)}")
         if not fp8 and s is not None:
             raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
@@ -199,40 +218,40 @@ def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout):
 
 
 def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *,
-              v_layout: str = "sd", interpret: bool = False):
+              layout: str = "sd", interpret: bool = False):
     """Quantize and write k_new / v_new at positions lengths[b] + t of `layer`, in place.
 
     Args:
-      k_cache: (L, B, S, Hkv, D), v_cache: (L, B, S, Hkv, D) (v_layout "sd") or (L, B, Hkv, D,
-        P) with a row pitch P >= S (v_layout "ds"; tokens >= S are never written),
+      k_cache, v_cache: in `layout`: "sd" both (L, B, S, Hkv, D); "hsd" k_cache (L, B, Hkv, S,
+        D), v_cache (L, B, Hkv, ceil(S / VB), D, VB) (tokens >= S are never written);
         float8_e4m3fn / float8_e5m2 / bfloat16 (both the same). Inside a jit
         that donates them or carries them through a loop the update is in place; called eagerly,
         XLA first copies them (the caller's arrays stay valid).
-      k_scale, v_scale: (L, B, S, Hkv) float32 per-(token, head) scales for an FP8 cache; None
-        for a bf16 cache.
+      k_scale, v_scale: float32 per-(token, head) scales for an FP8 cache, k_cache's shape
+        without D; None for a bf16 cache.
       k_new, v_new: (B, T, Hkv, D) bfloat16 / float16 / float32.
       lengths: (B,) int32, the first position written for each sequence; rows landing at
         positions >= S are dropped (nothing else is touched).
       layer: int or int32 scalar, 0 <= layer < L (not checked under jit).
-      v_layout: "sd" or "ds", how v_cache is stored (see v_cache).
+      layout: "sd" or "hsd" (`LAYOUTS`), how the cache is stored.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns (k_cache, v_cache, k_scale, v_scale) updated (scales None for a bf16 cache).
     """
-    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layout)
     return _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new,
                           jnp.asarray(lengths, jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1),
-                          fp8=fp8, v_ds=v_layout == "ds", interpret=interpret)
+                          fp8=fp8, layout=layout, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("fp8", "v_ds", "interpret"))
+@functools.partial(jax.jit, static_argnames=("fp8", "layout", "interpret"))
 def _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *, fp8,
-                   v_ds, interpret):
-    L, B, S, H, D = k_cache.shape
+                   layout, interpret):
+    B, S, H, D = cache_dims(k_cache.shape, layout)
     T = k_new.shape[1]
     fmax = float(jnp.finfo(k_cache.dtype).max) if fp8 else 1.0
     kernel = functools.partial(
         _kv_append_kernel, max_len=S, heads=H, heads_pad=max(2, pl.next_power_of_2(H)), fp8=fp8,
-        fmax=fmax, exact_div=not interpret, v_ds=v_ds)
+        fmax=fmax, exact_div=not interpret, hsd=layout == "hsd")
     caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
     out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
     kw = dict(interpret=True) if interpret else triton_compat.compiler_params(num_warps=4,
@@ -245,20 +264,17 @@ def _kv_append_jit(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, la
 
 
 def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, *,
-                        v_layout: str = "sd", interpret: bool = False):
+                        layout: str = "sd", interpret: bool = False):
     """Plain-JAX version of `kv_append` (same signature and results; interpret ignored)."""
     del interpret
-    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, v_layout)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layout)
     B, T = k_new.shape[:2]
-    S = k_cache.shape[2]
+    S = cache_dims(k_cache.shape, layout)[1]
     pos = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(T)[None, :]        # (B, T)
     b_idx = jnp.arange(B)[:, None]
     out = []
     for x, cache, scale in ((k_new, k_cache, k_scale), (v_new, v_cache, v_scale)):
-        # v_cache (L, B, H, D, S): the indices split by slices put (B, T) first, as in k_cache.
-        # Positions >= S are dropped, also inside V's padded pitch (sent past its end).
-        at = cache.at[layer, b_idx, pos] if cache is k_cache or v_layout == "sd" else \
-            cache.at[layer, b_idx, :, :, jnp.where(pos < S, pos, cache.shape[-1])]
+        at = _rows_at(cache, layer, b_idx, pos, S, layout, is_v=cache is v_cache)
         xf = x.astype(jnp.float32)
         if fp8:
             fmax = float(jnp.finfo(cache.dtype).max)
@@ -267,19 +283,36 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
                                                 np.finfo(np.float32).tiny), 1.0)
             y = xf * (1.0 / s)[..., None]
             data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(cache.dtype)
-            scale = scale.at[layer, b_idx, pos].set(s, mode="drop")
+            scale = _rows_at(scale, layer, b_idx, pos, S, layout).set(s, mode="drop")
         else:
             data = xf.astype(cache.dtype)
         out += [at.set(data, mode="drop"), scale]
     return out[0], out[2], out[1], out[3]
 
 
+def _rows_at(cache, layer, b_idx, pos, S, layout, is_v=False):
+    """`cache.at[...]` of the rows of positions pos (B, T) of every head, for a (B, T, Hkv[, D])
+    update (the indices split by slices put (B, T) first); positions >= S are sent past the end
+    of their axis, so a `mode="drop"` update drops them (also inside V's last, padded block)."""
+    if layout == "sd":
+        return cache.at[layer, b_idx, pos]
+    if not is_v:                                  # k (L, B, H, S, D), scales (L, B, H, S)
+        return cache.at[layer, b_idx, :, pos]
+    nb, vb = cache.shape[-3], cache.shape[-1]     # v (L, B, H, NB, D, VB)
+    return cache.at[layer, b_idx, :, jnp.where(pos < S, pos // vb, nb), :, pos % vb]
+
+
+_K_AXES = {"sd": "(L, B, S, Hkv, D)", "hsd": "(L, B, Hkv, S, D)"}
+
+
 def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q_heads,
-               v_layout):
+               layout):
     """Validate `kv_append_qkv`'s arguments; returns (fp8, Hq, Hkv, D)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if k_cache.ndim != 5:
-        raise ValueError(f"k_cache: expected (L, B, S, Hkv, D), got shape {k_cache.shape}")
-    _, B, _, H, D = k_cache.shape
+        raise ValueError(f"k_cache: expected {_K_AXES[layout]}, got shape {k_cache.shape}")
+    B, _, H, D = cache_dims(k_cache.shape, layout)
     if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1:
         raise ValueError(f"num_q_heads: expected a positive int, got {num_q_heads!r}")
     Hq = int(num_q_heads)
@@ -292,16 +325,16 @@ def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q
             raise ValueError(f"{name}: expected ({B}, {T}, {D // 2}) float32 (B, T, D/2), got "
                              f"{tuple(x.shape)} {x.dtype}")
     new = jax.ShapeDtypeStruct((B, T, H, D), qkv.dtype)
-    fp8 = _check(k_cache, v_cache, k_scale, v_scale, new, new, lengths, v_layout)
+    fp8 = _check(k_cache, v_cache, k_scale, v_scale, new, new, lengths, layout)
     return fp8, Hq, H, D
 
 
 def kv_append_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
-                  num_q_heads: int, v_layout: str = "sd", interpret: bool = False):
+                  num_q_heads: int, layout: str = "sd", interpret: bool = False):
     """Split qkv, RoPE q and k, write k and v as `kv_append` does, in place; return q rotated.
 
     Args:
-      k_cache, v_cache, k_scale, v_scale, lengths, layer, v_layout, interpret: as for
+      k_cache, v_cache, k_scale, v_scale, lengths, layer, layout, interpret: as for
         `kv_append`.
       qkv: (B, T, (Hq + 2 Hkv) D) bfloat16 / float16 / float32, the fused q/k/v projection
         (q heads, then k heads, then v heads; D per head), before RoPE.
@@ -311,24 +344,24 @@ def kv_append_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, la
     for a bf16 cache).
     """
     fp8, Hq, _, _ = _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths,
-                               num_q_heads, v_layout)
+                               num_q_heads, layout)
     return _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin,
                               jnp.asarray(lengths, jnp.int32),
                               jnp.asarray(layer, jnp.int32).reshape(1), num_q_heads=Hq, fp8=fp8,
-                              v_ds=v_layout == "ds", interpret=interpret)
+                              layout=layout, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("num_q_heads", "fp8", "v_ds", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_q_heads", "fp8", "layout", "interpret"))
 def _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
-                       num_q_heads, fp8, v_ds, interpret):
-    L, B, S, H, D = k_cache.shape
+                       num_q_heads, fp8, layout, interpret):
+    B, S, H, D = cache_dims(k_cache.shape, layout)
     T = qkv.shape[1]
     Hq = num_q_heads
     fmax = float(jnp.finfo(k_cache.dtype).max) if fp8 else 1.0
     kernel = functools.partial(
         _kv_append_qkv_kernel, max_len=S, q_heads=Hq, q_heads_pad=max(2, pl.next_power_of_2(Hq)),
         kv_heads=H, kv_heads_pad=max(2, pl.next_power_of_2(H)), head_dim=D, fp8=fp8, fmax=fmax,
-        exact_div=not interpret, v_ds=v_ds)
+        exact_div=not interpret, hsd=layout == "hsd")
     caches = [k_cache, v_cache] + ([k_scale, v_scale] if fp8 else [])
     out_shape = [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
     out_shape.append(jax.ShapeDtypeStruct((B, T, Hq, D), qkv.dtype))
@@ -343,12 +376,12 @@ def _kv_append_qkv_jit(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, length
 
 
 def kv_append_qkv_reference(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, layer, *,
-                            num_q_heads: int, v_layout: str = "sd", interpret: bool = False):
+                            num_q_heads: int, layout: str = "sd", interpret: bool = False):
     """Plain-JAX version of `kv_append_qkv` (same signature and results; interpret ignored):
     slice, RoPE in f32 cast back to qkv.dtype, then `kv_append_reference`."""
     del interpret
     _, Hq, H, D = _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths,
-                             num_q_heads, v_layout)
+                             num_q_heads, layout)
     B, T = qkv.shape[:2]
     heads = qkv.reshape(B, T, Hq + 2 * H, D)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
@@ -360,4 +393,4 @@ def kv_append_qkv_reference(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, l
 
     q, k, v = rope(heads[:, :, :Hq]), rope(heads[:, :, Hq:Hq + H]), heads[:, :, Hq + H:]
     return (q,) + kv_append_reference(k_cache, v_cache, k_scale, v_scale, k, v, lengths, layer,
-                                      v_layout=v_layout)
+                                      layout=layout)

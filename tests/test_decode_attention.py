@@ -164,15 +164,15 @@ def test_stacked_cache_needs_layer():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("v_layout", da.V_LAYOUTS)
-@pytest.mark.parametrize("B,S", [(8, 4096), (1, 32768)])
-def test_gpu_kernel_matches_reference(B, S, v_layout):
-    q, k, v, ks, vs = _inputs(jax.random.key(0), B, 1, 32, 8, 128, S, jnp.float8_e4m3fn, True)
-    if v_layout == "ds":
-        v = jnp.moveaxis(v, -3, -1)
+@pytest.mark.parametrize("layout", da.LAYOUTS)
+@pytest.mark.parametrize("B,S,D", [(8, 4096, 128), (1, 32768, 128), (4, 4100, 64)])
+def test_gpu_kernel_matches_reference(B, S, D, layout):
+    q, k, v, ks, vs = _inputs(jax.random.key(0), B, 1, 32, 8, D, S, jnp.float8_e4m3fn, True)
+    if layout == "hsd":
+        k, v, ks, vs = _to_hsd(k, v, ks, vs, 16384 // D)
     lengths = jnp.asarray(np.random.randint(1, S + 1, size=B), jnp.int32)
-    out = da.decode_attention(q, k, v, lengths, ks, vs, v_layout=v_layout)
-    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, v_layout=v_layout)
+    out = da.decode_attention(q, k, v, lengths, ks, vs, layout=layout)
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, layout=layout)
     assert rel_err(out, ref) < TOL
 
 
@@ -213,22 +213,30 @@ def test_combine_split_along_d_is_bit_exact(monkeypatch):
     assert rel_err(split, da.decode_attention_reference(q, k, v, lengths, ks, vs)) < TOL
 
 
-def _to_ds(v, pad=0):
-    """(..., S, Hkv, D) -> (..., Hkv, D, S + pad): the "ds" V layout, its row pitch padded with
-    NaN (a kernel that reads a padded token returns NaN)."""
-    v = jnp.moveaxis(v, -3, -1)
-    return jnp.concatenate([v, jnp.full(v.shape[:-1] + (pad,), jnp.nan, v.dtype)], axis=-1)
+def _to_hsd(k, v, k_scale, v_scale, vb):
+    """"sd" arrays (..., S, Hkv, D) -> the "hsd" layout: K (..., Hkv, S, D), V in blocks
+    (..., Hkv, ceil(S / vb), D, vb) whose padding past S is NaN (a kernel that reads a padded
+    token returns NaN), per-(token, head) scales (..., Hkv, S)."""
+    S = k.shape[-3]
+    nb = -(-S // vb)
+    vt = jnp.moveaxis(v, -3, -1)                                            # (..., Hkv, D, S)
+    vt = jnp.concatenate([vt, jnp.full(vt.shape[:-1] + (nb * vb - S,), jnp.nan, v.dtype)], -1)
+    vt = jnp.swapaxes(vt.reshape(vt.shape[:-1] + (nb, vb)), -3, -2)         # (..., Hkv, nb, D, vb)
+    if k_scale is not None and jnp.ndim(k_scale) == k.ndim - 1:
+        k_scale, v_scale = jnp.swapaxes(k_scale, -1, -2), jnp.swapaxes(v_scale, -1, -2)
+    return jnp.swapaxes(k, -3, -2), vt, k_scale, v_scale
 
 
-@pytest.mark.parametrize("dtype,per_token,D,stacked,pad", [
-    (jnp.float8_e4m3fn, True, 64, False, 0),     # per-(token, head) scales
-    (jnp.float8_e4m3fn, False, 128, True, 8),    # stacked layers, per-tensor scales per layer
-    (jnp.bfloat16, False, 64, False, 56),        # bf16 cache
+@pytest.mark.parametrize("dtype,per_token,D,stacked,vb", [
+    (jnp.float8_e4m3fn, True, 64, False, 64),    # per-(token, head) scales
+    (jnp.float8_e4m3fn, False, 128, True, 32),   # stacked layers, per-tensor scales per layer
+    (jnp.bfloat16, False, 64, False, 16),        # bf16 cache
 ])
-def test_v_layout_ds_matches_sd(dtype, per_token, D, stacked, pad):
-    # V stored (..., Hkv, D, S + pad): same function as the "sd" layout, against the same
-    # reference; S = 200 is no multiple of block_k, so the bounded (masked) V load runs too, and
-    # the pitch's NaN padding (up to 208 / 256 tokens, one more block) must never be read.
+def test_layout_hsd_matches_sd(dtype, per_token, D, stacked, vb):
+    # The same cache stored head-major with V in blocks of vb tokens: the reference gives the
+    # very same bits as for "sd", the kernel (whose block is vb) matches it; S = 200 is no
+    # multiple of vb, so the bounded (masked) loads run too, and the last V block's NaN padding
+    # must never be read.
     tol = TOL_BF16_CACHE if dtype == jnp.bfloat16 else TOL
     B, T, Hq, Hkv, S = 2, 2, 8, 2, 200
     L = 3 if stacked else None
@@ -240,35 +248,44 @@ def test_v_layout_ds_matches_sd(dtype, per_token, D, stacked, pad):
     kw = dict(layer=1) if stacked else {}
     lengths = jnp.array([S, 37], jnp.int32)
     ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, **kw)
-    v_ds = _to_ds(v, pad)
-    ref_ds = da.decode_attention_reference(q, k, v_ds, lengths, ks, vs, v_layout="ds", **kw)
-    np.testing.assert_array_equal(np.asarray(ref, np.float32), np.asarray(ref_ds, np.float32))
-    out = da.decode_attention(q, k, v_ds, lengths, ks, vs, config=SMALL, interpret=True,
-                              v_layout="ds", **kw)
+    hsd = _to_hsd(k, v, ks, vs, vb)
+    assert hsd[1].shape == da.v_shape_for(hsd[0].shape, "hsd", vb)
+    ref_hsd = da.decode_attention_reference(q, *hsd[:2], lengths, *hsd[2:], layout="hsd", **kw)
+    np.testing.assert_array_equal(np.asarray(ref, np.float32), np.asarray(ref_hsd, np.float32))
+    out = da.decode_attention(q, *hsd[:2], lengths, *hsd[2:], config=SMALL, interpret=True,
+                              layout="hsd", **kw)
     assert rel_err(out, ref) < tol
 
 
-def test_v_layout_bad_inputs():
+def test_layout_bad_inputs():
     q = jnp.zeros((1, 1, 4, 64), jnp.bfloat16)
     k = jnp.zeros((1, 32, 1, 64), jnp.float8_e4m3fn)
-    with pytest.raises(ValueError, match="v_layout"):
-        da.decode_attention(q, k, k, jnp.array([3]), v_layout="dk")
-    with pytest.raises(ValueError, match=r"v: expected shape \(1, 1, 64, P\) with P >= S=32"):
-        da.decode_attention(q, k, k, jnp.array([3]), v_layout="ds")   # "sd"-shaped v
-    with pytest.raises(ValueError, match=r"P >= S=32"):                # pitch shorter than S
-        da.decode_attention(q, k, jnp.zeros((1, 1, 64, 31), k.dtype), jnp.array([3]),
-                            v_layout="ds")
+    with pytest.raises(ValueError, match="layout"):
+        da.decode_attention(q, k, k, jnp.array([3]), layout="ds")
+    with pytest.raises(ValueError, match=r"v: expected shape \(1, 32, ceil\(S / VB\), 64, VB\)"):
+        da.decode_attention(q, k, k, jnp.array([3]), layout="hsd")   # "sd"-shaped v
+    k_hsd = jnp.zeros((1, 1, 32, 64), jnp.float8_e4m3fn)
+    for bad_v in [(1, 1, 1, 64, 24),     # VB not a power of two
+                  (1, 1, 1, 64, 16),     # blocks cover 16 < S = 32 tokens
+                  (1, 1, 2, 64, 8)]:     # VB < 16
+        with pytest.raises(ValueError, match="VB a power of two >= 16"):
+            da.decode_attention(q, k_hsd, jnp.zeros(bad_v, k.dtype), jnp.array([3]),
+                                layout="hsd")
+    with pytest.raises(ValueError, match=r"per-\(token, head\) scale of shape \(1, 1, 32\)"):
+        da.decode_attention(q, k_hsd, jnp.zeros((1, 1, 2, 64, 16), k.dtype), jnp.array([3]),
+                            jnp.ones((1, 32, 1)), jnp.ones((1, 32, 1)), layout="hsd")
 
 
-@pytest.mark.parametrize("v_layout", da.V_LAYOUTS)
-def test_kernel_lowers_for_cuda(v_layout):
-    # Lowers the Triton kernel for CUDA without a GPU: catches lowering errors of either V layout
+@pytest.mark.parametrize("layout", da.LAYOUTS)
+def test_kernel_lowers_for_cuda(layout):
+    # Lowers the Triton kernel for CUDA without a GPU: catches lowering errors of either layout
     # on CPU CI (the numerics are checked in interpret mode above and on the device).
-    B, S, Hq, Hkv, D, L = 2, 512, 8, 2, 128, 2
+    B, S, Hq, Hkv, D, L = 2, 500, 8, 2, 128, 2
     q = jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((L, B, S, Hkv, D), jnp.float8_e4m3fn)
-    v = jax.ShapeDtypeStruct(da._v_shape(k.shape, v_layout), jnp.float8_e4m3fn)
-    sc = jax.ShapeDtypeStruct((L, B, S, Hkv), jnp.float32)
+    k_shape = (L, B, Hkv, S, D) if layout == "hsd" else (L, B, S, Hkv, D)
+    k = jax.ShapeDtypeStruct(k_shape, jnp.float8_e4m3fn)
+    v = jax.ShapeDtypeStruct(da.v_shape_for(k_shape, layout, 128), jnp.float8_e4m3fn)
+    sc = jax.ShapeDtypeStruct(k_shape[:-1], jnp.float32)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
-    fn = functools.partial(da.decode_attention, layer=1, v_layout=v_layout)
+    fn = functools.partial(da.decode_attention, layer=1, layout=layout)
     jax.jit(fn).trace(q, k, v, lens, sc, sc).lower(lowering_platforms=("cuda",))

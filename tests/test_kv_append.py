@@ -11,19 +11,20 @@ import jfp8
 from jfp8 import attention
 from jfp8 import kv_cache as kvc
 from pallas_kernels import kv_append as K
+from pallas_kernels.decode_attention import cache_dims, to_token_major, v_shape_for
 
 
-def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, v_layout="ds", pitch_pad=5):
-    """Random caches; V like K ("sd") or tokens last ("ds") with its row pitch padded by
-    pitch_pad tokens (random bytes that must stay)."""
+def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, layout="hsd", vb=16):
+    """Random caches in `layout`; "hsd" V in blocks of vb tokens, the last block's padding
+    random bytes that must stay."""
     rng = np.random.default_rng(seed)
-    k = jnp.asarray(rng.normal(size=(L, B, S, H, D)), jnp.float32).astype(dtype)
-    v_shape = (L, B, S, H, D) if v_layout == "sd" else (L, B, H, D, S + pitch_pad)
-    v = jnp.asarray(rng.normal(size=v_shape), jnp.float32).astype(dtype)
+    k_shape = (L, B, H, S, D) if layout == "hsd" else (L, B, S, H, D)
+    k = jnp.asarray(rng.normal(size=k_shape), jnp.float32).astype(dtype)
+    v = jnp.asarray(rng.normal(size=v_shape_for(k_shape, layout, vb)), jnp.float32).astype(dtype)
     if jnp.dtype(dtype) == jnp.bfloat16:
         return k, v, None, None
-    ks = jnp.asarray(rng.uniform(0.5, 2, size=(L, B, S, H)), jnp.float32)
-    vs = jnp.asarray(rng.uniform(0.5, 2, size=(L, B, S, H)), jnp.float32)
+    ks = jnp.asarray(rng.uniform(0.5, 2, size=k_shape[:-1]), jnp.float32)
+    vs = jnp.asarray(rng.uniform(0.5, 2, size=k_shape[:-1]), jnp.float32)
     return k, v, ks, vs
 
 
@@ -55,29 +56,32 @@ def _bits_equal(a, b):
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16])
 @pytest.mark.parametrize("T", [1, 5])
-@pytest.mark.parametrize("v_layout", K.V_LAYOUTS)
-def test_kernel_matches_reference_bitwise(dtype, T, v_layout):
-    """Every byte of the cache (written rows, untouched rows, dropped overflow) equals the
-    reference: the same f32 math, so exact equality is the right bound."""
-    caches = _caches(dtype, v_layout=v_layout)
-    S, H, D = caches[0].shape[2:]
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+def test_kernel_matches_reference_bitwise(dtype, T, layout):
+    """Every byte of the cache (written rows, untouched rows, dropped overflow, V's block
+    padding) equals the reference: the same f32 math, so exact equality is the right bound."""
+    caches = _caches(dtype, layout=layout)
+    _, S, H, D = cache_dims(caches[0].shape, layout)
     k_new, v_new = _new(3, T, H, D, seed=T)
     lengths = jnp.array([0, 7, S - 2], jnp.int32)       # the last one overflows when T > 2
-    got = K.kv_append(*caches, k_new, v_new, lengths, 1, v_layout=v_layout, interpret=True)
-    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 1, v_layout=v_layout)
+    got = K.kv_append(*caches, k_new, v_new, lengths, 1, layout=layout, interpret=True)
+    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 1, layout=layout)
     for g, w in zip(got, want):
         _bits_equal(g, w)
-    # Layer 0 and the rows outside [lengths, lengths + T) are untouched.
+    # Layer 0, the rows outside [lengths, lengths + T) and V's block padding are untouched.
     _bits_equal(got[0][0], caches[0][0])
-    v_head = got[1][1, 1] if v_layout == "sd" else jnp.moveaxis(got[1][1, 1], -1, 0)
-    v_head0 = caches[1][1, 1] if v_layout == "sd" else jnp.moveaxis(caches[1][1, 1], -1, 0)
-    _bits_equal(v_head[:7], v_head0[:7])
+    _bits_equal(got[1][0], caches[1][0])
+    if layout == "hsd":
+        _bits_equal(got[1][..., -1, :, S % 16:], caches[1][..., -1, :, S % 16:])
+    v_sd, v0_sd = (to_token_major(c[0], c[1], None, None, layout)[1] for c in (got, caches))
+    _bits_equal(v_sd[1, 1, :7], v0_sd[1, 1, :7])
 
 
 @pytest.mark.parametrize("dtype", [jfp8.E4M3, jnp.bfloat16])
 def test_matches_kv_cache_append(dtype):
-    """The kernel writes what jfp8.kv_cache.append (XLA) writes into a KVCache in its own V
-    layout (FP8 tokens last with a padded pitch, bf16 like K), data and scales, bit for bit."""
+    """The kernel writes what jfp8.kv_cache.append (XLA) writes into a KVCache in its own layout
+    (FP8 head-major with V in padded token blocks, bf16 token-major), data and scales, bit for
+    bit."""
     L, B, S, H, D = 2, 3, 21, 2, 128
     cache = jfp8.KVCache.init(L, B, S, H, D, dtype=dtype)
     cache = kvc.advance(cache, jnp.array([0, 5, 20], jnp.int32))
@@ -86,7 +90,7 @@ def test_matches_kv_cache_append(dtype):
     fp8 = cache.scaling == "per_token_head"
     k, v, ks, vs = K.kv_append(cache.k, cache.v, cache.k_scale if fp8 else None,
                                cache.v_scale if fp8 else None, k_new, v_new, cache.lengths, 1,
-                               v_layout=cache.v_layout, interpret=True)
+                               layout=cache.layout, interpret=True)
     _bits_equal(k, want.k)
     _bits_equal(v, want.v)
     if fp8:
@@ -96,10 +100,10 @@ def test_matches_kv_cache_append(dtype):
 
 def test_no_retrace_across_positions_and_layers():
     caches = _caches(jnp.float8_e4m3fn)
-    S, H, D = caches[0].shape[2:]
+    _, S, H, D = cache_dims(caches[0].shape, "hsd")
     k_new, v_new = _new(3, 1, H, D, seed=9)
     f = chex.assert_max_traces(n=1)(lambda c, kn, vn, ln, l: K.kv_append(
-        *c, kn, vn, ln, l, v_layout="ds", interpret=True))
+        *c, kn, vn, ln, l, layout="hsd", interpret=True))
     f = jax.jit(f)
     for step in range(3):
         caches = f(caches, k_new, v_new, jnp.array([step, step + 3, 4], jnp.int32),
@@ -108,13 +112,13 @@ def test_no_retrace_across_positions_and_layers():
 
 def test_bad_inputs():
     k, v, ks, vs = _caches(jnp.float8_e4m3fn)
-    S, H, D = k.shape[2:]
+    _, S, H, D = cache_dims(k.shape, "hsd")
     k_new, v_new = _new(3, 1, H, D, seed=1)
     lengths = jnp.zeros((3,), jnp.int32)
-    append = functools.partial(K.kv_append, v_layout="ds", interpret=True)
-    with pytest.raises(ValueError, match="v_layout"):
-        K.kv_append(k, v, ks, vs, k_new, v_new, lengths, 0, v_layout="dk", interpret=True)
-    with pytest.raises(ValueError, match=r"v_cache: expected \(2, 3, 19, 3, 64\) like k_cache"):
+    append = functools.partial(K.kv_append, layout="hsd", interpret=True)
+    with pytest.raises(ValueError, match="layout"):
+        K.kv_append(k, v, ks, vs, k_new, v_new, lengths, 0, layout="ds", interpret=True)
+    with pytest.raises(ValueError, match=r"v_cache: expected \(2, 3, 3, 19, 64\) like k_cache"):
         K.kv_append(k, v, ks, vs, k_new, v_new, lengths, 0, interpret=True)  # "sd" by default
     with pytest.raises(ValueError, match="k_scale"):
         append(k, v, None, vs, k_new, v_new, lengths, 0)
@@ -122,8 +126,10 @@ def test_bad_inputs():
         append(k, v, ks, vs, k_new[:, :, :2], v_new, lengths, 0)
     with pytest.raises(ValueError, match="v_cache"):
         append(k, v[:, :2], ks, vs, k_new, v_new, lengths, 0)
-    with pytest.raises(ValueError, match=r"v_cache: expected \(L, B, Hkv, D, P\)"):  # k's layout
-        append(k, jnp.moveaxis(v, -1, 2), ks, vs, k_new, v_new, lengths, 0)
+    with pytest.raises(ValueError, match=r"v_cache: expected \(L, B, Hkv, ceil\(S / VB\), D, VB\)"):
+        append(k, k, ks, vs, k_new, v_new, lengths, 0)                      # V shaped like K
+    with pytest.raises(ValueError, match="VB a power of two"):
+        append(k, jnp.zeros(v.shape[:-1] + (24,), v.dtype), ks, vs, k_new, v_new, lengths, 0)
     with pytest.raises(ValueError, match="lengths"):
         append(k, v, ks, vs, k_new, v_new, lengths[:2], 0)
     with pytest.raises(TypeError, match="k_cache"):
@@ -131,19 +137,21 @@ def test_bad_inputs():
     kb, vb, _, _ = _caches(jnp.bfloat16)
     with pytest.raises(ValueError, match="k_scale"):
         append(kb, vb, ks, vs, k_new, v_new, lengths, 0)
+    with pytest.raises(ValueError, match=r"k_scale: expected \(2, 3, 3, 19\) float32"):
+        append(k, v, jnp.swapaxes(ks, 2, 3), vs, k_new, v_new, lengths, 0)   # token-major scales
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16])
-@pytest.mark.parametrize("v_layout", K.V_LAYOUTS)
-def test_gpu_kernel_matches_reference_bitwise(dtype, v_layout):
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+def test_gpu_kernel_matches_reference_bitwise(dtype, layout):
     """Compiled through Triton: `div.rn.f32` and the saturating cast give the reference's bits."""
-    caches = _caches(dtype, L=3, B=4, S=300, H=8, D=128, seed=5, v_layout=v_layout)
+    caches = _caches(dtype, L=3, B=4, S=300, H=8, D=128, seed=5, layout=layout, vb=128)
     k_new, v_new = _new(4, 3, 8, 128, seed=6)
     lengths = jnp.array([0, 100, 298, 299], jnp.int32)
-    fn = functools.partial(K.kv_append, v_layout=v_layout)
+    fn = functools.partial(K.kv_append, layout=layout)
     got = jax.jit(fn)(*caches, k_new, v_new, lengths, 2)
-    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 2, v_layout=v_layout)
+    want = K.kv_append_reference(*caches, k_new, v_new, lengths, 2, layout=layout)
     for g, w in zip(got, want):
         _bits_equal(g, w)
 
@@ -161,17 +169,17 @@ def _qkv_inputs(B, T, Hq, H, D, seed):
             jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
 
 
-@pytest.mark.parametrize("dtype,v_layout", [(jnp.float8_e4m3fn, "ds"), (jnp.bfloat16, "sd"),
-                                            (jnp.float8_e4m3fn, "sd")])
+@pytest.mark.parametrize("dtype,layout", [(jnp.float8_e4m3fn, "hsd"), (jnp.bfloat16, "sd"),
+                                          (jnp.float8_e4m3fn, "sd")])
 @pytest.mark.parametrize("T,Hq,H,D", [(1, 6, 3, 16), (3, 12, 2, 32), (3, 6, 3, 32)])
-def test_qkv_kernel_matches_reference_bitwise(dtype, v_layout, T, Hq, H, D):
+def test_qkv_kernel_matches_reference_bitwise(dtype, layout, T, Hq, H, D):
     """Rotated q, cache data and scales equal the reference (slice, RoPE in f32 cast to bf16,
     kv_append_reference) byte for byte: the same f32 math in the same order."""
     B, S = 2, 11
-    caches = _caches(dtype, L=2, B=B, S=S, H=H, D=D, seed=T + Hq, v_layout=v_layout)
+    caches = _caches(dtype, L=2, B=B, S=S, H=H, D=D, seed=T + Hq, layout=layout)
     qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=D + T)
     lengths = jnp.array([int(np.random.default_rng(T).integers(0, S - T)), S - 2], jnp.int32)
-    kw = dict(num_q_heads=Hq, v_layout=v_layout)
+    kw = dict(num_q_heads=Hq, layout=layout)
     got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 1, interpret=True, **kw)
     want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 1, **kw)
     assert got[0].shape == (B, T, Hq, D) and got[0].dtype == qkv.dtype
@@ -186,12 +194,12 @@ def test_qkv_equals_rope_then_kv_append():
     caches = _caches(jnp.float8_e4m3fn, L=2, B=B, S=9, H=H, D=D, seed=4)
     qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=8)
     lengths = jnp.array([3, 8], jnp.int32)
-    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 0, num_q_heads=Hq, v_layout="ds",
+    got = K.kv_append_qkv(*caches, qkv, cos, sin, lengths, 0, num_q_heads=Hq, layout="hsd",
                           interpret=True)
     heads = qkv.reshape(B, T, Hq + 2 * H, D)
     q = attention.apply_rope(heads[:, :, :Hq], cos, sin)
     k = attention.apply_rope(heads[:, :, Hq:Hq + H], cos, sin)
-    want = K.kv_append(*caches, k, heads[:, :, Hq + H:], lengths, 0, v_layout="ds",
+    want = K.kv_append(*caches, k, heads[:, :, Hq + H:], lengths, 0, layout="hsd",
                        interpret=True)
     for g, w in zip(got, (q,) + tuple(want)):
         _bits_equal(g, w)
@@ -203,7 +211,7 @@ def test_qkv_bad_inputs():
     lengths = jnp.zeros((2,), jnp.int32)
     call = lambda **kw: K.kv_append_qkv(*[kw.get(n, x) for n, x in (
         ("k", k), ("v", v), ("ks", ks), ("vs", vs), ("qkv", qkv), ("cos", cos), ("sin", sin),
-        ("lengths", lengths))], 0, num_q_heads=kw.get("hq", 4), v_layout="ds", interpret=True)
+        ("lengths", lengths))], 0, num_q_heads=kw.get("hq", 4), layout="hsd", interpret=True)
     with pytest.raises(ValueError, match="qkv"):
         call(hq=6)
     with pytest.raises(ValueError, match="qkv"):
@@ -224,19 +232,19 @@ def test_qkv_bad_inputs():
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
 @pytest.mark.parametrize("Hq,H", [(32, 8), (12, 3)])
 def test_gpu_qkv_kernel_matches_reference_bitwise(dtype, Hq, H):
-    v_layout = "sd" if dtype == jnp.bfloat16 else "ds"     # jfp8.KVCache's
     """Compiled through Triton against the eager reference (eager: XLA may otherwise keep the
     rotated k in f32 across a fusion, xla_allow_excess_precision). A mismatch in q or the cache
     that is one bf16 ulp of RoPE would point at FMA contraction of x1 c - x2 s differing between
     Triton and XLA."""
+    layout = "sd" if dtype == jnp.bfloat16 else "hsd"     # jfp8.KVCache's
     B, T, D = 4, 3, 128
-    caches = _caches(dtype, L=3, B=B, S=300, H=H, D=D, seed=5, v_layout=v_layout)
+    caches = _caches(dtype, L=3, B=B, S=300, H=H, D=D, seed=5, layout=layout, vb=128)
     qkv, cos, sin = _qkv_inputs(B, T, Hq, H, D, seed=6)
     lengths = jnp.array([0, 100, 298, 299], jnp.int32)
-    got = jax.jit(functools.partial(K.kv_append_qkv, num_q_heads=Hq, v_layout=v_layout))(
+    got = jax.jit(functools.partial(K.kv_append_qkv, num_q_heads=Hq, layout=layout))(
         *caches, qkv, cos, sin, lengths, 2)
     want = K.kv_append_qkv_reference(*caches, qkv, cos, sin, lengths, 2, num_q_heads=Hq,
-                                     v_layout=v_layout)
+                                     layout=layout)
     for g, w in zip(got, want):
         _bits_equal(g, w)
 
@@ -249,17 +257,18 @@ def test_kernels_lower_for_cuda(dtype, fused):
     # on the device.
     L, B, S, Hq, H, D, T = 2, 3, 40, 8, 2, 128, 1
     sds = jax.ShapeDtypeStruct
-    v_layout = "sd" if dtype == jnp.bfloat16 else "ds"     # jfp8.KVCache's
-    k = sds((L, B, S, H, D), dtype)
-    v = sds((L, B, S, H, D) if v_layout == "sd" else (L, B, H, D, S), dtype)
-    sc = sds((L, B, S, H), jnp.float32) if dtype != jnp.bfloat16 else None
+    layout = "sd" if dtype == jnp.bfloat16 else "hsd"     # jfp8.KVCache's
+    k_shape = (L, B, S, H, D) if layout == "sd" else (L, B, H, S, D)
+    k = sds(k_shape, dtype)
+    v = sds(v_shape_for(k_shape, layout, 128), dtype)
+    sc = sds(k_shape[:-1], jnp.float32) if dtype != jnp.bfloat16 else None
     lens = sds((B,), jnp.int32)
     if fused:
         qkv = sds((B, T, (Hq + 2 * H) * D), jnp.bfloat16)
         cs = sds((B, T, D // 2), jnp.float32)
-        fn = functools.partial(K.kv_append_qkv, layer=1, num_q_heads=Hq, v_layout=v_layout)
+        fn = functools.partial(K.kv_append_qkv, layer=1, num_q_heads=Hq, layout=layout)
         jax.jit(fn).trace(k, v, sc, sc, qkv, cs, cs, lens).lower(lowering_platforms=("cuda",))
     else:
         new = sds((B, T, H, D), jnp.bfloat16)
-        fn = functools.partial(K.kv_append, layer=1, v_layout=v_layout)
+        fn = functools.partial(K.kv_append, layer=1, layout=layout)
         jax.jit(fn).trace(k, v, sc, sc, new, new, lens).lower(lowering_platforms=("cuda",))

@@ -17,10 +17,11 @@ L, B, S, HKV, D = 2, 3, 16, 2, 8
 
 
 def _dequant(cache, layer):
-    k = cache.k[layer].astype(jnp.float32)
-    v = cache.layer_v(layer).astype(jnp.float32)
+    """One layer's K and V as (B, S, Hkv, D) f32 values."""
+    k, v, ks, vs = cache.layer_kv(layer)
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     if cache.scaling == "per_token_head":
-        return k * cache.k_scale[layer][..., None], v * cache.v_scale[layer][..., None]
+        return k * ks[..., None], v * vs[..., None]
     return k * cache.k_scale[layer], v * cache.v_scale[layer]
 
 
@@ -35,14 +36,20 @@ def _rand(key, T, scale=1.0):
                                            (jfp8.E4M3, "per_tensor"), (jnp.bfloat16, "per_tensor")])
 def test_init_shapes_and_nbytes(dtype, scaling):
     c = KVCache.init(L, B, S, HKV, D, dtype=dtype, scaling=scaling)
-    assert c.k.shape == (L, B, S, HKV, D)
-    fp8 = dtype != jnp.bfloat16     # V tokens last for FP8 (pitch padded to V_PITCH), bf16 like K
-    pitch = -(-S // kvc.V_PITCH) * kvc.V_PITCH
-    assert c.v.shape == ((L, B, HKV, D, pitch) if fp8 else (L, B, S, HKV, D))
-    assert c.v_layout == ("ds" if fp8 else "sd") and c.layer_v(1).shape == (B, S, HKV, D)
+    fp8 = dtype != jnp.bfloat16     # FP8 head-major, V in blocks of v_block(D) tokens; bf16 "sd"
+    vb = kvc.v_block(D)
+    assert vb == 16384 // D and kvc.v_block(128) == 128 and kvc.v_block(64) == 256
+    nb = -(-S // vb)
+    assert c.k.shape == ((L, B, HKV, S, D) if fp8 else (L, B, S, HKV, D))
+    assert c.v.shape == ((L, B, HKV, nb, D, vb) if fp8 else (L, B, S, HKV, D))
+    assert c.layout == ("hsd" if fp8 else "sd")
+    k1, v1, ks1, vs1 = c.layer_kv(1)
+    assert k1.shape == v1.shape == (B, S, HKV, D)
+    if c.scaling == "per_token_head":
+        assert c.k_scale.shape == (L, B, HKV, S) and ks1.shape == vs1.shape == (B, S, HKV)
     assert c.lengths.shape == (B,) and c.lengths.dtype == jnp.int32
     assert c.max_len == S and c.num_layers == L and c.num_kv_heads == HKV and c.head_dim == D
-    data = L * B * (S + (pitch if fp8 else S)) * HKV * D * jnp.dtype(c.dtype).itemsize
+    data = L * B * (S + (nb * vb if fp8 else S)) * HKV * D * jnp.dtype(c.dtype).itemsize
     scales = 2 * 4 * (L * B * S * HKV if c.scaling == "per_token_head" else L)
     assert c.nbytes == data + scales + B * 4 + B
     leaves = jax.tree_util.tree_leaves(c)
@@ -70,8 +77,8 @@ def test_append_writes_at_ragged_lengths(dtype, scaling, tol):
         # Nothing else in this sequence or layer 0 changed.
         untouched = np.ones(S, bool)
         untouched[start:start + 4] = False
-        np.testing.assert_array_equal(np.asarray(c.k[1, b])[untouched],
-                                      np.asarray(before.k[1, b])[untouched])
+        np.testing.assert_array_equal(np.asarray(c.layer_kv(1)[0][b])[untouched],
+                                      np.asarray(before.layer_kv(1)[0][b])[untouched])
     np.testing.assert_array_equal(np.asarray(c.k[0]), np.asarray(before.k[0]))
 
 
@@ -167,11 +174,12 @@ def test_tokens_per_gb_8b_shape():
     assert bf16 == int(1e9 // (32 * 2 * 8 * 128 * 2)) == 7629
     assert fp8 == 2 * bf16 or fp8 == 2 * bf16 + 1           # exactly 2x the bytes
     assert fp8_tok == int(1e9 // (32 * 2 * 8 * (128 + 4)))   # + f32 scale per (token, head)
-    # The calculator agrees with a real cache's bytes (max_len a multiple of V_PITCH: no V
-    # padding, which is < V_PITCH tokens per row otherwise).
-    c = KVCache.init(2, 1, 2 * kvc.V_PITCH, 2, 16, dtype=jfp8.E4M3, scaling="per_token_head")
+    # The calculator agrees with a real cache's bytes (max_len a multiple of the V block: no V
+    # padding, which is < one block per (sequence, head) otherwise).
+    vb = kvc.v_block(16)
+    c = KVCache.init(2, 1, 2 * vb, 2, 16, dtype=jfp8.E4M3, scaling="per_token_head")
     per_token = kvc.bytes_per_token(2, 2, 16, jfp8.E4M3, "per_token_head")
-    assert c.nbytes - 1 * 4 - 1 == 2 * kvc.V_PITCH * per_token
+    assert c.nbytes - 1 * 4 - 1 == 2 * vb * per_token
 
 
 _step_cache = {}
@@ -198,16 +206,17 @@ def test_append_advance_match_numpy_model_under_jit(lengths, T, layer):
     np.testing.assert_array_equal(out.overflow, np.array(lengths) + T > S)
 
 
-def test_v_pitch_padding_is_never_written():
-    """max_len 19: V's token axis is padded to 128 (128-byte aligned rows, kv_cache.V_PITCH); an
-    append that overflows under jit writes positions < 19 only and the padding stays zero."""
+def test_v_block_padding_is_never_written():
+    """max_len 19: V's tokens are stored in one block of v_block(D) tokens; an append that
+    overflows under jit writes positions < 19 only and the block's padding stays zero."""
     c = kvc.advance(KVCache.init(1, B, 19, HKV, D), jnp.array([15, 0, 17]))
-    assert c.v.shape == (1, B, HKV, D, kvc.V_PITCH) and c.max_len == 19 and c.k.shape[2] == 19
+    vb = kvc.v_block(D)
+    assert c.v.shape == (1, B, HKV, 1, D, vb) and c.max_len == 19 and c.k.shape[3] == 19
     k_new, v_new = _rand(jax.random.key(5), 6)
     c = jax.jit(lambda c, k, v: kvc.append(c, 0, k, v))(c, k_new, v_new)
     np.testing.assert_array_equal(np.asarray(c.overflow), [True, False, True])
     v = np.asarray(c.v.astype(jnp.float32))
     assert (v[..., 19:] == 0).all()
-    assert (np.abs(v[0, 0, :, :, 15:19]).sum(axis=(0, 1)) > 0).all()   # the 4 that fit
+    assert (np.abs(v[0, 0, :, 0, :, 15:19]).sum(axis=(0, 1)) > 0).all()   # the 4 that fit
     _, vd = _dequant(c, 0)
     np.testing.assert_allclose(vd[1, :6], v_new[1], rtol=2 ** -4, atol=2 ** -4 * 4)
