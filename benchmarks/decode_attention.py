@@ -150,7 +150,7 @@ def make_methods(data, B, S, n, config=None):
 
     def ours(stacked_k, stacked_v, ks, vs, partials_only=False, cfg=config,
              layout=LIB_LAYOUT):
-        cfg_ = cfg or da.config_for(B, S)
+        cfg_ = cfg or da.config_for(B, S, D)
 
         def f(qs, k, v, ks, vs):
             outs = []
@@ -214,7 +214,7 @@ def run_shape(B, S, sweep_configs, log):
             record(name, fns[name])
 
     # Our kernel: the table's config, and the sweep's when given; the best is reported.
-    configs = [da.config_for(B, S)] + list(sweep_configs)
+    configs = [da.config_for(B, S, D)] + list(sweep_configs)
     best = None
     sweep_rows = []
     for cfg in configs:
