@@ -10,8 +10,9 @@ already committed per sequence:
 * FP8, "hsd": k (L, B, Hkv, S_max, D), head-major; v (L, B, Hkv, NB, D, VB), tokens in blocks of
     VB = `v_block(D)` tokens (16 KB of FP8: 128 tokens at D = 128), each block a contiguous
     (D, VB) tile with tokens last, NB = ceil(S_max / VB) (tokens >= S_max are never written or
-    read); per-(token, head) scales (L, B, Hkv, S_max). The attention kernel's block is VB, so
-    each K and V block it streams is one contiguous run, and the P.V product reads V along
+    read); per-(token, head) scales (L, B, Hkv, S_max). The attention kernel's block is VB in
+    the tuned long-context configs, so each K and V block it streams is one contiguous run (a
+    divisor of VB elsewhere), and the P.V product reads V along
     tokens as the MMA wants it (token-major 8-bit V needs byte-wise shared-memory loads). On an
     H200 (results/attention_layout_probe_h200.md, attention per layer at B = 16, S = 32K): 274.1
     -> 254.6 µs at D = 128 and 169.7 -> 139.7 µs at D = 64 against K token-major with V rows
@@ -56,6 +57,7 @@ except AttributeError:  # pragma: no cover
 
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
 from pallas_kernels.decode_attention import cache_dims, to_token_major, v_shape_for
+from pallas_kernels.kv_append import rows_at
 from jfp8.scaling import reciprocal, scale_from_amax
 
 __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token",
@@ -349,21 +351,11 @@ def _append(cache: KVCache, layer, k_new, v_new, num_valid) -> KVCache:
     vd, vs = _quantize_rows(v_new, cache, layer, vs_now)
     b_idx = jnp.arange(B)[:, None]                                     # (B, 1)
     pos = cache.lengths[:, None] + jnp.arange(T)[None, :]               # (B, T); >= S dropped
-    # In either layout the indices split by slices put (B, T) first, the shape of kd / ks; a
-    # position >= S is sent past the end of its axis (also inside V's last, padded block).
-    if cache.layout == "sd":
-        k = cache.k.at[layer, b_idx, pos].set(kd, mode="drop")
-        v = cache.v.at[layer, b_idx, pos].set(vd, mode="drop")
-        rows = (layer, b_idx, pos)
-    else:
-        nb, vb = cache.v.shape[-3], cache.v.shape[-1]
-        k = cache.k.at[layer, b_idx, :, pos].set(kd, mode="drop")
-        v = cache.v.at[layer, b_idx, :, jnp.where(pos < S, pos // vb, nb), :, pos % vb].set(
-            vd, mode="drop")
-        rows = (layer, b_idx, slice(None), pos)
+    k = rows_at(cache.k, layer, b_idx, pos, S, cache.layout).set(kd, mode="drop")
+    v = rows_at(cache.v, layer, b_idx, pos, S, cache.layout, is_v=True).set(vd, mode="drop")
     if ks is not None:
-        k_scale = k_scale.at[rows].set(ks, mode="drop")
-        v_scale = v_scale.at[rows].set(vs, mode="drop")
+        k_scale = rows_at(k_scale, layer, b_idx, pos, S, cache.layout).set(ks, mode="drop")
+        v_scale = rows_at(v_scale, layer, b_idx, pos, S, cache.layout).set(vs, mode="drop")
     return dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale,
                                overflow=overflow)
 

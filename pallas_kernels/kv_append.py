@@ -51,7 +51,7 @@ from pallas_kernels.decode_attention import LAYOUTS, cache_dims, v_shape_matches
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
-           "LAYOUTS"]
+           "rows_at", "LAYOUTS"]
 
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
@@ -274,7 +274,7 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
     b_idx = jnp.arange(B)[:, None]
     out = []
     for x, cache, scale in ((k_new, k_cache, k_scale), (v_new, v_cache, v_scale)):
-        at = _rows_at(cache, layer, b_idx, pos, S, layout, is_v=cache is v_cache)
+        at = rows_at(cache, layer, b_idx, pos, S, layout, is_v=cache is v_cache)
         xf = x.astype(jnp.float32)
         if fp8:
             fmax = float(jnp.finfo(cache.dtype).max)
@@ -283,14 +283,14 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
                                                 np.finfo(np.float32).tiny), 1.0)
             y = xf * (1.0 / s)[..., None]
             data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(cache.dtype)
-            scale = _rows_at(scale, layer, b_idx, pos, S, layout).set(s, mode="drop")
+            scale = rows_at(scale, layer, b_idx, pos, S, layout).set(s, mode="drop")
         else:
             data = xf.astype(cache.dtype)
         out += [at.set(data, mode="drop"), scale]
     return out[0], out[2], out[1], out[3]
 
 
-def _rows_at(cache, layer, b_idx, pos, S, layout, is_v=False):
+def rows_at(cache, layer, b_idx, pos, S, layout, is_v=False):
     """`cache.at[...]` of the rows of positions pos (B, T) of every head, for a (B, T, Hkv[, D])
     update (the indices split by slices put (B, T) first); positions >= S are sent past the end
     of their axis, so a `mode="drop"` update drops them (also inside V's last, padded block)."""
