@@ -174,8 +174,11 @@ TUNING[("m1", "n_large", "k_short")] = dataclasses.replace(_M1, block_n=16, spli
 # (results/gemm_decode_h200_m16_bn128.md, µs per matmul): gate_up 45.36 -> 39.72 and lm_head
 # 154.99 -> 136.17 (93% of copy) with bn128 split-K 1 (against bn32 split-K 2); down 28.98 ->
 # 22.66 with bn128 split-K 8; qkv / o within 2% (13.02 / 10.45 with bn128 split-K 4), so they keep
-# the table's tile. Not measured on bf16 operands (their loop converts the weight with four
-# instructions per pair instead of one), which keep TUNING.
+# the table's tile. In the 8B B=16 4K decode step (gate_up and lm_head staged): 4.91 -> 4.68 ms
+# (results/decode_e2e_h200_r10.md -> r11.md; r11 also has the head-major KV cache, which leaves
+# attention at 4K unchanged). Staging down too (bn128 split-K 8 then applies) did not pay in the
+# step (results/profile_decode_h200_r8_hsd_stage.log). Not measured on bf16 operands (their loop
+# converts the weight with four instructions per pair instead of one), which keep TUNING.
 TUNING_F16: dict[tuple[str, str, str], GemvConfig] = {
     ("m16", "n_large", "k_short"): dataclasses.replace(_M16, block_n=128, num_warps=8),
     ("m16", "n_small", "k_long"): dataclasses.replace(_M16, block_n=128, split_k=8, num_warps=8),
