@@ -44,7 +44,7 @@ from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerBlock, PerChannel, PerTensor
-from pallas_kernels import fp8_gemv
+from pallas_kernels import fp8_gemv, norm_stage
 from pallas_kernels import quantize as quantize_kernel
 
 #: Largest M the decode kernel takes.
@@ -72,6 +72,11 @@ DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
 # loop in f32 (no MMA to feed). Staged rows then take `fp8_gemv.TUNING_F16`'s tile (gate_up
 # 45.4 -> 39.7 µs at M = 16 standalone, results/gemm_decode_h200_m16_bn128.md).
 F16_STAGING_MAX_M = 16
+# An RMSNorm prologue at 2 <= M <= F16_STAGING_MAX_M (W8A16, bf16 x) runs as one Pallas launch
+# that also stages the rows (`pallas_kernels.norm_stage`), in place of XLA's two norm launches
+# and two staging launches: staging then costs nothing, so it applies to every weight size
+# (qkv too). Off: the norm in XLA, staging by F16_STAGING_MIN_WEIGHT.
+NORM_STAGE_FUSED = True
 F16_STAGING_MIN_WEIGHT = 1 << 26
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
@@ -130,6 +135,12 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     if prologue is not None:
+        if (gemv_w8a16 and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm)
+                and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16):
+            a, a_scale = norm_stage.rms_norm_stage_f16(x2, prologue.weight, prologue.eps,
+                                                       interpret=interpret)
+            return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
+                                     out_dtype=out_dtype, interpret=interpret)
         if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES) and m <= FUSED_PROLOGUE_MAX_M:
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
