@@ -72,12 +72,14 @@ DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
 # loop in f32 (no MMA to feed). Staged rows then take `fp8_gemv.TUNING_F16`'s tile (gate_up
 # 45.4 -> 39.7 µs at M = 16 standalone, results/gemm_decode_h200_m16_bn128.md).
 F16_STAGING_MAX_M = 16
+F16_STAGING_MIN_WEIGHT = 1 << 26
 # An RMSNorm prologue at 2 <= M <= F16_STAGING_MAX_M (W8A16, bf16 x) runs as one Pallas launch
 # that also stages the rows (`pallas_kernels.norm_stage`), in place of XLA's two norm launches
-# and two staging launches: staging then costs nothing, so it applies to every weight size
-# (qkv too). Off: the norm in XLA, staging by F16_STAGING_MIN_WEIGHT.
+# and two staging launches; staging then costs nothing, so it applies at every weight size (qkv
+# too; F16_STAGING_MIN_WEIGHT still rules inputs without a norm: o, down). In the 8B B=16 4K
+# decode step on the H200: norm + staging 337 -> 141 µs per step, qkv 421 -> 334 µs, GPU busy
+# 4.786 -> 4.627 ms (results/profile_decode_h200_r9_normstage.log). False: the previous dispatch.
 NORM_STAGE_FUSED = True
-F16_STAGING_MIN_WEIGHT = 1 << 26
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
