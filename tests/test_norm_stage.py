@@ -72,7 +72,7 @@ def test_any_row_magnitude(m, k, log_scale):
     _check_close(got, NS.rms_norm_stage_f16_reference(x, w, 1e-6), x, w, 1e-6)
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _jit_kernel(x, w):
     return NS.rms_norm_stage_f16(x, w, 1e-6, interpret=True)
 
