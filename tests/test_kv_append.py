@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jfp8
 from jfp8 import attention
@@ -96,6 +98,32 @@ def test_matches_kv_cache_append(dtype):
     if fp8:
         _bits_equal(ks, want.k_scale)
         _bits_equal(vs, want.v_scale)
+
+
+_append_pair = {}
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(0, 37), min_size=2, max_size=2), T=st.sampled_from([1, 4]),
+       layer=st.integers(0, 1))
+def test_kernel_equals_kv_cache_append_any_lengths(lengths, T, layer):
+    """For any lengths (overflow past S_max = 37 included) the kernel and jfp8.kv_cache.append
+    (XLA) leave the same bytes in an FP8 KVCache ("hsd": V in one padded 128-token block)."""
+    cache = kvc.advance(jfp8.KVCache.init(2, 2, 37, 2, 128), jnp.array(lengths))
+    k_new, v_new = _new(2, T, 2, 128, seed=sum(lengths) + T)
+    if T not in _append_pair:
+        def xla(c, k, v, l):
+            return kvc._append(c, l, k, v, jnp.full((2,), T, jnp.int32))
+
+        def kernel(c, k, v, l):
+            return K.kv_append(c.k, c.v, c.k_scale, c.v_scale, k, v, c.lengths, l,
+                               layout=c.layout, interpret=True)
+        _append_pair[T] = (jax.jit(xla), jax.jit(kernel))
+    xla, kernel = _append_pair[T]
+    want = xla(cache, k_new, v_new, jnp.int32(layer))
+    got = kernel(cache, k_new, v_new, jnp.int32(layer))
+    for g, w in zip(got, (want.k, want.v, want.k_scale, want.v_scale)):
+        _bits_equal(g, w)
 
 
 def test_no_retrace_across_positions_and_layers():
