@@ -122,7 +122,8 @@ class MgpuConfig:
     return self.cta_n * self.pair_n
 
 
-# Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep.json, H100).
+# Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep_r1.json and _r2.json,
+# H100; `benchmarks/gemm_sweep.py`).
 TUNING: dict[str, MgpuConfig] = {
     "small": MgpuConfig(64, 128, "m", 4, "n", 8),
     "medium": MgpuConfig(64, 128, "m", 4, "m", 8),
