@@ -74,8 +74,8 @@ class GemmConfig:
 
 
 # Tuning table: (layout class, M class) -> config. Layout class "block" or "plain" (tensor/row);
-# M class from `_m_class`. Filled from benchmarks/results/gemm_sweep_r1.json and _r2.json (H100, jax 0.11.2;
-# `benchmarks/gemm_sweep.py`).
+# M class from `_m_class`. Filled from benchmarks/results/gemm_sweep_r1.json and _r2.json (H100,
+# jax 0.11.2; `benchmarks/gemm_sweep.py`).
 TUNING: dict[tuple[str, str], GemmConfig] = {
     ("plain", "small"): GemmConfig(64, 128, 128, num_warps=4, num_stages=4, group_m=8),
     ("plain", "medium"): GemmConfig(128, 128, 128, num_warps=8, num_stages=4, group_m=8),
