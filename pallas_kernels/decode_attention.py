@@ -25,8 +25,9 @@ q is (B, T, Hq, D) with query head n = h * G + g (the GQA grouping of HF Llama a
 
 Kernel (Triton-lowered Pallas): grid (Hkv, splits, B), Hkv fastest (in "sd" the programs that run
 together then read neighbouring head rows of the same tokens and share the sectors of the
-per-token scales in L2; in "hsd" each program streams contiguous blocks of its own). One program holds the T*G query rows of one KV head (padded to >= 16 rows for the
-MMA), walks its S-split in `block_k` steps with an online softmax in f32 (base 2), upcasts FP8 to
+per-token scales in L2; in "hsd" each program streams contiguous blocks of its own). One
+program holds the T*G query rows of one KV head (padded to >= 16 rows for the MMA), walks its
+S-split in `block_k` steps with an online softmax in f32 (base 2), upcasts FP8 to
 f16 in registers (exact for E4M3 and E5M2, and a cheaper conversion than to bf16), applies the
 scales after the QK dot (per-token K scales on the logits columns, per-token V scales folded into
 P), skips blocks past the sequence's length, and writes an unnormalised partial (acc, m, l). A
