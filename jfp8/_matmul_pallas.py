@@ -136,9 +136,10 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     fallback = lambda x: ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype, recipe=recipe)
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
+    # W8A16 rows the f16 staging applies to (a prologue keeps x2's dtype).
+    f16_rows = gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
     if prologue is not None:
-        if (gemv_w8a16 and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm)
-                and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16):
+        if f16_rows and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm):
             a, a_scale = norm_stage.rms_norm_stage_f16(x2, prologue.weight, prologue.eps,
                                                        interpret=interpret)
             return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
@@ -156,8 +157,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     if not isinstance(x2, QArray) and recipe.act_format is None:          # W8A16
         if gemv_w8a16:
             a, a_scale = x2, None
-            if (2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
-                    and wq.shape[0] * wq.shape[1] >= F16_STAGING_MIN_WEIGHT):
+            if f16_rows and wq.shape[0] * wq.shape[1] >= F16_STAGING_MIN_WEIGHT:
                 a, a_scale = fp8_gemv.stage_f16_rows(x2)
             return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
                                      out_dtype=out_dtype, interpret=interpret)

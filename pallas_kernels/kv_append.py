@@ -181,13 +181,21 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
     pl.when(which == 2)(write_v)
 
 
-def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layout):
+_K_AXES = {"sd": "(L, B, S, Hkv, D)", "hsd": "(L, B, Hkv, S, D)"}
+
+
+def _checked_dims(k_cache, layout):
+    """(B, S, Hkv, D) of a stacked K cache in `layout`; raises on a bad layout or rank."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache: expected {_K_AXES[layout]}, got shape {k_cache.shape}")
+    return cache_dims(k_cache.shape, layout)
+
+
+def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layout):
     L = k_cache.shape[0]
-    B, S, H, D = cache_dims(k_cache.shape, layout)
+    B, S, H, D = _checked_dims(k_cache, layout)
     want = f"{k_cache.shape} like k_cache" if layout == "sd" else \
         f"(L, B, Hkv, ceil(S / VB), D, VB) = ({L}, {B}, {H}, ceil({S} / VB), {D}, VB), VB a " \
         f"power of two >= 16"
@@ -302,17 +310,10 @@ def rows_at(cache, layer, b_idx, pos, S, layout, is_v=False):
     return cache.at[layer, b_idx, :, jnp.where(pos < S, pos // vb, nb), :, pos % vb]
 
 
-_K_AXES = {"sd": "(L, B, S, Hkv, D)", "hsd": "(L, B, Hkv, S, D)"}
-
-
 def _check_qkv(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, lengths, num_q_heads,
                layout):
     """Validate `kv_append_qkv`'s arguments; returns (fp8, Hq, Hkv, D)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if k_cache.ndim != 5:
-        raise ValueError(f"k_cache: expected {_K_AXES[layout]}, got shape {k_cache.shape}")
-    B, _, H, D = cache_dims(k_cache.shape, layout)
+    B, _, H, D = _checked_dims(k_cache, layout)
     if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1:
         raise ValueError(f"num_q_heads: expected a positive int, got {num_q_heads!r}")
     Hq = int(num_q_heads)
