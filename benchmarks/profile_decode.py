@@ -66,7 +66,8 @@ def apply_overrides(spec: str) -> None:
     `fuse:` alone fuses none) or `stage:N` (W8A16 f16 staging on weights >= N elements,
     jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none) or
     `vblock:N` (bytes of the FP8 cache's V token blocks, jfp8.kv_cache.V_BLOCK_BYTES),
-    `normstage:0|1` (jfp8._matmul_pallas.NORM_STAGE_FUSED) or `combine:N`
+    `normstage:0|1` / `swiglustage:0|1` (jfp8._matmul_pallas.NORM_STAGE_FUSED /
+    SWIGLU_STAGE_FUSED) or `combine:N`
     (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head)."""
     import decode_attention as bench_attn
     import gemv_layout
@@ -85,6 +86,9 @@ def apply_overrides(spec: str) -> None:
             continue
         if kind == "normstage":
             _matmul_pallas.NORM_STAGE_FUSED = bool(int(rest))
+            continue
+        if kind == "swiglustage":
+            _matmul_pallas.SWIGLU_STAGE_FUSED = bool(int(rest))
             continue
         if kind == "vblock":
             kv_cache.V_BLOCK_BYTES = int(rest)
@@ -121,7 +125,8 @@ def main(argv=None):
     from pallas_kernels import fp8_gemv as gv
     committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
                  _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_BLOCK_BYTES, da.COMBINE_MIN_PROGRAMS,
-                 dict(gv.TUNING_F16), _matmul_pallas.NORM_STAGE_FUSED)
+                 dict(gv.TUNING_F16), _matmul_pallas.NORM_STAGE_FUSED,
+                 _matmul_pallas.SWIGLU_STAGE_FUSED)
     for variant in args.variants.split("|"):
         # every variant starts from the committed tables
         gv.TUNING.clear(), gv.TUNING.update(committed[0])
@@ -132,6 +137,7 @@ def main(argv=None):
         kv_cache.V_BLOCK_BYTES = committed[4]
         da.COMBINE_MIN_PROGRAMS = committed[5]
         _matmul_pallas.NORM_STAGE_FUSED = committed[7]
+        _matmul_pallas.SWIGLU_STAGE_FUSED = committed[8]
         # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
         # variant's table would only reach the kernels traced for the first time.
         jax.clear_caches()

@@ -17,7 +17,9 @@ Which kernel, by shape and recipe:
 | anything else (f32 W8A16 activations, M > 64 weights-only, other granularities) | the XLA path |
 
 Prologues (RMSNorm, SwiGLU) run inside `fp8_gemv` on the W8A16 path at M <=
-`FUSED_PROLOGUE_MAX_M`: every program recomputes the prologue of its K range for all M rows (and,
+`FUSED_PROLOGUE_MAX_M`; at 2 <= M <= 16 (W8A16, bf16 x) each runs as one Pallas launch that also
+stages the rows to f16 (`pallas_kernels.prologue_stage`, `NORM_STAGE_FUSED` / `SWIGLU_STAGE_FUSED`).
+Inside `fp8_gemv`, every program recomputes the prologue of its K range for all M rows (and,
 for RMSNorm, the rows' 1 / rms from one whole-row load); nothing at M = 1, but half the weight's
 element count in exps at M = 16, which made the 8B step at B = 16 slower than BF16 on the H200
 (results/decode_e2e_h200.json, 9.3 vs 6.5 ms). Elsewhere XLA applies the prologue before the
@@ -44,7 +46,7 @@ from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerBlock, PerChannel, PerTensor
-from pallas_kernels import fp8_gemv, norm_stage
+from pallas_kernels import fp8_gemv, prologue_stage
 from pallas_kernels import quantize as quantize_kernel
 
 #: Largest M the decode kernel takes.
@@ -74,12 +76,18 @@ DECODE_KERNEL: dict[str, str] = {"m1": "gemv", "m16": "gemm", "m64": "gemm"}
 F16_STAGING_MAX_M = 16
 F16_STAGING_MIN_WEIGHT = 1 << 26
 # An RMSNorm prologue at 2 <= M <= F16_STAGING_MAX_M (W8A16, bf16 x) runs as one Pallas launch
-# that also stages the rows (`pallas_kernels.norm_stage`), in place of XLA's two norm launches
+# that also stages the rows (`pallas_kernels.prologue_stage`), in place of XLA's two norm launches
 # and two staging launches; staging then costs nothing, so it applies at every weight size (qkv
 # too; F16_STAGING_MIN_WEIGHT still rules inputs without a norm: o, down). In the 8B B=16 4K
 # decode step on the H200: norm + staging 337 -> 141 µs per step, qkv 421 -> 334 µs, GPU busy
 # 4.786 -> 4.627 ms (results/profile_decode_h200_r9_normstage.log). False: the previous dispatch.
 NORM_STAGE_FUSED = True
+# The same for a SwiGLU prologue (down's input): one launch in place of XLA's SwiGLU fusion, and
+# down then takes f16 rows (TUNING_F16's bn128 split-K 8) at any weight size. In the 8B B=16 4K
+# decode step on the H200 (results/profile_decode_h200_r10_swiglustage.log, one call): down
+# 817 -> 611 µs per step, the SwiGLU 70 µs (XLA) -> 150 µs (this kernel: 16 programs, one per
+# row), GPU busy 4.665 -> 4.532 ms, wall 4.785 -> 4.598 ms. False: XLA's SwiGLU, bf16 rows.
+SWIGLU_STAGE_FUSED = True
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
@@ -139,9 +147,14 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     # W8A16 rows the f16 staging applies to (a prologue keeps x2's dtype).
     f16_rows = gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
     if prologue is not None:
+        staged = None
         if f16_rows and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm):
-            a, a_scale = norm_stage.rms_norm_stage_f16(x2, prologue.weight, prologue.eps,
+            staged = prologue_stage.rms_norm_stage_f16(x2, prologue.weight, prologue.eps,
                                                        interpret=interpret)
+        elif f16_rows and SWIGLU_STAGE_FUSED and isinstance(prologue, SwiGLU):
+            staged = prologue_stage.swiglu_stage_f16(x2, interpret=interpret)
+        if staged is not None:
+            a, a_scale = staged
             return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
                                      out_dtype=out_dtype, interpret=interpret)
         if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES) and m <= FUSED_PROLOGUE_MAX_M:

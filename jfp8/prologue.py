@@ -6,10 +6,11 @@
 A decode step runs each of these between two matmuls; as their own XLA launches they cost ~1.3 µs
 each, about 10% of an 8B FP8 decode step on an H200. On the Pallas backend the decode kernel
 (`pallas_kernels.fp8_gemv`, W8A16) applies them while it loads the activation tile at M = 1; at
-2 <= M <= 16 an RMSNorm runs as one launch that also stages the rows to f16 for the kernel
-(`pallas_kernels.norm_stage`); everywhere else they run in XLA first. Either way the numbers are the formulas below, up to the last f32
-bit of an intermediate (the kernel's exp can differ from XLA's; its sum of squares for 1 / rms
-adds in another order), which can move an element of the prologue's bf16 result by one ulp.
+2 <= M <= 16 each runs as one launch that also stages the rows to f16 for the kernel
+(`pallas_kernels.prologue_stage`); everywhere else they run in XLA first. Either way the numbers
+are the formulas below, up to the last f32 bit of an intermediate (the kernel's exp can differ
+from XLA's; its sum of squares for 1 / rms adds in another order), which can move an element of
+the prologue's bf16 result by one ulp.
 
 Public: `RMSNorm`, `SwiGLU`, `Prologue`.
 """

@@ -34,3 +34,64 @@ def store(ref, value, mask=None):
         ref[...] = value
     else:
         pltriton.store(ref, value, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Software pipelining of loops without a dot.
+#
+# Triton's pipeliner (AssignLatencies) streams a loop's loads through shared memory with cp.async
+# only for loads that feed a dot, unless the loop itself carries a `tt.num_stages` attribute
+# (what `tl.range(..., num_stages=n)` sets in Triton's Python frontend); then every wide enough
+# load in a dot-free loop is pipelined. Pallas has no way to set it, so kernels that want it get a
+# name from `pipelined_loops_name`, and a hook on Pallas' Triton lowering sets the attribute on
+# every scf.for of the kernels so named (and of no other kernel).
+_LOOP_STAGES: dict[str, int] = {}
+
+
+def pipelined_loops_name(name: str, num_stages: int) -> str:
+    """A `pl.pallas_call` name under which the kernel's loops carry `tt.num_stages = num_stages`
+    (loads in dot-free loops pipelined `num_stages - 1` iterations ahead). `name` for
+    num_stages <= 1 or where the hook cannot be installed."""
+    if num_stages <= 1 or not _install_loop_stages_hook():
+        return name
+    tagged = f"{name}_pipelined{num_stages}"
+    _LOOP_STAGES[tagged] = num_stages
+    return tagged
+
+
+_HOOKED = []
+
+
+def _install_loop_stages_hook() -> bool:
+    if _HOOKED:
+        return _HOOKED[0]
+    try:
+        from jax._src.lib.mlir import ir
+        from jax._src.pallas.triton import lowering
+        original = lowering.lower_jaxpr_to_triton_module
+    except (ImportError, AttributeError):  # pragma: no cover - another jax layout
+        _HOOKED.append(False)
+        return False
+
+    def set_stages(op, attr):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    inner = inner.operation
+                    if inner.name == "scf.for":
+                        inner.attributes["tt.num_stages"] = attr
+                    set_stages(inner, attr)
+
+    def lower_with_loop_stages(jaxpr, *args, **kwargs):
+        result = original(jaxpr, *args, **kwargs)
+        stages = _LOOP_STAGES.get(getattr(jaxpr.debug_info, "func_name", None))
+        if stages:
+            module = result.module
+            with module.context:
+                set_stages(module.operation,
+                           ir.IntegerAttr.get(ir.IntegerType.get_signless(32), stages))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = lower_with_loop_stages
+    _HOOKED.append(True)
+    return True

@@ -146,16 +146,16 @@ def test_gpu_staged_w8a16_matches_float64(monkeypatch, m):
 
 
 # Prologues: the interpret backend fuses RMSNorm and SwiGLU into fp8_gemv (W8A16, M == 1;
-# _matmul_pallas.FUSED_PROLOGUES), runs RMSNorm with the f16 staging as one kernel at
-# 2 <= M <= 16 (W8A16, pallas_kernels.norm_stage) and applies them in XLA first elsewhere; the XLA
+# _matmul_pallas.FUSED_PROLOGUES), runs each with the f16 staging as one kernel at
+# 2 <= M <= 16 (W8A16, pallas_kernels.prologue_stage) and applies them in XLA first elsewhere; the XLA
 # path applies the same formula first. The fused bf16 prologue output can flip one ulp where the f32 value differs
 # in its last bit (tests/test_fp8_gemv.py: PROLOGUE_TOL), so f32 outputs agree to 1e-3 of
 # max|ref| rather than the 1e-5 of plain matmuls.
 @pytest.mark.parametrize("lead,kind,recipe", [
     ((1,), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),   # fused
-    ((1, 3), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),  # M=3: norm_stage
+    ((1, 3), "rmsnorm", jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),  # M=3: staged
     ((1, 1), "swiglu", jfp8.Recipe.weights_only()),                           # fused, per-channel
-    ((2, 1), "swiglu", jfp8.Recipe.weights_only()),                           # M=2: XLA first
+    ((2, 1), "swiglu", jfp8.Recipe.weights_only()),                           # M=2: staged
     ((1,), "rmsnorm", jfp8.Recipe.block128()),                                # W8A8: XLA first
     ((1,), "swiglu", jfp8.Recipe.block128()),                                 # W8A8: XLA first
 ])
@@ -174,40 +174,47 @@ def test_prologue_interpret_matches_xla(lead, kind, recipe):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("kind", ["rmsnorm", "swiglu"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_rmsnorm_prologue_runs_norm_stage_at_m16(monkeypatch, fused):
-    """W8A16 at 2 <= M <= 16 with an RMSNorm prologue: one norm + staging kernel feeds the gemv
-    with f16 rows (any weight size: here a small one), unless NORM_STAGE_FUSED is off; the
-    result stays the function of the XLA path (bound as above)."""
-    from pallas_kernels import norm_stage
+def test_prologue_runs_staged_kernel_at_m16(monkeypatch, kind, fused):
+    """W8A16 at 2 <= M <= 16 with an RMSNorm / SwiGLU prologue: one prologue + staging kernel
+    feeds the gemv with f16 rows (any weight size: here a small one), unless NORM_STAGE_FUSED /
+    SWIGLU_STAGE_FUSED is off; the result stays the function of the XLA path (bound as above)."""
+    from pallas_kernels import prologue_stage
     calls = []
-    kernel = norm_stage.rms_norm_stage_f16
-    monkeypatch.setattr(norm_stage, "rms_norm_stage_f16",
-                        lambda x, w, eps, **kw: calls.append(x.shape) or kernel(x, w, eps, **kw))
-    monkeypatch.setattr(_matmul_pallas, "NORM_STAGE_FUSED", fused)
+    name = "rms_norm_stage_f16" if kind == "rmsnorm" else "swiglu_stage_f16"
+    kernel = getattr(prologue_stage, name)
+    monkeypatch.setattr(prologue_stage, name,
+                        lambda x, *a, **kw: calls.append(x.shape) or kernel(x, *a, **kw))
+    monkeypatch.setattr(_matmul_pallas, "NORM_STAGE_FUSED" if kind == "rmsnorm"
+                        else "SWIGLU_STAGE_FUSED", fused)
     recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
-    x = (jax.random.normal(jax.random.key(6), (16, K)) * 3).astype(jnp.bfloat16)
+    width = 2 * K if kind == "swiglu" else K
+    x = (jax.random.normal(jax.random.key(6), (16, width)) * 3).astype(jnp.bfloat16)
     norm_w = jax.random.uniform(jax.random.key(7), (K,), jnp.float32, 0.5, 2).astype(jnp.bfloat16)
-    prologue = jfp8.RMSNorm(norm_w, 1e-5)
+    prologue = jfp8.RMSNorm(norm_w, 1e-5) if kind == "rmsnorm" else jfp8.SwiGLU()
     y, y_xla = both(x, weights(recipe, seed=8), out_dtype=jnp.float32, recipe=recipe,
                     prologue=prologue)
-    assert calls == ([(16, K)] if fused else [])
+    assert calls == ([(16, width)] if fused else [])
     assert rel_err(y, y_xla) < 1e-3
 
 
 @pytest.mark.gpu
-def test_gpu_rmsnorm_prologue_m16_matches_float64():
-    # The norm + staging kernel and the gemv on staged rows, compiled, at an 8B decode shape.
+@pytest.mark.parametrize("kind", ["rmsnorm", "swiglu"])
+def test_gpu_staged_prologue_m16_matches_float64(kind):
+    # The prologue + staging kernel and the gemv on staged rows, compiled, at 8B decode shapes
+    # (qkv after the norm, down after the SwiGLU).
     recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
-    x = jax.random.normal(jax.random.key(9), (16, 4096), jnp.bfloat16).at[3].multiply(1e4)
+    width, n, k = (4096, 6144, 4096) if kind == "rmsnorm" else (2 * 14336, 4096, 14336)
+    x = jax.random.normal(jax.random.key(9), (16, width), jnp.bfloat16).at[3].multiply(1e2)
     norm_w = jax.random.uniform(jax.random.key(10), (4096,), jnp.float32, 0.5, 2).astype(jnp.bfloat16)
-    prologue = jfp8.RMSNorm(norm_w, 1e-5)
-    wq = weights(recipe, n=6144, k=4096)
+    prologue = jfp8.RMSNorm(norm_w, 1e-5) if kind == "rmsnorm" else jfp8.SwiGLU()
+    wq = weights(recipe, n=n, k=k)
     with jfp8.use_backend("pallas"):
         y = jax.jit(lambda x: jfp8.matmul(x, wq, out_dtype=jnp.float32, recipe=recipe,
                                           prologue=prologue))(x)
     ref = _float64_reference(prologue(x), wq, recipe)
-    assert rel_err(y, ref) < 1e-3    # a norm element may flip one bf16 ulp (bound as above)
+    assert rel_err(y, ref) < 1e-3    # a prologue element may flip one bf16 ulp (bound as above)
 
 
 def test_prologue_bad_inputs():
