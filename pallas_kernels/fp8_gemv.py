@@ -104,9 +104,6 @@ class GemvConfig:
         XLA reduction launched before the kernel; used where the rows fit one tile
         (m_pad * next_pow2(K) <= RMS_ROW_TILE elements), else the XLA reduction.
       num_warps, num_stages: Triton launch parameters (stages = software-pipelining depth).
-      loop_stages: FMA path (no dot): >= 2 streams the K loop's loads through shared memory
-        `loop_stages - 1` steps ahead (the loop's `tt.num_stages`, see
-        `triton_compat.pipelined_loops_name`); 0 = plain loads into registers.
     """
     block_n: int = 64
     block_k: int = 256
@@ -119,7 +116,6 @@ class GemvConfig:
     rms_in_kernel: bool = True
     num_warps: int = 4
     num_stages: int = 3
-    loop_stages: int = 0
 
     def __post_init__(self):
         for name, least in (("block_n", 1), ("block_k", 16)):
@@ -606,10 +602,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
         kw = dict(interpret=True)
     else:
         kw = triton_compat.compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    name = "fp8_gemv"
-    if not interpret and not cfg.use_dot:
-        name = triton_compat.pipelined_loops_name(name, cfg.loop_stages)
-    out = pl.pallas_call(body, grid=grid, out_shape=out_shape, name=name, **kw)(*operands)
+    out = pl.pallas_call(body, grid=grid, out_shape=out_shape, name="fp8_gemv", **kw)(*operands)
     if final:
         return out
     acc = out.reshape(split_k, m_pad, n).sum(axis=0)[:m]
