@@ -150,7 +150,6 @@ def main():
                    help="gemv: activation dtype (W8A16)")
     p.add_argument("--prefetch", action="store_true", help="GemvConfig.prefetch (manual double buffer)")
     p.add_argument("--row-blocks", type=int, default=1, help="GemvConfig.row_blocks")
-    p.add_argument("--act-gather", action="store_true", help="GemvConfig.act_gather (FMA path)")
     p.add_argument("--swap-ab", action="store_true",
                    help="GemvConfig.swap_ab (the weight as the dot's A operand)")
     p.add_argument("--out", default="/tmp/kernel_sass")
@@ -161,8 +160,7 @@ def main():
     m, n, k = (int(v) for v in a.shape.split(","))
     bn, bk, sk = (int(v) for v in a.config.split(","))
     cfg = G.GemvConfig(bn, bk, split_k=sk, use_dot=m > 1, prefetch=a.prefetch, num_warps=a.warps,
-                       num_stages=a.stages, row_blocks=a.row_blocks, swap_ab=a.swap_ab,
-                       act_gather=a.act_gather)
+                       num_stages=a.stages, row_blocks=a.row_blocks, swap_ab=a.swap_ab)
     pro = None if a.prologue == "none" else a.prologue
     x = jax.ShapeDtypeStruct((m, 2 * k if pro == "swiglu" else k), jnp.dtype(a.act_dtype))
     w = jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn)
@@ -175,7 +173,6 @@ def main():
 
     name = (f"fp8_gemv_{m}x{n}x{k}_{bn}_{bk}_{sk}_{a.prologue}{'_prefetch' if a.prefetch else ''}"
             f"{f'_rb{a.row_blocks}' if a.row_blocks > 1 else ''}{'_swap' if a.swap_ab else ''}"
-            f"{'_gather' if a.act_gather else ''}"
             f"_{a.act_dtype}")
     base = os.path.join(a.out, name)
     [ttir] = triton_ir(fn, x, w, ws, nw)

@@ -104,9 +104,6 @@ class GemvConfig:
         XLA reduction launched before the kernel; used where the rows fit one tile
         (m_pad * next_pow2(K) <= RMS_ROW_TILE elements), else the XLA reduction.
       num_warps, num_stages: Triton launch parameters (stages = software-pipelining depth).
-      act_gather: FMA path without a prologue: load the token's K slice as a (block_n, sub_k)
-        broadcast gather in the weight tile's layout (no shared-memory layout conversion and
-        barrier per step, more load and convert instructions).
     """
     block_n: int = 64
     block_k: int = 256
@@ -119,7 +116,6 @@ class GemvConfig:
     rms_in_kernel: bool = True
     num_warps: int = 4
     num_stages: int = 3
-    act_gather: bool = False
 
     def __post_init__(self):
         for name, least in (("block_n", 1), ("block_k", 16)):
@@ -235,7 +231,7 @@ def _zero_outside(x, mask):
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
                      prefetch, fp8_dot, prologue, rms_in_kernel, eps, row_blocks, mask_m, mask_n,
-                     mask_k, act_gather=False):
+                     mask_k):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk), for
     `row_blocks` row blocks n0 (strided by the grid's N extent).
 
@@ -333,14 +329,7 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
             tiles = []
             for sub in range(num_sub):
                 k0 = k_begin + step * block_k + sub * sub_k
-                if act_gather and prologue is None:
-                    # (block_n, sub_k): the token's K slice in the weight tile's own layout
-                    idx = (jnp.zeros((block_n, 1), jnp.int32),
-                           k0 + jnp.arange(sub_k, dtype=jnp.int32)[None, :])
-                    am = None if not mask_k else jnp.broadcast_to(k_mask(k0), (block_n, sub_k))
-                    a = triton_compat.load(a_ref.at[idx], am, None)
-                else:
-                    a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
+                a = _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k0, sub_k)], a_mask(k0))
                 if prologue == "swiglu":
                     a = (a, _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k + k0, sub_k)], a_mask(k0)))
                 elif prologue == "rmsnorm":
@@ -602,7 +591,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
         fp8_dot=fp8_dot, prologue=prologue, rms_in_kernel=rms_in_kernel, eps=eps,
-        row_blocks=row_blocks, act_gather=cfg.act_gather and not cfg.use_dot,
+        row_blocks=row_blocks,
         mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
