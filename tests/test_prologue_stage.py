@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import prologue_stage as NS
+from pallas_kernels import prologue_stage as PS
 from pallas_kernels.fp8_gemv import rms_norm_reference, swiglu_reference
 
 
@@ -57,8 +57,8 @@ def _check_staged(got, want, prologue_out):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_matches_reference(m, k, dtype):
     x, w = _inputs(m, k, seed=m * k, dtype=dtype, scale=1.0 if dtype == jnp.bfloat16 else 1e-2)
-    got = NS.rms_norm_stage_f16(x, w, 1e-5, interpret=True)
-    _check_close(got, NS.rms_norm_stage_f16_reference(x, w, 1e-5), x, w, 1e-5)
+    got = PS.rms_norm_stage_f16(x, w, 1e-5, interpret=True)
+    _check_close(got, PS.rms_norm_stage_f16_reference(x, w, 1e-5), x, w, 1e-5)
     rows, s = got
     amax = np.max(np.abs(np.asarray(rows, np.float32)), axis=1)
     assert ((amax >= 2 ** 14) & (amax < 2 ** 15)).all()      # each row's amax staged to [2^14, 2^15)
@@ -69,8 +69,8 @@ def test_zero_and_nonfinite_rows():
     x = x.at[0].set(0.0)                                  # all-zero row: scale 1, zeros
     x = x.at[1, 5].set(jnp.inf)                           # inf: the norm is NaN / 0 there
     x = x.at[2, 7].set(jnp.nan)
-    rows, s = NS.rms_norm_stage_f16(x, w, 1e-6, interpret=True)
-    rows_r, s_r = NS.rms_norm_stage_f16_reference(x, w, 1e-6)
+    rows, s = PS.rms_norm_stage_f16(x, w, 1e-6, interpret=True)
+    rows_r, s_r = PS.rms_norm_stage_f16_reference(x, w, 1e-6)
     assert float(s[0, 0]) == 1.0 and not np.asarray(rows[0], np.float32).any()
     np.testing.assert_array_equal(np.isnan(np.asarray(rows, np.float32)),
                                   np.isnan(np.asarray(rows_r, np.float32)))
@@ -85,30 +85,30 @@ def test_any_row_magnitude(m, k, log_scale):
     """Rows from 2^-20 to 2^20 in size: the staging exponent follows each row exactly."""
     x, w = _inputs(m, k, seed=m + k, scale=2.0 ** log_scale)
     got = _jit_kernel(x, w)
-    _check_close(got, NS.rms_norm_stage_f16_reference(x, w, 1e-6), x, w, 1e-6)
+    _check_close(got, PS.rms_norm_stage_f16_reference(x, w, 1e-6), x, w, 1e-6)
 
 
 @jax.jit
 def _jit_kernel(x, w):
-    return NS.rms_norm_stage_f16(x, w, 1e-6, interpret=True)
+    return PS.rms_norm_stage_f16(x, w, 1e-6, interpret=True)
 
 
 def test_bad_inputs():
     x, w = _inputs(4, 64, seed=0)
     with pytest.raises(ValueError, match="x: expected 1 <= M <= 16"):
-        NS.rms_norm_stage_f16(jnp.zeros((17, 64), jnp.bfloat16), w, 1e-6)
+        PS.rms_norm_stage_f16(jnp.zeros((17, 64), jnp.bfloat16), w, 1e-6)
     with pytest.raises(ValueError, match="x: expected a 2-D"):
-        NS.rms_norm_stage_f16(x[0], w, 1e-6)
+        PS.rms_norm_stage_f16(x[0], w, 1e-6)
     with pytest.raises(TypeError, match="x: expected bfloat16 or float16"):
-        NS.rms_norm_stage_f16(x.astype(jnp.float32), w, 1e-6)
+        PS.rms_norm_stage_f16(x.astype(jnp.float32), w, 1e-6)
     with pytest.raises(ValueError, match=r"weight: expected shape \(64,\)"):
-        NS.rms_norm_stage_f16(x, w[:10], 1e-6)
+        PS.rms_norm_stage_f16(x, w[:10], 1e-6)
 
 
 def test_kernel_lowers_for_cuda():
     x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
-    fn = functools.partial(NS.rms_norm_stage_f16, eps=1e-5)
+    fn = functools.partial(PS.rms_norm_stage_f16, eps=1e-5)
     jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",))
 
 
@@ -116,8 +116,8 @@ def test_kernel_lowers_for_cuda():
 @pytest.mark.parametrize("m,k", [(16, 4096), (5, 2048), (16, 3000)])
 def test_gpu_kernel_matches_reference(m, k):
     x, w = _inputs(m, k, seed=k)
-    got = jax.jit(functools.partial(NS.rms_norm_stage_f16, eps=1e-5))(x, w.astype(jnp.bfloat16))
-    _check_close(got, NS.rms_norm_stage_f16_reference(x, w.astype(jnp.bfloat16), 1e-5), x,
+    got = jax.jit(functools.partial(PS.rms_norm_stage_f16, eps=1e-5))(x, w.astype(jnp.bfloat16))
+    _check_close(got, PS.rms_norm_stage_f16_reference(x, w.astype(jnp.bfloat16), 1e-5), x,
                  w.astype(jnp.bfloat16), 1e-5)
 
 
@@ -132,8 +132,8 @@ def _swiglu_inputs(m, f, seed, dtype=jnp.bfloat16, scale=1.0):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_swiglu_matches_reference(m, f, dtype):
     x = _swiglu_inputs(m, f, seed=m + f, dtype=dtype, scale=1.0 if dtype == jnp.bfloat16 else 0.1)
-    got = NS.swiglu_stage_f16(x, interpret=True)
-    _check_staged(got, NS.swiglu_stage_f16_reference(x), swiglu_reference(x))
+    got = PS.swiglu_stage_f16(x, interpret=True)
+    _check_staged(got, PS.swiglu_stage_f16_reference(x), swiglu_reference(x))
     rows, _ = got
     amax = np.max(np.abs(np.asarray(rows, np.float32)), axis=1)
     assert ((amax >= 2 ** 14) & (amax < 2 ** 15)).all()
@@ -144,8 +144,8 @@ def test_swiglu_zero_and_nonfinite_rows():
     x = x.at[0].set(0.0)                                  # all-zero row: scale 1, zeros
     x = x.at[1, 5].set(jnp.nan)                           # NaN gate -> NaN there only
     x = x.at[2, 128 + 9].set(jnp.inf)                     # inf up: +-inf (or NaN at gate 0)
-    rows, s = NS.swiglu_stage_f16(x, interpret=True)
-    rows_r, s_r = NS.swiglu_stage_f16_reference(x)
+    rows, s = PS.swiglu_stage_f16(x, interpret=True)
+    rows_r, s_r = PS.swiglu_stage_f16_reference(x)
     assert float(s[0, 0]) == 1.0 and not np.asarray(rows[0], np.float32).any()
     r, r_ref = np.asarray(rows, np.float32), np.asarray(rows_r, np.float32)
     np.testing.assert_array_equal(np.isnan(r), np.isnan(r_ref))
@@ -161,29 +161,29 @@ def test_swiglu_zero_and_nonfinite_rows():
 def test_swiglu_any_row_magnitude(m, f, log_scale):
     """Gate and up from 2^-12 to 2^12 in size (silu's both regimes, products to 2^24)."""
     x = _swiglu_inputs(m, f, seed=m * f, scale=2.0 ** log_scale)
-    got = jax.jit(functools.partial(NS.swiglu_stage_f16, interpret=True))(x)
-    _check_staged(got, NS.swiglu_stage_f16_reference(x), swiglu_reference(x))
+    got = jax.jit(functools.partial(PS.swiglu_stage_f16, interpret=True))(x)
+    _check_staged(got, PS.swiglu_stage_f16_reference(x), swiglu_reference(x))
 
 
 def test_swiglu_bad_inputs():
     with pytest.raises(ValueError, match="x: expected 1 <= M <= 16"):
-        NS.swiglu_stage_f16(jnp.zeros((17, 64), jnp.bfloat16))
+        PS.swiglu_stage_f16(jnp.zeros((17, 64), jnp.bfloat16))
     with pytest.raises(ValueError, match="x: expected a 2-D"):
-        NS.swiglu_stage_f16(jnp.zeros((64,), jnp.bfloat16))
+        PS.swiglu_stage_f16(jnp.zeros((64,), jnp.bfloat16))
     with pytest.raises(TypeError, match="x: expected bfloat16 or float16"):
-        NS.swiglu_stage_f16(jnp.zeros((2, 64), jnp.float32))
+        PS.swiglu_stage_f16(jnp.zeros((2, 64), jnp.float32))
     with pytest.raises(ValueError, match=r"x: SwiGLU takes \(M, 2F\)"):
-        NS.swiglu_stage_f16(jnp.zeros((2, 65), jnp.bfloat16))
+        PS.swiglu_stage_f16(jnp.zeros((2, 65), jnp.bfloat16))
 
 
 def test_swiglu_kernel_lowers_for_cuda():
     x = jax.ShapeDtypeStruct((16, 2 * 14336), jnp.bfloat16)
-    jax.jit(NS.swiglu_stage_f16).trace(x).lower(lowering_platforms=("cuda",))
+    jax.jit(PS.swiglu_stage_f16).trace(x).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,f", [(16, 14336), (5, 8192), (16, 3000)])
 def test_gpu_swiglu_kernel_matches_reference(m, f):
     x = _swiglu_inputs(m, f, seed=f)
-    got = jax.jit(NS.swiglu_stage_f16)(x)
-    _check_staged(got, NS.swiglu_stage_f16_reference(x), swiglu_reference(x))
+    got = jax.jit(PS.swiglu_stage_f16)(x)
+    _check_staged(got, PS.swiglu_stage_f16_reference(x), swiglu_reference(x))
