@@ -34,4 +34,3 @@ def store(ref, value, mask=None):
         ref[...] = value
     else:
         pltriton.store(ref, value, mask=mask)
-
