@@ -108,7 +108,8 @@ def quantize(x, fmt, granularity: Granularity, *, scale=None, margin: int | floa
         current scaling (this tensor's amax per block).
       margin: extra headroom in powers of two (scale * 2**margin).
     Returns: QArray with data = saturating RNE cast of x_f32 * (1 / scale) (the reciprocal
-      rounded once, `jfp8.scaling.reciprocal`).
+      rounded once, `jfp8.scaling.reciprocal`). f32 subnormal inputs (|x| < 2^-126) read as
+      zero: XLA flushes them on CPU and GPU alike.
     """
     fmt = as_format(fmt)
     granularity = as_granularity(granularity)
