@@ -276,11 +276,13 @@ def test_fused_decode_step_equals_separate(backend):
                        np.asarray(getattr(wc, name), np.float32)) < 2 ** -7, name
 
 
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("backend", ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
-def test_fp8_decode_step_b1_kernels_match_xla(backend):
-    """B=1 decode of a fused W8A16 model on "interpret" / "pallas" runs every projection in
-    `fp8_gemv` with the RMSNorms and the SwiGLU fused as prologues (`_matmul_pallas.FUSED_PROLOGUES`); XLA applies
-    the same formulas first. Both round bf16 activations from f32 sums taken in another order (and
+def test_fp8_decode_step_kernels_match_xla(backend, batch):
+    """Decode of a fused W8A16 model on "interpret" / "pallas" runs every projection in
+    `fp8_gemv`: at B=1 with the RMSNorms and the SwiGLU fused as prologues
+    (`_matmul_pallas.FUSED_PROLOGUES`), at B=4 after the RMSNorm / SwiGLU + f16 staging kernels
+    (`pallas_kernels.prologue_stage`) on f16 operands; XLA applies the same formulas first. Both round bf16 activations from f32 sums taken in another order (and
     the kernel's 1 / rms and exp may differ in the last f32 bit), so activations move by a bf16
     ulp (2^-8) here and there, and the moves grow through the layers: measured up to 0.021 of
     max|logit| over nine tokens (2 layers, random weights); bound 2^-4. The greedy token agrees
@@ -294,9 +296,9 @@ def test_fp8_decode_step_b1_kernels_match_xla(backend):
     params = llama.init_params(model, jax.random.PRNGKey(11))
     model, params = llama.fuse(llama.Llama(cfg, recipe=recipe),
                                llama.quantize_params(params, recipe))
-    cache = kv_cache.advance(kv_cache.KVCache.init(cfg.num_layers, 1, 16, cfg.num_kv_heads,
-                                                   cfg.head_dim), jnp.array([5]))
-    tokens = jnp.array([[int(np.random.default_rng().integers(3, cfg.vocab_size))]])
+    cache = kv_cache.advance(kv_cache.KVCache.init(cfg.num_layers, batch, 16, cfg.num_kv_heads,
+                                                   cfg.head_dim), jnp.array([5, 9, 2, 12][:batch]))
+    tokens = jnp.asarray(np.random.default_rng().integers(3, cfg.vocab_size, (batch, 1)))
 
     def step(p, c):
         return model.apply({"params": p}, tokens, c.lengths[:, None], c, None, "decode")
@@ -307,6 +309,7 @@ def test_fp8_decode_step_b1_kernels_match_xla(backend):
             logits = jax.jit(lambda p, c: step(p, c))(params, cache)[0]
             out[name] = np.asarray(logits, np.float32)
     assert rel_err(out[backend], out["xla"]) < 2 ** -4
-    top2 = np.sort(out["xla"][0, -1])[-2:]
-    if top2[1] - top2[0] > 2 ** -3 * np.abs(out["xla"]).max():
-        assert out[backend][0, -1].argmax() == out["xla"][0, -1].argmax()
+    for b in range(batch):
+        top2 = np.sort(out["xla"][b, -1])[-2:]
+        if top2[1] - top2[0] > 2 ** -3 * np.abs(out["xla"]).max():
+            assert out[backend][b, -1].argmax() == out["xla"][b, -1].argmax()
