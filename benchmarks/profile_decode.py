@@ -123,21 +123,18 @@ def main(argv=None):
     from jfp8 import _matmul_pallas, kv_cache
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
-    committed = (dict(gv.TUNING), dict(da.CONFIGS), _matmul_pallas.FUSED_PROLOGUES,
-                 _matmul_pallas.F16_STAGING_MIN_WEIGHT, kv_cache.V_BLOCK_BYTES, da.COMBINE_MIN_PROGRAMS,
-                 dict(gv.TUNING_F16), _matmul_pallas.NORM_STAGE_FUSED,
-                 _matmul_pallas.SWIGLU_STAGE_FUSED)
+    # every variant starts from the committed tables and switches
+    tables = (gv.TUNING, gv.TUNING_F16, da.CONFIGS)
+    switches = [(_matmul_pallas, "FUSED_PROLOGUES"), (_matmul_pallas, "F16_STAGING_MIN_WEIGHT"),
+                (_matmul_pallas, "NORM_STAGE_FUSED"), (_matmul_pallas, "SWIGLU_STAGE_FUSED"),
+                (kv_cache, "V_BLOCK_BYTES"), (da, "COMBINE_MIN_PROGRAMS")]
+    committed_tables = [dict(t) for t in tables]
+    committed_switches = [getattr(module, name) for module, name in switches]
     for variant in args.variants.split("|"):
-        # every variant starts from the committed tables
-        gv.TUNING.clear(), gv.TUNING.update(committed[0])
-        gv.TUNING_F16.clear(), gv.TUNING_F16.update(committed[6])
-        da.CONFIGS.clear(), da.CONFIGS.update(committed[1])
-        _matmul_pallas.FUSED_PROLOGUES = committed[2]
-        _matmul_pallas.F16_STAGING_MIN_WEIGHT = committed[3]
-        kv_cache.V_BLOCK_BYTES = committed[4]
-        da.COMBINE_MIN_PROGRAMS = committed[5]
-        _matmul_pallas.NORM_STAGE_FUSED = committed[7]
-        _matmul_pallas.SWIGLU_STAGE_FUSED = committed[8]
+        for table, saved in zip(tables, committed_tables):
+            table.clear(), table.update(saved)
+        for (module, name), saved in zip(switches, committed_switches):
+            setattr(module, name, saved)
         # Inner jits (e.g. jfp8.attention's) cache their traces by shape: without this a
         # variant's table would only reach the kernels traced for the first time.
         jax.clear_caches()

@@ -56,9 +56,9 @@ except AttributeError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
+from jfp8.scaling import reciprocal, scale_from_amax
 from pallas_kernels.decode_attention import cache_dims, to_token_major, v_shape_for
 from pallas_kernels.kv_append import rows_at
-from jfp8.scaling import reciprocal, scale_from_amax
 
 __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "bytes_per_token",
            "v_block", "SCALINGS"]
@@ -115,18 +115,16 @@ class KVCache:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         data_dtype, _ = _resolve_dtype(dtype)
         L = num_layers
-        if data_dtype == jnp.bfloat16:
-            shape = (L, batch, max_len, num_kv_heads, head_dim)
-            v_shape = shape
-        else:
-            shape = (L, batch, num_kv_heads, max_len, head_dim)
-            v_shape = v_shape_for(shape, "hsd", v_block(head_dim, data_dtype))
-        if data_dtype == jnp.bfloat16:
+        if data_dtype == jnp.bfloat16:                                  # layout "sd"
+            shape = v_shape = (L, batch, max_len, num_kv_heads, head_dim)
             scaling = "none"
             if k_scale is not None or v_scale is not None:
                 raise ValueError("k_scale, v_scale: a bf16 cache takes no scales, got some")
-        elif scaling not in SCALINGS:
-            raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
+        else:                                                           # layout "hsd"
+            shape = (L, batch, num_kv_heads, max_len, head_dim)
+            v_shape = v_shape_for(shape, "hsd", v_block(head_dim, data_dtype))
+            if scaling not in SCALINGS:
+                raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
         if scaling == "per_token_head":
             if k_scale is not None or v_scale is not None:
                 raise ValueError("k_scale, v_scale: static scales need scaling='per_tensor', "
