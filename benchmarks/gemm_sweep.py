@@ -74,6 +74,18 @@ ROUNDS = {
                 MC(64, 128, "m", 4, "m", 8, cluster="n"), MC(64, 128, "m", 4, "n", 8, cluster="m"),
                 MC(64, 128, "m", 5, "m", 8, cluster="m"), MC(64, 128, "m", 4, "m", 16, cluster="m"),
                 MC(64, 128, "n", 4, "m", 8, cluster="m")]),
+    # Round 4 (H200): the K block's product in several fresh accumulators (MgpuConfig.parts),
+    # each promoted as soon as its wgmma completes (`lag` parts in flight), and 64 x 256
+    # warpgroup tiles (CTA 128 x 256) whose fresh registers are one or two 64-column parts.
+    4: dict(
+        xla=["xla_bf16", "xla_fp8_tensor"],
+        mosaic=[MC(64, 128, "m", 4, "m", 8), MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
+                MC(64, 128, "m", 4, "m", 8, parts=4, lag=2),
+                MC(64, 256, "m", 3, "m", 8, parts=2, lag=0),
+                MC(64, 256, "m", 3, "m", 8, parts=4, lag=1),
+                MC(64, 256, "m", 3, "m", 8, parts=4, lag=0),
+                MC(64, 256, "m", 3, "n", 8, parts=4, lag=1),
+                MC(64, 256, "m", 3, "m", 8, parts=4, lag=1, cluster="m")]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

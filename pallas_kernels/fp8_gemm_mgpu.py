@@ -65,6 +65,13 @@ class MgpuConfig:
       tile_n == 128, per-tensor), combine it with the activation row scales into one row vector
       (one FFMA per element per K step instead of FMUL + FFMA). The row layout always takes
       per-column weight scales.
+    parts: the warpgroup's K-block product goes into `parts` fresh accumulators of
+      tile_n / parts columns each (one wgmma per part), so the promotion of one part can run
+      while a later part's wgmma is still in flight, and a wide warpgroup tile (64 x 256: half
+      the operand traffic per FLOP of 64 x 128) needs fresh registers for only a few parts.
+    lag: parts whose wgmma may still be in flight when the oldest one is promoted: 0 issues,
+      waits for and promotes each part in turn; `parts - 1` issues every part before promoting
+      any. The fresh registers live at once are min(lag + 1, parts) parts.
     cluster: None, or "m" / "n": two CTAs per cluster take neighbouring output tiles along that
       axis and share the other operand's tile, which TMA multicasts to both (half the L2 -> SMEM
       traffic for that operand; DeepGEMM's scheme). Needs the tile count along that axis even
@@ -81,6 +88,8 @@ class MgpuConfig:
   overlap: bool = False
   tile_b_scale: bool = True
   cluster: str | None = None
+  parts: int = 1
+  lag: int = 0
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -89,6 +98,17 @@ class MgpuConfig:
       raise ValueError(f"MgpuConfig: tile_m, tile_n multiples of 64 (wgmma), epi_m | tile_m: {self}")
     if self.cluster not in (None, "m", "n"):
       raise ValueError(f"MgpuConfig: cluster must be None, 'm' or 'n', got {self.cluster!r}")
+    if self.parts < 1 or self.tile_n % self.parts or self.part_n % 8:
+      raise ValueError(f"MgpuConfig: parts must split tile_n into multiples of 8 columns: {self}")
+    if not 0 <= self.lag < self.parts:
+      raise ValueError(f"MgpuConfig: lag must be in [0, parts), got {self.lag} for {self.parts}")
+    if self.overlap and self.parts != 1:
+      raise ValueError(f"MgpuConfig: overlap needs parts == 1: {self}")
+
+  @property
+  def part_n(self) -> int:
+    """Columns of one fresh accumulator (one wgmma)."""
+    return self.tile_n // self.parts
 
   @property
   def cta_m(self) -> int:
@@ -171,9 +191,11 @@ def supports(m: int, n: int, k: int, layout: str) -> bool:
 
 
 def _uses_tile_b_scale(cfg: MgpuConfig, layout: str) -> bool:
+  """Whether every accumulator part lies in one 128-column weight-scale block, so the weight
+  scales travel as one value per (block, K step), repeated tile_m times (see MgpuConfig)."""
   if not cfg.tile_b_scale or layout == "row":
     return False
-  return layout == "tensor" or cfg.tile_n == SCALE_BLOCK
+  return cfg.cta_n % SCALE_BLOCK == 0 and SCALE_BLOCK % cfg.part_n == 0
 
 
 def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, has_bias,
@@ -190,14 +212,15 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
                 plgpu.SwizzleTransform(swizzle))
   out_itemsize = jnp.dtype(out_dtype).itemsize
   epi_m = cfg.epi_m
-  epi_n = min(tile_n, 128 // out_itemsize)  # one 128-byte swizzled row per epilogue tile row
+  part_n, parts = cfg.part_n, cfg.parts
+  epi_n = min(part_n, 128 // out_itemsize)  # one 128-byte swizzled row per epilogue tile row
   out_swizzle = plgpu.find_swizzle(epi_n * out_itemsize * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // out_itemsize)),
                     plgpu.SwizzleTransform(out_swizzle))
 
-  # Weight-scale row per K step: per column (cta_n wide), or per warpgroup tile repeated
-  # tile_m times so it loads in the same row layout as the activation scales.
-  b_width = (cta_n // tile_n) * tile_m if tile_b else cta_n
+  # Weight-scale row per K step: per column (cta_n wide), or per 128-column scale block
+  # repeated tile_m times so it loads in the same row layout as the activation scales.
+  b_width = (cta_n // SCALE_BLOCK) * tile_m if tile_b else cta_n
 
   # Clustered CTAs share one operand's tile: TMA multicasts it (collective BlockSpec).
   shared_a = ("cluster",) if cfg.cluster == "n" else ()
@@ -248,57 +271,74 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
       ms = pl.ds(i_m * cta_m, cta_m)
       ns = pl.ds(i_n * cta_n, cta_n)
       wm = pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "m" else slice(None)
-      wn = pl.ds(wg * tile_n, tile_n) if cfg.wg_dim == "n" else slice(None)
+      wg_col = wg * tile_n if cfg.wg_dim == "n" else 0   # the warpgroup's first column in the CTA
+      wn = pl.ds(wg_col, tile_n) if cfg.wg_dim == "n" else slice(None)
 
-      wb = (pl.ds(wg * tile_m, tile_m) if cfg.wg_dim == "n" else slice(None)) if tile_b else wn
+      def part_cols(p):
+        return pl.ds(wg_col + p * part_n, part_n)
 
       def load_scales(as_s, bs_s):
+        """Per part: the scales of its columns as (row vector,) or (row, column vectors)."""
         # (ref, index) form: the form checked on jax 0.11.2 (it warns that ref.at[idx] is preferred).
         a_vec = plgpu.load(as_s.at[0], (wm,), layout=plgpu.Layout.WGMMA.reduce(1))
-        if tile_b:
-          b_vec = plgpu.load(bs_s.at[0], (wb,), layout=plgpu.Layout.WGMMA.reduce(1))
-          return (a_vec * b_vec,)
-        return a_vec, plgpu.load(bs_s.at[0], (wb,), layout=plgpu.Layout.WGMMA.reduce(0))
+        out = []
+        for p in range(parts):
+          if tile_b:
+            blk = (wg_col + p * part_n) // SCALE_BLOCK
+            b_vec = plgpu.load(bs_s.at[0], (pl.ds(blk * tile_m, tile_m),),
+                               layout=plgpu.Layout.WGMMA.reduce(1))
+            out.append((a_vec * b_vec,))
+          else:
+            out.append((a_vec, plgpu.load(bs_s.at[0], (part_cols(p),),
+                                          layout=plgpu.Layout.WGMMA.reduce(0))))
+        return out
 
       def zero_scales():
         row = plgpu.layout_cast(jnp.zeros((tile_m,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         if tile_b:
           return (row,)
-        return row, plgpu.layout_cast(jnp.zeros((tile_n,), jnp.float32),
+        return row, plgpu.layout_cast(jnp.zeros((part_n,), jnp.float32),
                                       plgpu.Layout.WGMMA.reduce(0))
 
       def scale_tile(*scales):
-        tile = lax.broadcast_in_dim(scales[0], (tile_m, tile_n), [0])
+        tile = lax.broadcast_in_dim(scales[0], (tile_m, part_n), [0])
         if len(scales) == 2:
-          tile = tile * lax.broadcast_in_dim(scales[1], (tile_m, tile_n), [1])
+          tile = tile * lax.broadcast_in_dim(scales[1], (tile_m, part_n), [1])
         return tile
 
       def zeros_tile():
-        return plgpu.layout_cast(jnp.zeros((tile_m, tile_n), jnp.float32), plgpu.Layout.WGMMA)
+        return plgpu.layout_cast(jnp.zeros((tile_m, part_n), jnp.float32), plgpu.Layout.WGMMA)
 
       def compute_context(eval_pipeline):
-        if cfg.overlap:
+        if cfg.overlap:   # parts == 1
           acc, prev, scales = eval_pipeline((zeros_tile(), zeros_tile(), zero_scales()))
-          acc = acc + prev * scale_tile(*scales)
+          accs = (acc + prev * scale_tile(*scales),)
         else:
-          acc = eval_pipeline(zeros_tile())
+          accs = eval_pipeline(tuple(zeros_tile() for _ in range(parts)))
         if has_bias:
           plgpu.copy_gmem_to_smem(bias_g.at[ns].at[wn], bias_smem.at[wg], bias_barrier.at[wg])
           plgpu.barrier_wait(bias_barrier.at[wg])
-          bias = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
-          acc = acc + lax.broadcast_in_dim(bias, (tile_m, tile_n), [1])
-        out = acc.astype(out_dtype)
+          accs = tuple(
+              acc + lax.broadcast_in_dim(
+                  plgpu.load(bias_smem.at[wg], (pl.ds(p * part_n, part_n),),
+                             layout=plgpu.Layout.WGMMA.reduce(0)), (tile_m, part_n), [1])
+              for p, acc in enumerate(accs))
+        outs = [acc.astype(out_dtype) for acc in accs]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        i_epi = 0
         for e_m in range(tile_m // epi_m):
-          for e_n in range(tile_n // epi_n):
-            slot = (e_m * (tile_n // epi_n) + e_n) % 2
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            out_smem[wg, slot] = out[e_m * epi_m:(e_m + 1) * epi_m, e_n * epi_n:(e_n + 1) * epi_n]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg, slot],
-                o_g.at[ms, ns].at[wm, wn].at[pl.ds(e_m * epi_m, epi_m),
-                                             pl.ds(e_n * epi_n, epi_n)])
+          for p in range(parts):
+            for e_n in range(part_n // epi_n):
+              slot = i_epi % 2
+              i_epi += 1
+              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+              out_smem[wg, slot] = outs[p][e_m * epi_m:(e_m + 1) * epi_m,
+                                           e_n * epi_n:(e_n + 1) * epi_n]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(
+                  out_smem.at[wg, slot],
+                  o_g.at[ms, ns].at[wm, wn].at[pl.ds(e_m * epi_m, epi_m),
+                                               pl.ds(p * part_n + e_n * epi_n, epi_n)])
 
       def body(idxs, a_s, b_s, as_s, bs_s, carry):
         if cfg.overlap:
@@ -311,14 +351,33 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
             plgpu.wgmma_wait(0)
             return new_acc, acc_ref[...]
           acc, part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
-          return acc, part, load_scales(as_s, bs_s)
+          return acc, part, load_scales(as_s, bs_s)[0]
 
-        def mma(acc_ref):
-          plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[wn].T)
-          plgpu.wgmma_wait(0)
-          return acc_ref[...]
-        part = pl.run_scoped(mma, plgpu.ACC((tile_m, tile_n), jnp.float32))
-        return carry + part * scale_tile(*load_scales(as_s, bs_s))
+        scales = load_scales(as_s, bs_s)
+
+        def promote(p, acc_ref, wait_n):
+          return carry[p] + plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n) * scale_tile(
+              *scales[p])
+
+        def issue(p, pending):
+          """Issue part p's wgmma into a fresh accumulator, promote the parts beyond `lag` in
+          flight, recurse; returns {part: promoted tile} for the parts promoted here or deeper.
+          Nested scopes keep a part's fresh registers alive only until its promotion."""
+          if p == parts:
+            return {q: promote(q, ref, len(pending) - 1 - i) for i, (q, ref) in enumerate(pending)}
+
+          def scope(acc_ref):
+            plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[part_cols(p)].T)
+            in_flight = pending + [(p, acc_ref)]
+            done = {}
+            while len(in_flight) > cfg.lag:
+              q, ref = in_flight.pop(0)
+              done[q] = promote(q, ref, len(in_flight))
+            return {**done, **issue(p + 1, in_flight)}
+          return pl.run_scoped(scope, plgpu.ACC((tile_m, part_n), jnp.float32))
+
+        done = issue(0, [])
+        return tuple(done[p] for p in range(parts))
 
       get_pipeline(body, compute_context)(
           a_g.at[ms, :], b_g.at[ns, :], as_g.at[:, ms], bs_g.at[:, pl.ds(i_n * b_width, b_width)],
@@ -360,11 +419,11 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_s
   tile_b = _uses_tile_b_scale(cfg, layout)
   if layout == "tensor":
     a_rows = jnp.broadcast_to((a_scale * b_scale).astype(f32).reshape(1, 1), (num_k, m_pad))
-    b_rows = jnp.ones((num_k, (n_pad // cfg.tile_n) * cfg.tile_m if tile_b else n_pad), f32)
+    b_rows = jnp.ones((num_k, (n_pad // SCALE_BLOCK) * cfg.tile_m if tile_b else n_pad), f32)
   elif layout == "row":
     a_rows = jnp.broadcast_to(_pad_to(a_scale.astype(f32), (m_pad, 1)).T, (num_k, m_pad))
     b_rows = jnp.broadcast_to(_pad_to(b_scale.astype(f32), (n_pad, 1)).T, (num_k, n_pad))
-  elif tile_b:  # block layout, tile_n == 128: one weight scale per warpgroup tile
+  elif tile_b:  # block layout: one weight scale per 128-column block, repeated tile_m times
     a_rows = _pad_to(a_scale.astype(f32), (m_pad, num_k)).T
     b_rows = jnp.repeat(_pad_to(b_scale.astype(f32), (n_pad // SCALE_BLOCK, num_k)).T,
                         cfg.tile_m, axis=1)

@@ -257,10 +257,16 @@ def test_mosaic_gpu_matches_reference(layout, m, n, k):
 
 
 # Schedule variants that must compute the same function as the plain kernel: the promotion
-# overlapped with the next wgmma, and 2-CTA clusters sharing one operand's tile through TMA
-# multicast (M = 384 is an odd number of 128-row tiles: the wrapper pads M to the cluster pair).
+# overlapped with the next wgmma, 2-CTA clusters sharing one operand's tile through TMA
+# multicast (M = 384 is an odd number of 128-row tiles: the wrapper pads M to the cluster pair),
+# and the K block's product split into fresh accumulator parts promoted one by one (with 64 x 256
+# warpgroup tiles spanning two weight-scale blocks, N = 512 one or two CTA columns).
 MGPU_VARIANTS = {"overlap": dict(max_concurrent_steps=3, overlap=True),
-                 "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n")}
+                 "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n"),
+                 "parts2_lag1": dict(parts=2, lag=1),
+                 "wide_parts4_lag1": dict(tile_n=256, max_concurrent_steps=3, parts=4, lag=1),
+                 "wide_n_parts2_lag0": dict(tile_n=256, wg_dim="n", max_concurrent_steps=2,
+                                            parts=2, lag=0)}
 
 
 @pytest.mark.gpu
@@ -288,6 +294,20 @@ def test_mgpu_cluster_config():
     MG.MgpuConfig(cluster="k")
 
 
+def test_mgpu_parts_config():
+  from pallas_kernels import fp8_gemm_mgpu as MG
+  cfg = MG.MgpuConfig(64, 256, "m", 3, "m", 8, parts=4, lag=1)
+  assert (cfg.part_n, cfg.cta_n) == (64, 256)
+  assert MG._uses_tile_b_scale(cfg, "block") and MG._uses_tile_b_scale(cfg, "tensor")
+  assert not MG._uses_tile_b_scale(cfg, "row")
+  # a 192-column part would straddle two weight-scale blocks: per-column scales instead
+  assert not MG._uses_tile_b_scale(MG.MgpuConfig(64, 192, "n", 3, "m", 8), "block")
+  for bad in (dict(parts=3), dict(parts=2, lag=2), dict(parts=2, lag=-1), dict(parts=32),
+              dict(parts=2, lag=1, overlap=True)):
+    with pytest.raises(ValueError, match="parts|lag|overlap"):
+      MG.MgpuConfig(**bad)
+
+
 def test_mgpu_module_imports_and_validates():
   # Importing must work on CPU jax (guarded imports); validation runs before any lowering.
   from pallas_kernels import fp8_gemm_mgpu as MG
@@ -300,9 +320,11 @@ def test_mgpu_module_imports_and_validates():
   assert out.shape == (8, 64)
 
 
-@pytest.mark.parametrize("layout,overlap,cluster", [("block", False, None), ("row", True, None),
-                                                    ("block", False, "m"), ("tensor", False, "n")])
-def test_mgpu_kernel_lowers_for_cuda(layout, overlap, cluster):
+@pytest.mark.parametrize("layout,overlap,cluster,parts", [
+    ("block", False, None, {}), ("row", True, None, {}), ("block", False, "m", {}),
+    ("tensor", False, "n", {}), ("block", False, None, dict(tile_n=256, parts=4, lag=1)),
+    ("row", False, None, dict(parts=2, lag=0))])
+def test_mgpu_kernel_lowers_for_cuda(layout, overlap, cluster, parts):
   # Traces the Mosaic GPU kernel body and lowers it for CUDA without a GPU: catches kernel-body
   # errors on CPU CI (it cannot run here; the gpu-marked tests check its numerics).
   from pallas_kernels import fp8_gemm_mgpu as MG
@@ -313,7 +335,8 @@ def test_mgpu_kernel_lowers_for_cuda(layout, overlap, cluster):
   args = (jax.ShapeDtypeStruct((m, k), E4M3), jax.ShapeDtypeStruct((n, k), E4M3),
           jax.ShapeDtypeStruct(sa_shape, jnp.float32), jax.ShapeDtypeStruct(sb_shape, jnp.float32),
           jax.ShapeDtypeStruct((n,), jnp.float32))
-  cfg = MG.MgpuConfig(64, 128, "n" if overlap else "m", 3, "n", 8, overlap=overlap,
-                      cluster=cluster)
+  cfg = MG.MgpuConfig(**{**dict(tile_m=64, tile_n=128, wg_dim="n" if overlap else "m",
+                                max_concurrent_steps=3, grid_minor="n", grid_tile_width=8,
+                                overlap=overlap, cluster=cluster), **parts})
   MG._fp8_gemm_jit.trace(*args, layout=layout, out_dtype=jnp.dtype(jnp.bfloat16), cfg=cfg,
                          num_sms=132).lower(lowering_platforms=("cuda",))
