@@ -86,6 +86,16 @@ ROUNDS = {
                 MC(64, 256, "m", 3, "m", 8, parts=4, lag=0),
                 MC(64, 256, "m", 3, "n", 8, parts=4, lag=1),
                 MC(64, 256, "m", 3, "m", 8, parts=4, lag=1, cluster="m")]),
+    # Round 5 (H200): around round 4's winner (64 x 128, parts=2, lag=1).
+    5: dict(
+        xla=["xla_bf16", "xla_fp8_tensor"],
+        mosaic=[MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
+                MC(64, 128, "m", 4, "m", 8, parts=2, lag=0),
+                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, cluster="m"),
+                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, cluster="n"),
+                MC(64, 128, "m", 5, "m", 8, parts=2, lag=1),
+                MC(64, 128, "m", 4, "n", 8, parts=2, lag=1),
+                MC(64, 128, "m", 4, "m", 16, parts=2, lag=1)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

@@ -144,10 +144,14 @@ class MgpuConfig:
 
 # Tuning table: M class -> config (filled from benchmarks/results/gemm_sweep_r1.json and _r2.json,
 # H100; `benchmarks/gemm_sweep.py`).
+# "medium" / "large": the K block's product in two 64-column parts, the first promoted while the
+# second's wgmma runs (parts=2, lag=1), from the H200 round 4 (results/gemm_sweep_r4_h200.md,
+# TFLOP/s): 8192^3 1083 -> 1143, gate_up M=2048 1046 -> 1103, down M=2048 1053 -> 1182; 64 x 256
+# warpgroup tiles lost (428-1026).
 TUNING: dict[str, MgpuConfig] = {
     "small": MgpuConfig(64, 128, "m", 4, "n", 8),
-    "medium": MgpuConfig(64, 128, "m", 4, "m", 8),
-    "large": MgpuConfig(64, 128, "m", 4, "m", 8),
+    "medium": MgpuConfig(64, 128, "m", 4, "m", 8, parts=2, lag=1),
+    "large": MgpuConfig(64, 128, "m", 4, "m", 8, parts=2, lag=1),
 }
 
 
@@ -396,10 +400,14 @@ def fp8_gemm(a, b, a_scale, b_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
   if interpret:
     return fp8_gemm_reference(a, b, a_scale, b_scale, layout=layout, bias=bias,
                               out_dtype=out_dtype)
+  cfg = config or config_for(m, n, k, layout)
+  if not _uses_tile_b_scale(cfg, layout) and cfg.cta_n > 256:
+    raise ValueError(f"config: per-column weight scales load one (1, cta_n) row per K step and "
+                     f"a TMA box holds at most 256 elements; cta_n={cfg.cta_n} for layout "
+                     f"{layout!r}")
   reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"fp8_gemm_mgpu: cannot run here: {reason}")
-  cfg = config or config_for(m, n, k, layout)
   num_sms = _backend.get_default_device().core_count
   return _fp8_gemm_jit(a, b, a_scale, b_scale, bias, layout=layout,
                        out_dtype=jnp.dtype(out_dtype), cfg=cfg, num_sms=num_sms)

@@ -265,8 +265,7 @@ MGPU_VARIANTS = {"overlap": dict(max_concurrent_steps=3, overlap=True),
                  "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n"),
                  "parts2_lag1": dict(parts=2, lag=1),
                  "wide_parts4_lag1": dict(tile_n=256, max_concurrent_steps=3, parts=4, lag=1),
-                 "wide_n_parts2_lag0": dict(tile_n=256, wg_dim="n", max_concurrent_steps=2,
-                                            parts=2, lag=0)}
+                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0)}
 
 
 @pytest.mark.gpu
@@ -302,6 +301,10 @@ def test_mgpu_parts_config():
   assert not MG._uses_tile_b_scale(cfg, "row")
   # a 192-column part would straddle two weight-scale blocks: per-column scales instead
   assert not MG._uses_tile_b_scale(MG.MgpuConfig(64, 192, "n", 3, "m", 8), "block")
+  # per-column scale rows wider than a TMA box (256 elements) are refused before lowering
+  wide = MG.MgpuConfig(64, 256, "n", 2, "m", 8, parts=2)
+  with pytest.raises(ValueError, match="TMA box"):
+    MG.fp8_gemm(**_good("row"), config=wide)
   for bad in (dict(parts=3), dict(parts=2, lag=2), dict(parts=2, lag=-1), dict(parts=32),
               dict(parts=2, lag=1, overlap=True)):
     with pytest.raises(ValueError, match="parts|lag|overlap"):
