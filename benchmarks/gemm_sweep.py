@@ -96,17 +96,6 @@ ROUNDS = {
                 MC(64, 128, "m", 5, "m", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "n", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "m", 16, parts=2, lag=1)]),
-    # Round 6 (H200): the last parts' wgmmas carried in flight into the next K step
-    # (MgpuConfig.carry; operand slots released one step late, so one more stage is tried).
-    6: dict(
-        xla=["xla_bf16", "xla_fp8_tensor"],
-        mosaic=[MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, carry=True),
-                MC(64, 128, "m", 5, "m", 8, parts=2, lag=1, carry=True),
-                MC(64, 128, "m", 4, "m", 8, parts=4, lag=2, carry=True),
-                MC(64, 128, "m", 4, "m", 8, parts=4, lag=3, carry=True),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, carry=True, cluster="m"),
-                MC(64, 256, "m", 3, "m", 8, parts=4, lag=1, carry=True)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

@@ -72,15 +72,6 @@ class MgpuConfig:
     lag: parts whose wgmma may still be in flight when the oldest one is promoted: 0 issues,
       waits for and promotes each part in turn; `parts - 1` issues every part before promoting
       any. The fresh registers live at once are min(lag + 1, parts) parts.
-    carry: the last `lag` parts' wgmmas stay in flight into the next K step and are promoted
-      there once its first part is issued, so the tensor core always has queued work across the
-      step boundary (the K loop of DeepGEMM / JAX's hopper_matmul_mgpu with wgmma_wait(1)). The
-      `parts` fresh accumulators then live for the whole tile and are zeroed after each
-      promotion, and the operand SMEM slots are released one step late (BlockSpec
-      delay_release=1). Like JAX's own kernel with delay_release, the pipeline's producer may
-      start the next tile's first loads before the consumer's last wgmma has finished reading
-      the final slot (it retires within ~0.1 us of the producer's wake-up, far below a TMA
-      load's latency); the GPU tests compare every tile against the reference. Needs lag >= 1.
     cluster: None, or "m" / "n": two CTAs per cluster take neighbouring output tiles along that
       axis and share the other operand's tile, which TMA multicasts to both (half the L2 -> SMEM
       traffic for that operand; DeepGEMM's scheme). Needs the tile count along that axis even
@@ -99,7 +90,6 @@ class MgpuConfig:
   cluster: str | None = None
   parts: int = 1
   lag: int = 0
-  carry: bool = False
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -114,8 +104,6 @@ class MgpuConfig:
       raise ValueError(f"MgpuConfig: lag must be in [0, parts), got {self.lag} for {self.parts}")
     if self.overlap and self.parts != 1:
       raise ValueError(f"MgpuConfig: overlap needs parts == 1: {self}")
-    if self.carry and (self.lag < 1 or self.max_concurrent_steps < 2):
-      raise ValueError(f"MgpuConfig: carry needs lag >= 1 and max_concurrent_steps >= 2: {self}")
 
   @property
   def part_n(self) -> int:
@@ -242,9 +230,6 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
   shared_a = ("cluster",) if cfg.cluster == "n" else ()
   shared_b = ("cluster",) if cfg.cluster == "m" else ()
 
-  # carry: a wgmma reading a step's operand slot is still in flight during the next step.
-  delay = dict(delay_release=1) if cfg.carry else {}
-
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body,
@@ -252,13 +237,11 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
         memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((cta_m, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
-                            memory_space=plgpu.SMEM, collective_axes=shared_a, **delay),
+                            memory_space=plgpu.SMEM, collective_axes=shared_a),
             plgpu.BlockSpec((cta_n, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
-                            memory_space=plgpu.SMEM, collective_axes=shared_b, **delay),
-            plgpu.BlockSpec((1, cta_m), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM,
-                            **delay),
-            plgpu.BlockSpec((1, b_width), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM,
-                            **delay),
+                            memory_space=plgpu.SMEM, collective_axes=shared_b),
+            plgpu.BlockSpec((1, cta_m), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec((1, b_width), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -330,24 +313,10 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
       def zeros_tile():
         return plgpu.layout_cast(jnp.zeros((tile_m, part_n), jnp.float32), plgpu.Layout.WGMMA)
 
-      carried = []   # carry: the tile-long fresh accumulators, for `body` to close over
-
       def compute_context(eval_pipeline):
         if cfg.overlap:   # parts == 1
           acc, prev, scales = eval_pipeline((zeros_tile(), zeros_tile(), zero_scales()))
           accs = (acc + prev * scale_tile(*scales),)
-        elif cfg.carry:
-          def with_fresh(*fresh):
-            carried[:] = fresh
-            runs, pending = eval_pipeline((tuple(zeros_tile() for _ in range(parts)),
-                                           tuple(zero_scales() for _ in range(cfg.lag))))
-            runs = list(runs)
-            for i, q in enumerate(range(parts - cfg.lag, parts)):   # the last step's tail
-              runs[q] = runs[q] + plgpu.wgmma_accumulator_load(
-                  fresh[q], wait_n=cfg.lag - 1 - i) * scale_tile(*pending[i])
-            return tuple(runs)
-          accs = pl.run_scoped(with_fresh,
-                               *[plgpu.ACC((tile_m, part_n), jnp.float32) for _ in range(parts)])
         else:
           accs = eval_pipeline(tuple(zeros_tile() for _ in range(parts)))
         if has_bias:
@@ -389,20 +358,6 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
           return acc, part, load_scales(as_s, bs_s)[0]
 
         scales = load_scales(as_s, bs_s)
-
-        if cfg.carry:
-          runs, prev_scales = list(carry[0]), carry[1]
-          # The previous step's last `lag` parts are still in flight (at step 0: zeros, scale 0).
-          in_flight = [(q, prev_scales[i]) for i, q in enumerate(range(parts - cfg.lag, parts))]
-          for p in range(parts):
-            plgpu.wgmma(carried[p], a_s.at[wm], b_s.at[part_cols(p)].T)
-            in_flight.append((p, scales[p]))
-            while len(in_flight) > cfg.lag:
-              q, q_scales = in_flight.pop(0)
-              tile = plgpu.wgmma_accumulator_load(carried[q], wait_n=len(in_flight))
-              carried[q][...] = zeros_tile()   # fresh for part q's next wgmma
-              runs[q] = runs[q] + tile * scale_tile(*q_scales)
-          return tuple(runs), tuple(s for _, s in in_flight)
 
         def promote(p, acc_ref, wait_n):
           return carry[p] + plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n) * scale_tile(
