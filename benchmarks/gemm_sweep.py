@@ -96,18 +96,6 @@ ROUNDS = {
                 MC(64, 128, "m", 5, "m", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "n", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "m", 16, parts=2, lag=1)]),
-    # Round 7 (H200): the parts fed from one register copy of the activation tile (a_in_regs:
-    # A read from shared memory once per K step instead of once per part). Round 6 (the carry
-    # variant, commit b94fa24) is in results/gemm_sweep_r6_h200.md.
-    7: dict(
-        xla=["xla_bf16", "xla_fp8_tensor"],
-        mosaic=[MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, a_in_regs=True),
-                MC(64, 128, "m", 4, "m", 8, parts=4, lag=2, a_in_regs=True),
-                MC(64, 128, "m", 4, "m", 8, parts=4, lag=1, a_in_regs=True),
-                MC(64, 128, "m", 5, "m", 8, parts=2, lag=1, a_in_regs=True),
-                MC(64, 128, "m", 4, "m", 8, a_in_regs=True),
-                MC(64, 256, "m", 3, "m", 8, parts=4, lag=1, a_in_regs=True)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

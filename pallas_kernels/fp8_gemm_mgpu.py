@@ -72,10 +72,6 @@ class MgpuConfig:
     lag: parts whose wgmma may still be in flight when the oldest one is promoted: 0 issues,
       waits for and promotes each part in turn; `parts - 1` issues every part before promoting
       any. The fresh registers live at once are min(lag + 1, parts) parts.
-    a_in_regs: load the warpgroup's (tile_m x 128) activation slice from SMEM into registers
-      once per K step and feed every part's wgmma from there (wgmma's register-A form), so the
-      parts do not each re-read A from shared memory (ncu: shared memory is the kernel's
-      busiest unit, results/ncu_gemm_h200.md). Needs tile_m == 64 (one wgmma row block).
     cluster: None, or "m" / "n": two CTAs per cluster take neighbouring output tiles along that
       axis and share the other operand's tile, which TMA multicasts to both (half the L2 -> SMEM
       traffic for that operand; DeepGEMM's scheme). Needs the tile count along that axis even
@@ -94,7 +90,6 @@ class MgpuConfig:
   cluster: str | None = None
   parts: int = 1
   lag: int = 0
-  a_in_regs: bool = False
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -109,8 +104,6 @@ class MgpuConfig:
       raise ValueError(f"MgpuConfig: lag must be in [0, parts), got {self.lag} for {self.parts}")
     if self.overlap and self.parts != 1:
       raise ValueError(f"MgpuConfig: overlap needs parts == 1: {self}")
-    if self.a_in_regs and self.tile_m != 64:
-      raise ValueError(f"MgpuConfig: a_in_regs needs tile_m == 64 (one wgmma row block): {self}")
 
   @property
   def part_n(self) -> int:
@@ -365,9 +358,6 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
           return acc, part, load_scales(as_s, bs_s)[0]
 
         scales = load_scales(as_s, bs_s)
-        a_op = a_s.at[wm]
-        if cfg.a_in_regs:
-          a_op = plgpu.load(a_s, (wm,), layout=plgpu.Layout.WGMMA_8BIT)
 
         def promote(p, acc_ref, wait_n):
           return carry[p] + plgpu.wgmma_accumulator_load(acc_ref, wait_n=wait_n) * scale_tile(
@@ -381,7 +371,7 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
             return {q: promote(q, ref, len(pending) - 1 - i) for i, (q, ref) in enumerate(pending)}
 
           def scope(acc_ref):
-            plgpu.wgmma(acc_ref, a_op, b_s.at[part_cols(p)].T)
+            plgpu.wgmma(acc_ref, a_s.at[wm], b_s.at[part_cols(p)].T)
             in_flight = pending + [(p, acc_ref)]
             done = {}
             while len(in_flight) > cfg.lag:

@@ -260,15 +260,12 @@ def test_mosaic_gpu_matches_reference(layout, m, n, k):
 # overlapped with the next wgmma, 2-CTA clusters sharing one operand's tile through TMA
 # multicast (M = 384 is an odd number of 128-row tiles: the wrapper pads M to the cluster pair),
 # and the K block's product split into fresh accumulator parts promoted one by one (with 64 x 256
-# warpgroup tiles spanning two weight-scale blocks, N = 512 one or two CTA columns), those parts
-# fed from one register copy of the activation tile (wgmma's register-A form).
+# warpgroup tiles spanning two weight-scale blocks, N = 512 one or two CTA columns).
 MGPU_VARIANTS = {"overlap": dict(max_concurrent_steps=3, overlap=True),
                  "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n"),
                  "parts2_lag1": dict(parts=2, lag=1),
                  "wide_parts4_lag1": dict(tile_n=256, max_concurrent_steps=3, parts=4, lag=1),
-                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0),
-                 "parts2_lag1_a_regs": dict(parts=2, lag=1, a_in_regs=True),
-                 "parts4_lag2_a_regs": dict(parts=4, lag=2, a_in_regs=True)}
+                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0)}
 
 
 @pytest.mark.gpu
@@ -309,8 +306,8 @@ def test_mgpu_parts_config():
   with pytest.raises(ValueError, match="TMA box"):
     MG.fp8_gemm(**_good("row"), config=wide)
   for bad in (dict(parts=3), dict(parts=2, lag=2), dict(parts=2, lag=-1), dict(parts=32),
-              dict(parts=2, lag=1, overlap=True), dict(tile_m=128, a_in_regs=True)):
-    with pytest.raises(ValueError, match="parts|lag|overlap|a_in_regs"):
+              dict(parts=2, lag=1, overlap=True)):
+    with pytest.raises(ValueError, match="parts|lag|overlap"):
       MG.MgpuConfig(**bad)
 
 
@@ -329,8 +326,7 @@ def test_mgpu_module_imports_and_validates():
 @pytest.mark.parametrize("layout,overlap,cluster,parts", [
     ("block", False, None, {}), ("row", True, None, {}), ("block", False, "m", {}),
     ("tensor", False, "n", {}), ("block", False, None, dict(tile_n=256, parts=4, lag=1)),
-    ("row", False, None, dict(parts=2, lag=0)),
-    ("block", False, None, dict(parts=2, lag=1, a_in_regs=True))])
+    ("row", False, None, dict(parts=2, lag=0))])
 def test_mgpu_kernel_lowers_for_cuda(layout, overlap, cluster, parts):
   # Traces the Mosaic GPU kernel body and lowers it for CUDA without a GPU: catches kernel-body
   # errors on CPU CI (it cannot run here; the gpu-marked tests check its numerics).
