@@ -61,10 +61,10 @@ class MgpuConfig:
     epi_m: rows per epilogue SMEM tile.
     overlap: fold the previous K block's scaled partial product into the running sum while this
       K block's wgmma runs (one more register tile; hides the promotion behind the tensor core).
-    tile_b_scale: when one weight scale covers a warpgroup's whole tile (block layout with
-      tile_n == 128, per-tensor), combine it with the activation row scales into one row vector
-      (one FFMA per element per K step instead of FMUL + FFMA). The row layout always takes
-      per-column weight scales.
+    tile_b_scale: when one weight scale covers each accumulator part (block or per-tensor
+      layout, every part inside one 128-column scale block), combine it with the activation row
+      scales into one row vector (one FFMA per element per K step instead of FMUL + FFMA). The
+      row layout always takes per-column weight scales.
     parts: the warpgroup's K-block product goes into `parts` fresh accumulators of
       tile_n / parts columns each (one wgmma per part), so the promotion of one part can run
       while a later part's wgmma is still in flight, and a wide warpgroup tile (64 x 256: half
