@@ -96,17 +96,6 @@ ROUNDS = {
                 MC(64, 128, "m", 5, "m", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "n", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "m", 16, parts=2, lag=1)]),
-    # Round 8 (H200): 8 more registers per consumer thread (memory_registers 24: 240 instead of
-    # 232), to let 64 x 256 warpgroup tiles (fewer shared-memory bytes per FLOP) run unspilled.
-    # Rounds 6 (carry, b94fa24) and 7 (a_in_regs, 8150a96) are in results/gemm_sweep_r6_h200.md
-    # and _r7_h200.md; those variants were reverted.
-    8: dict(
-        xla=["xla_bf16", "xla_fp8_tensor"],
-        mosaic=[MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, memory_registers=24),
-                MC(64, 256, "m", 3, "m", 8, parts=2, lag=0, memory_registers=24),
-                MC(64, 256, "m", 3, "m", 8, parts=4, lag=1, memory_registers=24),
-                MC(64, 256, "m", 3, "m", 8, parts=2, lag=0)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

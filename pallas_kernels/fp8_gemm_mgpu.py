@@ -72,8 +72,6 @@ class MgpuConfig:
     lag: parts whose wgmma may still be in flight when the oldest one is promoted: 0 issues,
       waits for and promotes each part in turn; `parts - 1` issues every part before promoting
       any. The fresh registers live at once are min(lag + 1, parts) parts.
-    memory_registers: registers per thread left to the TMA producer warpgroup (setmaxnreg); the
-      two consumer warpgroups share the rest: 40 -> 232 each, 24 -> 240.
     cluster: None, or "m" / "n": two CTAs per cluster take neighbouring output tiles along that
       axis and share the other operand's tile, which TMA multicasts to both (half the L2 -> SMEM
       traffic for that operand; DeepGEMM's scheme). Needs the tile count along that axis even
@@ -92,7 +90,6 @@ class MgpuConfig:
   cluster: str | None = None
   parts: int = 1
   lag: int = 0
-  memory_registers: int = 40
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -107,9 +104,6 @@ class MgpuConfig:
       raise ValueError(f"MgpuConfig: lag must be in [0, parts), got {self.lag} for {self.parts}")
     if self.overlap and self.parts != 1:
       raise ValueError(f"MgpuConfig: overlap needs parts == 1: {self}")
-    if not 24 <= self.memory_registers <= 256 or self.memory_registers % 8:
-      raise ValueError(f"MgpuConfig: memory_registers must be a multiple of 8 in [24, 256] "
-                       f"(setmaxnreg): {self}")
 
   @property
   def part_n(self) -> int:
@@ -242,7 +236,7 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
     return plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(num_k,),
-        memory_registers=cfg.memory_registers,
+        memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((cta_m, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
                             memory_space=plgpu.SMEM, collective_axes=shared_a),

@@ -265,9 +265,7 @@ MGPU_VARIANTS = {"overlap": dict(max_concurrent_steps=3, overlap=True),
                  "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n"),
                  "parts2_lag1": dict(parts=2, lag=1),
                  "wide_parts4_lag1": dict(tile_n=256, max_concurrent_steps=3, parts=4, lag=1),
-                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0),
-                 "wide_parts2_lag0_mr24": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0,
-                                               memory_registers=24)}
+                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0)}
 
 
 @pytest.mark.gpu
@@ -308,9 +306,8 @@ def test_mgpu_parts_config():
   with pytest.raises(ValueError, match="TMA box"):
     MG.fp8_gemm(**_good("row"), config=wide)
   for bad in (dict(parts=3), dict(parts=2, lag=2), dict(parts=2, lag=-1), dict(parts=32),
-              dict(parts=2, lag=1, overlap=True), dict(memory_registers=20),
-              dict(memory_registers=44)):
-    with pytest.raises(ValueError, match="parts|lag|overlap|memory_registers"):
+              dict(parts=2, lag=1, overlap=True)):
+    with pytest.raises(ValueError, match="parts|lag|overlap"):
       MG.MgpuConfig(**bad)
 
 
