@@ -148,8 +148,8 @@ class MgpuConfig:
 # second's wgmma runs (parts=2, lag=1), from the H200 round 4 (results/gemm_sweep_r4_h200.md,
 # TFLOP/s): 8192^3 1083 -> 1143, gate_up M=2048 1046 -> 1103, down M=2048 1053 -> 1182; 64 x 256
 # warpgroup tiles lost (428-1026): they spill at the 232-register consumer budget
-# (results/mgpu_sass_h200.md). Nothing beat it in rounds 5-7 (clusters, stages, tile order, wgmmas
-# carried across K steps, A fed from registers; results/gemm_notes.md).
+# (results/mgpu_sass_h200.md). Nothing beat it in rounds 5-8 (clusters, stages, tile order, wgmmas
+# carried across K steps, A fed from registers, a larger register share; results/gemm_notes.md).
 TUNING: dict[str, MgpuConfig] = {
     "small": MgpuConfig(64, 128, "m", 4, "n", 8),
     "medium": MgpuConfig(64, 128, "m", 4, "m", 8, parts=2, lag=1),
