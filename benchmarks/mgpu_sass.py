@@ -7,10 +7,14 @@ spills, ptxas warnings (a serialised wgmma pipeline is reported there) and SASS 
 Needs the GPU machine (Mosaic GPU compiles through the CUDA plugin). Each config is compiled and
 run once on a 1024 x 1024 x 1024 block-scaled problem (checked against the reference) with
 MOSAIC_GPU_DUMP_PTXAS / MOSAIC_GPU_DUMP_SASS set and MOSAIC_GPU_DUMP_TO pointing at
-<out>/<config>/; the summary reads those dumps: ptxas' "Used N registers" and spill lines, its
-warnings, and in the SASS the count of wgmma instructions (HGMMA / QGMMA), of warpgroup waits
-(WARPGROUP.DEPBAR / ARRIVE) and of FFMA / FMUL (the promotion). `--module` swaps in another copy
-of the kernel module (a probe of a variant that is not on main).
+<out>/<config>/; the summary reads those dumps: ptxas' "Used N registers" line (the launch count;
+consumer warpgroups raise theirs with setmaxnreg), its spill lines and its warnings and
+performance remarks (C75xx, e.g. a serialised wgmma pipeline), and, where the dump has SASS, the
+count of wgmma instructions (HGMMA / QGMMA), warpgroup waits and FFMA / FMUL. The H200 image's
+dump had no SASS file; the PTX it keeps assembles offline: `ptxas -arch=sm_90a -v X.ptx -o X.cubin`
+(a ptxas that reads PTX 9.0: CUDA >= 13) and `cuobjdump -sass X.cubin` (e.g. the one in pip's
+triton, triton/backends/nvidia/bin). `--module` swaps in another copy of the kernel module (a probe
+of a variant that is not on main).
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ def summarize(dump_dir: str) -> dict:
     sass = "\n".join(t for p, t in text.items() if p.lower().endswith("sass") or "sass" in p.lower())
     regs = re.findall(r"Used (\d+) registers", ptxas)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
-    warnings = sorted({line.strip() for line in ptxas.splitlines() if "warning" in line.lower()})
+    warnings = sorted({line.strip() for line in ptxas.splitlines()
+                       if "warning" in line.lower() or "(C75" in line})
     ops = collections.Counter(m.group(1) for m in re.finditer(r"\b(HGMMA|QGMMA|WARPGROUP\.DEPBAR|"
                                                                r"WARPGROUP\.ARRIVE|FFMA|FMUL|"
                                                                r"STL|LDL)\b", sass))
@@ -100,7 +105,7 @@ def main():
         print(json.dumps(row), flush=True)
     json.dump(rows, open(os.path.join(args.out, "mgpu_sass.json"), "w"), indent=1)
     print("\n| config | rel err | registers | spills (st, ld) | HGMMA/QGMMA | DEPBAR | FFMA | "
-          "STL/LDL | ptxas warnings |")
+          "STL/LDL | ptxas warnings and remarks |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o = r["sass_ops"]
