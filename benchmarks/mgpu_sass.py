@@ -46,8 +46,9 @@ def parse_config(spec: str, MG):
 def summarize(dump_dir: str) -> dict:
     text = {p: open(p, errors="replace").read() for p in glob.glob(f"{dump_dir}/**/*", recursive=True)
             if os.path.isfile(p)}
-    ptxas = "\n".join(t for p, t in text.items() if "ptxas" in p.lower())
-    sass = "\n".join(t for p, t in text.items() if p.lower().endswith("sass") or "sass" in p.lower())
+    # By file name, not path: the dump directory's own name (e.g. /tmp/mgpu_sass) says nothing.
+    ptxas = "\n".join(t for p, t in text.items() if p.endswith(".ptxas"))
+    sass = "\n".join(t for p, t in text.items() if p.endswith(".sass"))
     regs = re.findall(r"Used (\d+) registers", ptxas)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     warnings = sorted({line.strip() for line in ptxas.splitlines()
