@@ -96,18 +96,6 @@ ROUNDS = {
                 MC(64, 128, "m", 5, "m", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "n", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "m", 16, parts=2, lag=1)]),
-    # Round 9 (H200): three consumer warpgroups (CTA 192 x 128, 152 registers each), so one
-    # warpgroup's promotion overlaps the other two's wgmma; with whole 64 x 128 wgmmas (parts=1)
-    # each moves 3/4 of the shared-memory bytes per FLOP of the table's 64-column parts.
-    9: dict(
-        xla=["xla_bf16", "xla_fp8_tensor"],
-        mosaic=[MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
-                MC(64, 128, "m", 4, "m", 8, compute_wgs=3),
-                MC(64, 128, "m", 3, "m", 8, compute_wgs=3),
-                MC(64, 128, "m", 4, "n", 8, compute_wgs=3),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, compute_wgs=3),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=0, compute_wgs=3),
-                MC(64, 128, "m", 4, "m", 16, compute_wgs=3)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]
