@@ -96,15 +96,6 @@ ROUNDS = {
                 MC(64, 128, "m", 5, "m", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "n", 8, parts=2, lag=1),
                 MC(64, 128, "m", 4, "m", 16, parts=2, lag=1)]),
-    # Round 10 (H200): three consumer warpgroups (CTA 192 x 128; round 9 lost 2-18% at 152
-    # registers per consumer) with a smaller producer budget: 24 -> 160 registers, 32 -> 160.
-    10: dict(
-        xla=["xla_bf16", "xla_fp8_tensor"],
-        mosaic=[MC(64, 128, "m", 4, "m", 8, parts=2, lag=1),
-                MC(64, 128, "m", 4, "m", 8, compute_wgs=3),
-                MC(64, 128, "m", 4, "m", 8, compute_wgs=3, memory_registers=24),
-                MC(64, 128, "m", 4, "m", 8, compute_wgs=3, memory_registers=32),
-                MC(64, 128, "m", 4, "m", 8, parts=2, lag=1, compute_wgs=3, memory_registers=24)]),
 }
 SHAPES = [(8192, 8192, 8192, "8192^3"), (2048, 28672, 4096, "gate_up M=2048"),
           (2048, 4096, 4096, "o M=2048")]

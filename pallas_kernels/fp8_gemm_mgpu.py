@@ -55,13 +55,7 @@ class MgpuConfig:
   Attributes:
     tile_m, tile_n: output tile of ONE consumer warpgroup (64 x 128: two f32 register tiles, the
       running sum and the K block's partial product, fit the register budget).
-    wg_dim: "m" or "n": the axis along which the consumer warpgroups split the CTA tile.
-    compute_wgs: consumer warpgroups per CTA (2 or 3). With 3 (CTA 192 x 128 for "m"), each
-      warpgroup's promotion runs while the other two keep the tensor core busy (DeepGEMM's
-      interleaving across warpgroups rather than parts within one), at (512 - 40) / 3 = 152
-      registers per consumer thread instead of 232.
-    memory_registers: registers per thread of the TMA producer warpgroup; the consumers share
-      the rest of the 512 (`setmaxnreg`, rounded down to a multiple of 8).
+    wg_dim: "m" or "n": the axis along which the two consumer warpgroups split the CTA tile.
     max_concurrent_steps: TMA pipeline depth (SMEM stages).
     grid_minor: "m" or "n": minor axis of the planar-snake tile order; grid_tile_width: its width.
     epi_m: rows per epilogue SMEM tile.
@@ -96,8 +90,6 @@ class MgpuConfig:
   cluster: str | None = None
   parts: int = 1
   lag: int = 0
-  compute_wgs: int = 2
-  memory_registers: int = 40
 
   def __post_init__(self):
     if self.wg_dim not in ("m", "n") or self.grid_minor not in ("m", "n"):
@@ -110,8 +102,6 @@ class MgpuConfig:
       raise ValueError(f"MgpuConfig: parts must split tile_n into multiples of 8 columns: {self}")
     if not 0 <= self.lag < self.parts:
       raise ValueError(f"MgpuConfig: lag must be in [0, parts), got {self.lag} for {self.parts}")
-    if self.compute_wgs not in (2, 3):
-      raise ValueError(f"MgpuConfig: compute_wgs must be 2 or 3, got {self.compute_wgs}")
     if self.overlap and self.parts != 1:
       raise ValueError(f"MgpuConfig: overlap needs parts == 1: {self}")
 
@@ -122,11 +112,11 @@ class MgpuConfig:
 
   @property
   def cta_m(self) -> int:
-    return self.tile_m * (self.compute_wgs if self.wg_dim == "m" else 1)
+    return self.tile_m * (2 if self.wg_dim == "m" else 1)
 
   @property
   def cta_n(self) -> int:
-    return self.tile_n * (self.compute_wgs if self.wg_dim == "n" else 1)
+    return self.tile_n * (2 if self.wg_dim == "n" else 1)
 
   @property
   def pair_m(self) -> int:
@@ -246,7 +236,7 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
     return plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(num_k,),
-        memory_registers=cfg.memory_registers,
+        memory_registers=40,
         in_specs=[
             plgpu.BlockSpec((cta_m, TILE_K), lambda i_k: (0, i_k), transforms=transforms,
                             memory_space=plgpu.SMEM, collective_axes=shared_a),
@@ -256,7 +246,7 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
             plgpu.BlockSpec((1, b_width), lambda i_k: (i_k, 0), memory_space=plgpu.SMEM),
         ],
         wg_axis="wg",
-        num_compute_wgs=cfg.compute_wgs,
+        num_compute_wgs=2,
         max_concurrent_steps=cfg.max_concurrent_steps,
         compute_context=compute_context,
     )
@@ -264,12 +254,11 @@ def _kernel(a_g, b_g, as_g, bs_g, *rest, cfg, out_dtype, num_m, num_n, num_k, ha
   ignore = lambda *_, **__: None
   scoped = dict(
       allocs=get_pipeline(ignore, ignore).get_allocations(a_g, b_g, as_g, bs_g),
-      out_smem=plgpu.SMEM((cfg.compute_wgs, 2, epi_m, epi_n), out_dtype,
-                          transforms=out_transforms),
+      out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), out_dtype, transforms=out_transforms),
   )
   if has_bias:
-    scoped["bias_smem"] = plgpu.SMEM((cfg.compute_wgs, tile_n), jnp.float32)
-    scoped["bias_barrier"] = plgpu.Barrier(num_barriers=cfg.compute_wgs)
+    scoped["bias_smem"] = plgpu.SMEM((2, tile_n), jnp.float32)
+    scoped["bias_barrier"] = plgpu.Barrier(num_barriers=2)
 
   @functools.partial(pl.run_scoped, collective_axes="wg", **scoped)
   def _scope(allocs, out_smem, bias_smem=None, bias_barrier=None):
@@ -465,7 +454,7 @@ def _fp8_gemm_jit(a, b, a_scale, b_scale, bias, *, layout, out_dtype, cfg, num_s
       grid_names=("cluster_grid",),
       cluster=(cfg.cluster_size,),
       cluster_names=("cluster",),
-      num_threads=cfg.compute_wgs + 1,
+      num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),

@@ -260,16 +260,12 @@ def test_mosaic_gpu_matches_reference(layout, m, n, k):
 # overlapped with the next wgmma, 2-CTA clusters sharing one operand's tile through TMA
 # multicast (M = 384 is an odd number of 128-row tiles: the wrapper pads M to the cluster pair),
 # and the K block's product split into fresh accumulator parts promoted one by one (with 64 x 256
-# warpgroup tiles spanning two weight-scale blocks, N = 512 one or two CTA columns), and three
-# consumer warpgroups per CTA (CTA 192 rows: M = 384 is two of them, and the bias and epilogue
-# buffers are per warpgroup).
+# warpgroup tiles spanning two weight-scale blocks, N = 512 one or two CTA columns).
 MGPU_VARIANTS = {"overlap": dict(max_concurrent_steps=3, overlap=True),
                  "cluster_m": dict(cluster="m"), "cluster_n": dict(cluster="n"),
                  "parts2_lag1": dict(parts=2, lag=1),
                  "wide_parts4_lag1": dict(tile_n=256, max_concurrent_steps=3, parts=4, lag=1),
-                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0),
-                 "three_wgs": dict(compute_wgs=3),
-                 "three_wgs_parts2_lag1": dict(compute_wgs=3, parts=2, lag=1)}
+                 "wide_parts2_lag0": dict(tile_n=256, max_concurrent_steps=3, parts=2, lag=0)}
 
 
 @pytest.mark.gpu
@@ -315,16 +311,6 @@ def test_mgpu_parts_config():
       MG.MgpuConfig(**bad)
 
 
-def test_mgpu_compute_wgs_config():
-  from pallas_kernels import fp8_gemm_mgpu as MG
-  cfg = MG.MgpuConfig(64, 128, "m", 4, "m", 8, compute_wgs=3)
-  assert (cfg.cta_m, cfg.cta_n, cfg.cluster_m) == (192, 128, 192)
-  assert MG.MgpuConfig(64, 128, "n", 4, "m", 8, compute_wgs=3).cta_n == 384
-  for bad in (1, 4):
-    with pytest.raises(ValueError, match="compute_wgs"):
-      MG.MgpuConfig(compute_wgs=bad)
-
-
 def test_mgpu_module_imports_and_validates():
   # Importing must work on CPU jax (guarded imports); validation runs before any lowering.
   from pallas_kernels import fp8_gemm_mgpu as MG
@@ -340,8 +326,7 @@ def test_mgpu_module_imports_and_validates():
 @pytest.mark.parametrize("layout,overlap,cluster,parts", [
     ("block", False, None, {}), ("row", True, None, {}), ("block", False, "m", {}),
     ("tensor", False, "n", {}), ("block", False, None, dict(tile_n=256, parts=4, lag=1)),
-    ("row", False, None, dict(parts=2, lag=0)), ("block", False, None, dict(compute_wgs=3)),
-    ("tensor", False, None, dict(compute_wgs=3, parts=2, lag=1))])
+    ("row", False, None, dict(parts=2, lag=0))])
 def test_mgpu_kernel_lowers_for_cuda(layout, overlap, cluster, parts):
   # Traces the Mosaic GPU kernel body and lowers it for CUDA without a GPU: catches kernel-body
   # errors on CPU CI (it cannot run here; the gpu-marked tests check its numerics).
