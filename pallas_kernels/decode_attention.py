@@ -105,7 +105,7 @@ class DecodeAttentionConfig:
 # call, kernel time from a profiler trace): 256 programs 35.4 µs vs 512 programs 37.6 µs.
 CONFIGS: dict[tuple[str, ...], DecodeAttentionConfig] = {
     ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, min_blocks_per_split=1,
-                                          num_stages=2),
+                                          num_warps=8, num_stages=1),
     ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=256, min_blocks_per_split=1,
                                          num_stages=2),
     ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512,
@@ -125,6 +125,11 @@ CONFIGS[("large", "long", "d64")] = DecodeAttentionConfig(block_k=256, target_pr
 # profile_decode_h200_r2.json, attention + combine per step over 32 layers): one 128-token block per program (256 programs)
 # 255 + 111 µs, against 2 blocks per program 322 + 93 µs; 64-token blocks 251-293 + 180 µs;
 # 256-token blocks with 8 warps 469 + 94 µs.
+# Then (profile_decode_h200_r11_attn_b1*.log, two calls): each of those 264 programs holds one
+# block, so software pipelining has nothing to overlap; 1 stage instead of 2 and 8 warps: attention
+# + combine 237 + 74 -> 218 + 73 µs per step (4 warps, 1 stage 222-224; 64-token blocks 207 + 83;
+# 2 warps 379). ncu (ncu_attention_b1_h200.txt): 151 registers, 3 programs per SM at most, 43% of
+# the issue gaps waiting on global loads: a latency chain, not a bandwidth limit (1.0 TB/s).
 # B > 8 re-swept on the H200 (decode_attention_h200_b16.json, B=16, FP8 per-tensor cache, µs per
 # layer): S=4K tp256 s3 52.2 vs the H100's tp512 s2 58.5-59.5 and tp1024 62.8; S=32K tp256 312.1
 # vs the H100's tp2048 324.9-337.0 and tp1024 326.6. 8 warps and 256-token blocks lost (68-87 µs
