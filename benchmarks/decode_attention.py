@@ -321,11 +321,12 @@ def smoke(log):
 
 def _cfg_str(cfg):
     return (f"bk{cfg.block_k}_tp{cfg.target_programs}_mb{cfg.min_blocks_per_split}_"
-            f"w{cfg.num_warps}_s{cfg.num_stages}_{cfg.dot_dtype}")
+            f"w{cfg.num_warps}_s{cfg.num_stages}_{cfg.dot_dtype}" + ("_ev" if cfg.early_v else ""))
 
 
 def parse_config(text):
-    """'bk128_tp264_mb2_w4_s2[_float16]' (the `_cfg_str` format) -> DecodeAttentionConfig."""
+    """'bk128_tp264_mb2_w4_s2[_float16][_ev]' (the `_cfg_str` format; `_ev` = early_v) ->
+    DecodeAttentionConfig."""
     from pallas_kernels.decode_attention import DecodeAttentionConfig as C
     keys = dict(bk="block_k", tp="target_programs", mb="min_blocks_per_split", w="num_warps",
                 s="num_stages")
@@ -333,6 +334,9 @@ def parse_config(text):
     for part in text.split("_"):
         if part in ("float16", "bfloat16"):
             kw["dot_dtype"] = part
+            continue
+        if part == "ev":
+            kw["early_v"] = True
             continue
         key = next((k for k in sorted(keys, key=len, reverse=True) if part.startswith(k)), None)
         if key is None or not part[len(key):].isdigit():

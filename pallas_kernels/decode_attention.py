@@ -77,6 +77,9 @@ class DecodeAttentionConfig:
         loads).
     dot_dtype: operand dtype of the two MMAs for an FP8 cache ("float16" is an exact upcast of E4M3
         and E5M2; a bf16 cache always uses bf16).
+    early_v: issue each block's V (and V-scale) loads at the top of the step, next to K's, rather
+        than after the softmax: for programs of one block, which have no software pipeline, the
+        chain load K -> QK dot -> softmax -> load V -> PV dot loses one load latency.
     """
     block_k: int = 128
     target_programs: int = 1024
@@ -84,6 +87,7 @@ class DecodeAttentionConfig:
     num_warps: int = 4
     num_stages: int = 3
     dot_dtype: str = "float16"
+    early_v: bool = False
 
     def num_splits(self, batch: int, kv_heads: int, max_len: int) -> int:
         """Splits per (sequence, KV head): about target_programs / (B * Hkv), each of at most
@@ -105,7 +109,7 @@ class DecodeAttentionConfig:
 # call, kernel time from a profiler trace): 256 programs 35.4 µs vs 512 programs 37.6 µs.
 CONFIGS: dict[tuple[str, ...], DecodeAttentionConfig] = {
     ("1", "short"): DecodeAttentionConfig(block_k=128, target_programs=1024, min_blocks_per_split=1,
-                                          num_warps=8, num_stages=1),
+                                          num_warps=8, num_stages=1, early_v=True),
     ("1", "long"): DecodeAttentionConfig(block_k=128, target_programs=256, min_blocks_per_split=1,
                                          num_stages=2),
     ("small", "short"): DecodeAttentionConfig(block_k=64, target_programs=512,
@@ -130,6 +134,9 @@ CONFIGS[("large", "long", "d64")] = DecodeAttentionConfig(block_k=256, target_pr
 # + combine 237 + 74 -> 218 + 73 µs per step (4 warps, 1 stage 222-224; 64-token blocks 207 + 83;
 # 2 warps 379). ncu (ncu_attention_b1_h200.txt): 151 registers, 3 programs per SM at most, 43% of
 # the issue gaps waiting on global loads: a latency chain, not a bandwidth limit (1.0 TB/s).
+# V's loads issued with K's (early_v; profile_decode_h200_r11_attn_ev.log): 218 -> 204 µs per
+# step at 8 warps (4 warps 223; 64-token blocks 204 + 83); at B = 16 4K (several blocks per
+# program, pipelined) 1398 -> 1415: off there.
 # B > 8 re-swept on the H200 (decode_attention_h200_b16.json, B=16, FP8 per-tensor cache, µs per
 # layer): S=4K tp256 s3 52.2 vs the H100's tp512 s2 58.5-59.5 and tp1024 62.8; S=32K tp256 312.1
 # vs the H100's tp2048 324.9-337.0 and tp1024 326.6. 8 warps and 256-token blocks lost (68-87 µs
@@ -155,7 +162,8 @@ def config_for(batch: int, max_len: int, head_dim: int = 128) -> DecodeAttention
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, num_blocks: int, num_splits: int, num_queries: int,
                              group: int, rows: int, max_len: int, per_token_scales: bool, dot_dtype,
-                             v_boost: float, sm_scale: float, v_block: int = 0):
+                             v_boost: float, sm_scale: float, v_block: int = 0,
+                             early_v: bool = False):
     if per_token_scales:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
     else:
@@ -201,17 +209,24 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
                              0.0).astype(dot_dtype)
         return kv_ref[...].astype(dot_dtype)
 
+    def load_scales(ref, off, bounded):
+        if not bounded:
+            return ref[layer, pl.ds(off, block_k)]
+        return _load(ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
+
     def step(j, carry, masked):
         m, l, acc = carry
         off = start + j * block_k
         bounded = masked and needs_bounds
         k = load_kv(k_ref, off, bounded)                                       # (bk, D)
+        # V stored tokens last ("hsd"): the MMA reads it along tokens without byte loads.
+        if early_v:
+            v = load_kv(v_ref, off, bounded, tokens_last=hsd)                  # (bk, D) | (D, bk)
+            vs = load_scales(vs_ref, off, bounded) if per_token_scales else None
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)                # (R, bk)
         if per_token_scales:
-            ks = ks_ref[layer, pl.ds(off, block_k)] if not bounded else _load(
-                ks_ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
-            s = s * (ks * qk_scale)[None, :]
+            s = s * (load_scales(ks_ref, off, bounded) * qk_scale)[None, :]
         else:
             s = s * qk_scale
         if masked:
@@ -224,13 +239,13 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
         p = jnp.exp2(s - m_use[:, None])
         l = l * alpha + p.sum(axis=1)
         if per_token_scales:
-            vs = vs_ref[layer, pl.ds(off, block_k)] if not bounded else _load(
-                vs_ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
+            if not early_v:
+                vs = load_scales(vs_ref, off, bounded)
             # v_boost (a power of 2 ~ fmax / 2) keeps p * v_scale in f16's normal range; undone
             # in the combine.
             p = p * (vs * v_boost)[None, :]
-        # V stored tokens last ("hsd"): the MMA reads it along tokens without byte loads.
-        v = load_kv(v_ref, off, bounded, tokens_last=hsd)                      # (bk, D) | (D, bk)
+        if not early_v:
+            v = load_kv(v_ref, off, bounded, tokens_last=hsd)                  # (bk, D) | (D, bk)
         pv = lax.dot_general(p.astype(dot_dtype), v, (((1,), (1 if hsd else 0,)), ((), ())),
                              preferred_element_type=jnp.float32)
         acc = acc * alpha[:, None] + pv
@@ -445,7 +460,7 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         _decode_attention_kernel, block_k=config.block_k,
         num_blocks=pl.cdiv(S, config.block_k), num_splits=splits,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
-        v_boost=v_boost, sm_scale=sm_scale, v_block=v_block)
+        v_boost=v_boost, sm_scale=sm_scale, v_block=v_block, early_v=config.early_v)
     if layout == "hsd":
         kv_spec = pl.BlockSpec((L, None, None, S, D), lambda h, s, b: (0, b, h, 0, 0))
         v_spec = pl.BlockSpec((L, None, None) + tuple(v.shape[3:]),

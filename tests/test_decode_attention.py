@@ -4,6 +4,7 @@ Tolerance: the kernel rounds P (and q) to f16 (2^-11) and the output to bf16 (2^
 an ulp); accumulation is f32. The relative Frobenius error against the f32 reference rounded to
 bf16 is therefore well under 2^-8; we assert 4e-3.
 """
+import dataclasses
 import functools
 
 import jax
@@ -165,13 +166,16 @@ def test_stacked_cache_needs_layer():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", da.LAYOUTS)
-@pytest.mark.parametrize("B,S,D", [(8, 4096, 128), (1, 32768, 128), (4, 4100, 64)])
-def test_gpu_kernel_matches_reference(B, S, D, layout):
+@pytest.mark.parametrize("B,S,D,early_v", [(8, 4096, 128, False), (1, 32768, 128, False),
+                                           (4, 4100, 64, False), (1, 4128, 128, True),
+                                           (8, 4096, 128, True)])
+def test_gpu_kernel_matches_reference(B, S, D, early_v, layout):
     q, k, v, ks, vs = _inputs(jax.random.key(0), B, 1, 32, 8, D, S, jnp.float8_e4m3fn, True)
     if layout == "hsd":
         k, v, ks, vs = _to_hsd(k, v, ks, vs, 16384 // D)
     lengths = jnp.asarray(np.random.randint(1, S + 1, size=B), jnp.int32)
-    out = da.decode_attention(q, k, v, lengths, ks, vs, layout=layout)
+    config = dataclasses.replace(da.config_for(B, S, D), early_v=early_v)
+    out = da.decode_attention(q, k, v, lengths, ks, vs, layout=layout, config=config)
     ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, layout=layout)
     assert rel_err(out, ref) < TOL
 
@@ -255,6 +259,26 @@ def test_layout_hsd_matches_sd(dtype, per_token, D, stacked, vb):
     out = da.decode_attention(q, *hsd[:2], lengths, *hsd[2:], config=SMALL, interpret=True,
                               layout="hsd", **kw)
     assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("layout,per_token", [("hsd", True), ("sd", False)])
+def test_early_v_loads_give_the_same_bits(layout, per_token):
+    # early_v only moves the V tile's (and V scales') loads ahead of the QK dot: the same
+    # arithmetic, so the same bits; S = 200 with 64-token blocks runs the bounded loads too, and
+    # one sequence spans several blocks (the looped path) while the other fits in one.
+    B, T, Hq, Hkv, D, S = 2, 1, 8, 2, 64, 200
+    q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
+                              jnp.float8_e4m3fn, per_token)
+    if layout == "hsd":
+        k, v, ks, vs = _to_hsd(k, v, ks, vs, 64)
+    lengths = jnp.array([S, 37], jnp.int32)
+    outs = [da.decode_attention(q, k, v, lengths, ks, vs, layout=layout, interpret=True,
+                                config=da.DecodeAttentionConfig(block_k=64, target_programs=8,
+                                                                early_v=early_v))
+            for early_v in (False, True)]
+    np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+    ref = da.decode_attention_reference(q, k, v, lengths, ks, vs, layout=layout)
+    assert rel_err(outs[1], ref) < TOL
 
 
 def test_layout_bad_inputs():
