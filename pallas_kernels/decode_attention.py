@@ -210,6 +210,7 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
         return kv_ref[...].astype(dot_dtype)
 
     def load_scales(ref, off, bounded):
+        """(block_k,) f32 per-token scales of tokens [off, off + block_k) (0 past S_max)."""
         if not bounded:
             return ref[layer, pl.ds(off, block_k)]
         return _load(ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
