@@ -27,12 +27,11 @@ def main():
   ap.add_argument("--calls", type=int, default=3)
   args = ap.parse_args()
   L, B, Hq, Hkv, D, S = 2, args.batch, 32, 8, 128, args.max_len
-  vb = v_block(D)
   ks = jax.random.split(jax.random.key(0), 5)
   f8 = jnp.float8_e4m3fn
   q = jax.random.normal(ks[0], (B, 1, Hq, D), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(ks[1], (L, B, Hkv, S, D), jnp.float32).astype(f8)
-  v = jax.random.normal(ks[2], (L, B, Hkv, -(-S // vb), D, vb), jnp.float32).astype(f8)
+  v = jax.random.normal(ks[2], A.v_shape_for(k.shape, "hsd", v_block(D)), jnp.float32).astype(f8)
   k_scale = jax.random.uniform(ks[3], (L, B, Hkv, S), jnp.float32, 0.01, 0.1)
   v_scale = jax.random.uniform(ks[4], (L, B, Hkv, S), jnp.float32, 0.01, 0.1)
   lengths = jnp.full((B,), args.length, jnp.int32)
