@@ -57,6 +57,8 @@ def compile_sm90(ttir_bytes: bytes, path: str, num_warps: int, num_stages: int):
         jax_triton.dialect.register_dialect(ctx)
         ctx.allow_unregistered_dialects = True
         text = str(ir.Module.parse(ttir_bytes))
+    # jax's MLIR prints gpu.barrier with an empty property that pip's Triton cannot parse.
+    text = text.replace('"gpu.barrier"() <0 : i32> : () -> ()', "gpu.barrier")
     with open(path, "w") as f:
         f.write(text)
     return triton.compile(path, target=GPUTarget("cuda", 90, 32),
@@ -96,10 +98,10 @@ def longest_loop(sass: str) -> int:
 
 
 def attention(a):
-    """SASS of the decode-attention kernel at B=16, Hq=32, Hkv=8, S_max = --seq-len (32K: the
-    large/long class)."""
+    """SASS of the decode-attention kernel at B = --batch (16), Hq=32, Hkv=8, S_max = --seq-len
+    (32K: the large/long class); with --fused-append the kernel of `decode_attention_qkv`."""
     from pallas_kernels import decode_attention as DA
-    B, S, Hq, Hkv, L, D = 16, a.seq_len, 32, 8, 2, a.head_dim
+    B, S, Hq, Hkv, L, D = a.batch, a.seq_len, 32, 8, 2, a.head_dim
     kv_dtype = jnp.bfloat16 if a.kv == "bf16" else jnp.float8_e4m3fn
     q = jax.ShapeDtypeStruct((B, 1, Hq, D), jnp.bfloat16)
     k_shape = (L, B, Hkv, S, D) if a.layout == "hsd" else (L, B, S, Hkv, D)
@@ -107,7 +109,7 @@ def attention(a):
     vv = jax.ShapeDtypeStruct(DA.v_shape_for(k_shape, a.layout, a.v_block), kv_dtype)
     lens = jax.ShapeDtypeStruct((B,), jnp.int32)
     cfg = DA.DecodeAttentionConfig(block_k=a.block_k, target_programs=256, num_warps=a.warps,
-                                   num_stages=a.stages)
+                                   num_stages=a.stages, early_v=a.early_v)
     if a.kv == "fp8_token":
         scales = jax.ShapeDtypeStruct(k_shape[:-1], jnp.float32)
         args = (q, kv, vv, lens, scales, scales)
@@ -117,7 +119,17 @@ def attention(a):
 
     def fn(q, k, v, lens, ks=tensor_scale, vs=tensor_scale):
         return DA.decode_attention(q, k, v, lens, ks, vs, layer=1, config=cfg, layout=a.layout)
-    name = (f"decode_attention_D{D}_S{S}_{a.kv}_bk{a.block_k}_w{a.warps}_s{a.stages}"
+    if a.fused_append:
+        if a.kv == "fp8_tensor":
+            raise SystemExit("--fused-append: per-(token, head) or bf16 caches only")
+        args = (jax.ShapeDtypeStruct((B, 1, (Hq + 2 * Hkv) * D), jnp.bfloat16),
+                jax.ShapeDtypeStruct((B, 1, D // 2), jnp.float32)) + args[1:]
+
+        def fn(qkv, cs, k, v, lens, ks=None, vs=None):
+            return DA.decode_attention_qkv(qkv, cs, cs, k, v, ks, vs, lens, layer=1,
+                                           num_q_heads=Hq, config=cfg, layout=a.layout)
+    name = (f"decode_attention{'_qkv' if a.fused_append else ''}_B{B}_D{D}_S{S}_{a.kv}"
+            f"_bk{a.block_k}_w{a.warps}_s{a.stages}{'_ev' if a.early_v else ''}"
             f"_{a.layout}" + (f"_vb{a.v_block}" if a.layout == "hsd" else ""))
     base = os.path.join(a.out, name)
     kernel = compile_sm90(triton_ir(fn, *args)[0], base + ".ttir", a.warps, a.stages)
@@ -136,6 +148,10 @@ def main():
     p.add_argument("--kv", default="fp8_token", choices=("fp8_token", "fp8_tensor", "bf16"),
                    help="attention: cache dtype and scale granularity")
     p.add_argument("--block-k", type=int, default=128, help="attention: KV tokens per step")
+    p.add_argument("--batch", type=int, default=16, help="attention: B")
+    p.add_argument("--early-v", action="store_true", help="attention: DecodeAttentionConfig.early_v")
+    p.add_argument("--fused-append", action="store_true",
+                   help="attention: the kernel with the step's K/V append (decode_attention_qkv)")
     p.add_argument("--layout", default="hsd", choices=("sd", "hsd"),
                    help="attention: cache layout (decode_attention.LAYOUTS)")
     p.add_argument("--seq-len", type=int, default=32768, help="attention: S_max of the cache")

@@ -67,7 +67,7 @@ def apply_overrides(spec: str) -> None:
     jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none) or
     `vblock:N` (bytes of the FP8 cache's V token blocks, jfp8.kv_cache.V_BLOCK_BYTES),
     `normstage:0|1` / `swiglustage:0|1` (jfp8._matmul_pallas.NORM_STAGE_FUSED /
-    SWIGLU_STAGE_FUSED) or `combine:N`
+    SWIGLU_STAGE_FUSED), `appendattn:0|1` (jfp8.attention.APPEND_IN_ATTENTION) or `combine:N`
     (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head)."""
     import decode_attention as bench_attn
     import gemv_layout
@@ -96,6 +96,10 @@ def apply_overrides(spec: str) -> None:
         if kind == "combine":
             da.COMBINE_MIN_PROGRAMS = int(rest)
             continue
+        if kind == "appendattn":
+            from jfp8 import attention
+            attention.APPEND_IN_ATTENTION = bool(int(rest))
+            continue
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
         if kind == "gemv":
@@ -120,14 +124,15 @@ def main(argv=None):
     bench = decode_e2e.Bench(argparse.Namespace(smoke=False, fused=True, steps=args.steps, reps=1))
     results = []
     import jax
-    from jfp8 import _matmul_pallas, kv_cache
+    from jfp8 import _matmul_pallas, attention, kv_cache
     from pallas_kernels import decode_attention as da
     from pallas_kernels import fp8_gemv as gv
     # every variant starts from the committed tables and switches
     tables = (gv.TUNING, gv.TUNING_F16, da.CONFIGS)
     switches = [(_matmul_pallas, "FUSED_PROLOGUES"), (_matmul_pallas, "F16_STAGING_MIN_WEIGHT"),
                 (_matmul_pallas, "NORM_STAGE_FUSED"), (_matmul_pallas, "SWIGLU_STAGE_FUSED"),
-                (kv_cache, "V_BLOCK_BYTES"), (da, "COMBINE_MIN_PROGRAMS")]
+                (kv_cache, "V_BLOCK_BYTES"), (da, "COMBINE_MIN_PROGRAMS"),
+                (attention, "APPEND_IN_ATTENTION")]
     committed_tables = [dict(t) for t in tables]
     committed_switches = [getattr(module, name) for module, name in switches]
     for variant in args.variants.split("|"):

@@ -8,7 +8,9 @@
 `decode_qkv(qkv, cache, layer=i, num_q_heads=Hq, cos=cos, sin=sin)` is `decode` on the fused
 q/k/v projection before RoPE: it splits qkv (B, T, (Hq + 2 Hkv) D), applies `apply_rope` to q and
 k and decodes; on the pallas/interpret backends the split, RoPE and the K/V append are one kernel
-(`pallas_kernels.kv_append.kv_append_qkv`), with the cache bits and output of the unfused path.
+(`pallas_kernels.kv_append.kv_append_qkv`), and for one new token (T = 1) they run inside the
+decode-attention kernel itself (`pallas_kernels.decode_attention.decode_attention_qkv`), with the
+cache bits and output of the unfused path.
 
 Backends (`jfp8.get_backend()`, read at trace time): "pallas" runs the flash-decoding kernel of
 `pallas_kernels.decode_attention` on the FP8 cache; "interpret" the same kernel in interpret mode;
@@ -35,6 +37,9 @@ from jfp8.ops import get_backend
 __all__ = ["decode", "decode_qkv", "prefill", "decode_xla", "apply_rope", "MAX_KERNEL_TOKENS"]
 
 MAX_KERNEL_TOKENS = 16   # query tokens per sequence the decode kernel takes (chunked/speculative)
+#: One decode token (T = 1): the K/V append runs inside the attention kernel
+#: (`decode_attention_qkv`) instead of as its own launch (read at trace time).
+APPEND_IN_ATTENTION = True
 
 
 def _check_qkv(q, k, v, cache: KVCache):
@@ -109,8 +114,9 @@ def decode_qkv(qkv, cache: KVCache, *, layer, num_q_heads: int, cos, sin,
     Same results as `decode(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache, ...)`
     for q, k, v the query, key and value heads of qkv: on the pallas/interpret backends, where the
     K/V append kernel applies (per-(token, head) or bf16 cache, power-of-two D, T <= 16), the
-    split, RoPE and append are one launch (`pallas_kernels.kv_append.kv_append_qkv`); otherwise
-    XLA slices and rotates and `decode`'s path runs.
+    split, RoPE and append are one launch (`pallas_kernels.kv_append.kv_append_qkv`), at T = 1
+    inside the attention's own launch (`pallas_kernels.decode_attention.decode_attention_qkv`);
+    otherwise XLA slices and rotates and `decode`'s path runs.
 
     Args:
       qkv: (B, T, (Hq + 2 Hkv) D) bf16/f32: q heads, then k heads, then v heads, before RoPE.
@@ -150,6 +156,16 @@ def decode_qkv(qkv, cache: KVCache, *, layer, num_q_heads: int, cos, sin,
 @functools.partial(jax.jit, static_argnames=("num_q_heads", "backend", "sm_scale"))
 def _decode_qkv(qkv, cos, sin, cache, layer, num_valid, *, num_q_heads, backend, sm_scale):
     T, D = qkv.shape[1], cache.head_dim
+    if (T == 1 and APPEND_IN_ATTENTION and _kernel_append_applies(cache, T, D, backend)
+            and cache.max_len >= 16):
+        # One decode token: the append runs inside the attention kernel (one launch fewer).
+        from pallas_kernels import decode_attention as kernel
+        fp8 = cache.scaling == "per_token_head"
+        o, k, v, ks, vs = kernel.decode_attention_qkv(
+            qkv, cos, sin, cache.k, cache.v, cache.k_scale if fp8 else None,
+            cache.v_scale if fp8 else None, cache.lengths, layer=layer, num_q_heads=num_q_heads,
+            sm_scale=sm_scale, interpret=backend == "interpret", layout=cache.layout)
+        return o, _replace_appended(cache, k, v, ks, vs, num_valid)
     if _kernel_append_applies(cache, T, D, backend):
         from pallas_kernels import kv_append as kernel
         fp8 = cache.scaling == "per_token_head"

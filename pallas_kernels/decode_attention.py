@@ -45,6 +45,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -54,10 +55,12 @@ except AttributeError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
 from pallas_kernels import triton_compat
+from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["DecodeAttentionConfig", "CONFIGS", "LAYOUTS", "cache_dims", "v_shape_for",
            "v_shape_matches", "to_token_major", "config_for",
-           "decode_attention", "decode_attention_reference", "reference_math"]
+           "decode_attention", "decode_attention_reference", "reference_math",
+           "decode_attention_qkv", "decode_attention_qkv_reference", "rotate_halves"]
 
 _LOG2E = math.log2(math.e)
 #: Cache layouts (module docstring): "sd" token-major, "hsd" head-major with V in token blocks.
@@ -159,24 +162,125 @@ def config_for(batch: int, max_len: int, head_dim: int = 128) -> DecodeAttention
     return CONFIGS[(b, s)]
 
 
+def rotate_halves(x1, x2, c, s):
+    """RoPE on the halves x1, x2 of a head (HF rotate_half), f32 in and out: the one formula of
+    the kernels here and in kv_append and of their references (jfp8.attention.apply_rope
+    computes the same; no import across the layers)."""
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@dataclasses.dataclass(frozen=True)
+class _Append:
+    """The decode step's own K / V append, fused into the attention kernel (T = 1)."""
+    q_heads: int          # Hq: qkv's rows are Hq query heads, then Hkv key heads, then Hkv values
+    kv_heads: int
+    fp8: bool             # quantize per (token, head) as kv_append does; False: a bf16 cache
+    fmax: float
+    interpret: bool       # interpret mode: XLA's division, no barrier
+
+
+class _RowRope:
+    """RoPE of whole rows of qkv (Hq + 2 Hkv, D): each row is loaded as stored and with its
+    halves swapped (a gather), so the rotated row is one (n, D) tile (Pallas' Triton lowering has
+    no concatenation of two halves)."""
+
+    def __init__(self, qkv_ref, cos_ref, sin_ref, D):
+        self.ref = qkv_ref
+        self.cols = jnp.arange(D)
+        self.first = self.cols < D // 2
+        self.swapped = jnp.where(self.first, self.cols + D // 2, self.cols - D // 2)
+        within = jnp.where(self.first, self.cols, self.cols - D // 2)
+        self.c = cos_ref[within][None, :]
+        self.s = sin_ref[within][None, :]
+
+    def raw(self, heads):
+        """(n, D) f32 rows `heads` (n,) of qkv, as stored."""
+        return self.ref[heads[:, None], self.cols[None, :]].astype(jnp.float32)
+
+    def __call__(self, heads):
+        """(n, D) f32: the rows rotated (`rotate_halves`) and rounded to qkv's dtype, as
+        `kv_append_qkv` writes q and quantizes k."""
+        x = self.raw(heads)
+        xs = self.ref[heads[:, None], self.swapped[None, :]].astype(jnp.float32)
+        lo, _ = rotate_halves(x, xs, self.c, self.s)    # first half: x1 c - x2 s
+        _, hi = rotate_halves(xs, x, self.c, self.s)    # second half: x2 c + x1 s
+        r = jnp.where(self.first[None, :], lo, hi)
+        return r.astype(self.ref.dtype).astype(jnp.float32)
+
+
+def _quantize_row(x, axis, append: _Append):
+    """(data f32, scale (1,) f32 or None) of one token's head x (1, D) / (D, 1): kv_append's
+    per-(token, head) quantization (pallas_kernels.quantize's numerics); a bf16 cache keeps x."""
+    if not append.fp8:
+        return x, None
+    scale = _scale_of(jnp.max(_finite_abs(x), axis=axis), append.fmax)              # (1,)
+    rcp = _rcp(scale, not append.interpret)
+    return _saturate(x * (rcp[:, None] if axis == 1 else rcp[None, :]), append.fmax), scale
+
+
+def _append_row(append: _Append, rope: _RowRope, h, D, v_block, cache_out, layer, pos):
+    """Quantize the new token's K (rotated) and V rows of KV head h and write them, with their
+    scales, at position pos of `layer` (the refs of one (sequence, KV head))."""
+    k_out, v_out, *scales_out = cache_out
+    k, ks = _quantize_row(rope(jnp.full((1,), append.q_heads + h)), 1, append)       # (1, D)
+    v_head = append.q_heads + append.kv_heads + h
+    if v_block:   # "hsd": V stored tokens last, the row is a (D, 1) column
+        v = rope.ref[jnp.full((D, 1), v_head), rope.cols[:, None]].astype(jnp.float32)
+        v, vs = _quantize_row(v, 0, append)
+        v_at = v_out.at[layer, pos // v_block, :, pl.ds(pos % v_block, 1)]
+    else:
+        v, vs = _quantize_row(rope.raw(jnp.full((1,), v_head)), 1, append)
+        v_at = v_out.at[layer, pl.ds(pos, 1), :]
+    _store(k_out.at[layer, pl.ds(pos, 1), :], k, mask=None)
+    _store(v_at, v, mask=None)
+    for scale, out in zip((ks, vs), scales_out):
+        _store(out.at[layer, pl.ds(pos, 1)], scale, mask=None)
+
+
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
                              block_k: int, num_blocks: int, num_splits: int, num_queries: int,
                              group: int, rows: int, max_len: int, per_token_scales: bool, dot_dtype,
                              v_boost: float, sm_scale: float, v_block: int = 0,
-                             early_v: bool = False):
+                             early_v: bool = False, append: _Append | None = None):
+    """One (KV head, split, sequence): flash-decoding over the split's blocks (module docstring).
+
+    With `append` (T = 1, `decode_attention_qkv`): q_ref is the sequence's qkv rows
+    (Hq + 2 Hkv, D) before RoPE, lengths_ref the new token's position (the length before the
+    append), cos_ref / sin_ref (D/2,) follow the scales, and the cache refs k_out, v_out
+    (, ks_out, vs_out) aliased to k_ref, v_ref (, ks_ref, vs_ref) follow the partials. Every
+    program rotates its query rows itself; the program whose blocks hold the new position
+    quantizes the new K / V row and writes it, then (after a barrier of its threads) every
+    program reads the cache through the output refs: the same memory on a GPU, and in interpret
+    mode the refs that hold the writes."""
+    rest = list(rest)
+    ks_ref = vs_ref = None
     if per_token_scales:
-        ks_ref, vs_ref, o_ref, m_ref, l_ref = rest
-    else:
-        ks_ref = vs_ref = None
-        o_ref, m_ref, l_ref = rest
+        ks_ref, vs_ref = rest.pop(0), rest.pop(0)
+    if append is not None:
+        cos_ref, sin_ref = rest.pop(0), rest.pop(0)
+    o_ref, m_ref, l_ref, *cache_out = rest
     i_split = pl.program_id(1)
     layer = layer_ref[0]
-    kv_len = lengths_ref[0]
     qk_scale = qk_scale_ref[0]                       # log2(e) (* per-tensor k_scale)
     num_rows = num_queries * group
     row_ids = jnp.arange(rows, dtype=jnp.int32)
+    D = k_ref.shape[-1]
+    hsd = v_block > 0
+    if append is None:
+        kv_len = lengths_ref[0]
+        q = _load(q_ref, mask=(row_ids < num_rows)[:, None], other=0.0).astype(jnp.float32)
+    else:
+        new_pos = lengths_ref[0]
+        kv_len = jnp.minimum(new_pos + 1, max_len)
+        rope = _RowRope(q_ref, cos_ref, sin_ref, D)
+        h = pl.program_id(0)
+        # Rows past the group repeat its last head (in bounds; their outputs are never stored).
+        q = rope(h * group + jnp.minimum(row_ids, group - 1))
+        ks_ref = vs_ref = None
+        k_ref, v_ref, *scale_refs = cache_out
+        if per_token_scales:
+            ks_ref, vs_ref = scale_refs
     # sm_scale goes on q in f32 before the f16 cast, so large queries stay in f16 range.
-    q = _load(q_ref, mask=(row_ids < num_rows)[:, None], other=0.0).astype(jnp.float32)
     q = (q * sm_scale).astype(dot_dtype)                                         # (R, D)
     # Query row r = t * G + g sits at position kv_len - T + t and sees positions <= that one.
     last_pos = kv_len - num_queries + jnp.minimum(row_ids // group, num_queries - 1)   # (R,)
@@ -189,8 +293,14 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     n_full = jnp.clip((kv_len - num_queries + 1 - start) // block_k, 0, n_blocks)
     needs_bounds = max_len % block_k != 0             # the last block may run past S_max
     cols = jnp.arange(block_k, dtype=jnp.int32)
+    if append is not None:   # the split that holds the new position writes its row first
+        own_end = (i_split + 1) * num_blocks // num_splits * block_k
 
-    hsd = v_block > 0
+        @pl.when((new_pos >= start) & (new_pos < own_end) & (new_pos < max_len))
+        def _():
+            _append_row(append, rope, h, D, v_block, cache_out, layer, new_pos)
+        if not append.interpret:   # its threads' stores before any of them loads the block
+            triton_compat.cta_barrier()
 
     def load_kv(ref, off, bounded, tokens_last=False):
         """(block_k, D) tile of tokens [off, off + block_k), or (D, block_k) of V in the "hsd"
@@ -252,7 +362,6 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
         acc = acc * alpha[:, None] + pv
         return m_new, l, acc
 
-    D = q.shape[1]
     carry = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
              jnp.zeros((rows, D), jnp.float32))
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
@@ -420,12 +529,18 @@ def _per_layer_scalar(scale, layer, stacked):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "partials_only",
-                                             "layout"))
-def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale, config,
-                          interpret, partials_only=False, layout="sd"):
-    B, T, Hq, D = q.shape
+                                             "layout", "append"))
+def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, cos=None, sin=None, *,
+                          sm_scale, config, interpret, partials_only=False, layout="sd",
+                          append: _Append | None = None):
+    """The kernel and the combine; with `append`, q is qkv (B, 1, (Hq + 2 Hkv) D), lengths
+    the lengths before the append, and the updated cache arrays come back after o."""
     L = k.shape[0]
-    _, S, Hkv, _ = cache_dims(k.shape, layout)
+    _, S, Hkv, D = cache_dims(k.shape, layout)
+    if append is None:
+        B, T, Hq, _ = q.shape
+    else:
+        B, T, Hq = q.shape[0], 1, append.q_heads
     G = Hq // Hkv
     TG = T * G
     R = max(16, pl.next_power_of_2(TG))  # MMA needs >= 16 rows
@@ -442,17 +557,18 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         dot_dtype = jnp.dtype(config.dot_dtype)
 
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    lengths = jnp.minimum(lengths.astype(jnp.int32), S)   # never read past S_max
+    lengths = jnp.minimum(lengths.astype(jnp.int32), S)   # never read past S_max (nor write)
     qk_scale = jnp.float32(_LOG2E)
     if not per_token:
         qk_scale = qk_scale * _per_layer_scalar(k_scale, layer_arr[0], True)
     qk_scale = qk_scale.reshape(1)
     # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g.
     # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g (a free reshape when T = 1).
-    qg = q.reshape(B, T, Hkv, G, D)
-    if T > 1:
-        qg = qg.transpose(0, 2, 1, 3, 4)
-    qg = qg.reshape(B, Hkv, TG, D)
+    if append is None:
+        qg = q.reshape(B, T, Hkv, G, D)
+        if T > 1:
+            qg = qg.transpose(0, 2, 1, 3, 4)
+        qg = qg.reshape(B, Hkv, TG, D)
     v_boost = 1.0
     if per_token and dot_dtype == jnp.float16:
         v_boost = float(2.0 ** math.floor(math.log2(float(jnp.finfo(k.dtype).max) / 2)))
@@ -461,26 +577,39 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
         _decode_attention_kernel, block_k=config.block_k,
         num_blocks=pl.cdiv(S, config.block_k), num_splits=splits,
         num_queries=T, group=G, rows=R, max_len=S, per_token_scales=per_token, dot_dtype=dot_dtype,
-        v_boost=v_boost, sm_scale=sm_scale, v_block=v_block, early_v=config.early_v)
+        v_boost=v_boost, sm_scale=sm_scale, v_block=v_block, early_v=config.early_v,
+        append=append)
     if layout == "hsd":
         kv_spec = pl.BlockSpec((L, None, None, S, D), lambda h, s, b: (0, b, h, 0, 0))
         v_spec = pl.BlockSpec((L, None, None) + tuple(v.shape[3:]),
                               lambda h, s, b: (0, b, h, 0, 0, 0))
     else:
         kv_spec = v_spec = pl.BlockSpec((L, None, S, None, D), lambda h, s, b: (0, b, 0, h, 0))
+    if append is None:   # the q rows of one KV head
+        q_spec = pl.BlockSpec((None, None, R, D), lambda h, s, b: (b, h, 0, 0))
+    else:                # the sequence's qkv rows: each program gathers its own
+        qg = q.reshape(B, Hq + 2 * Hkv, D)
+        q_spec = pl.BlockSpec((None, Hq + 2 * Hkv, D), lambda h, s, b: (b, 0, 0))
     in_specs = [
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # layer
         pl.BlockSpec((1,), lambda h, s, b: (b,)),                       # lengths
         pl.BlockSpec((1,), lambda h, s, b: (0,)),                       # qk_scale
-        pl.BlockSpec((None, None, R, D), lambda h, s, b: (b, h, 0, 0)),  # q rows of one KV head
-        kv_spec, v_spec]
+        q_spec, kv_spec, v_spec]
     args = [layer_arr, lengths, qk_scale, qg, k, v]
+    caches = [k, v]
+    cache_specs = [kv_spec, v_spec]
     if per_token:
         scale_spec = (pl.BlockSpec((L, None, None, S), lambda h, s, b: (0, b, h, 0))
                       if layout == "hsd" else
                       pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h)))
         in_specs += [scale_spec, scale_spec]
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+        caches += args[-2:]
+        cache_specs += [scale_spec, scale_spec]
+    if append is not None:   # cos, sin of the new position
+        rope_spec = pl.BlockSpec((None, None, D // 2), lambda h, s, b: (b, 0, 0))
+        in_specs += [rope_spec, rope_spec]
+        args += [cos, sin]
     # Partials padded to powers of two (splits, rows) so the combine loads whole tiles; only
     # the first `splits` x TG entries are ever written or read.
     splits_pad, rows_pad = pl.next_power_of_2(splits), pl.next_power_of_2(TG)
@@ -491,11 +620,17 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     out_shape = [jax.ShapeDtypeStruct((B, Hkv, splits_pad, rows_pad, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, splits_pad, rows_pad), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, splits_pad, rows_pad), jnp.float32)]
+    aliases = {}
+    if append is not None:   # the cache arrays (inputs 4, 5[, 6, 7]), updated in place
+        out_specs += cache_specs
+        out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+        aliases = {4 + i: 3 + i for i in range(len(caches))}
     kw = dict(interpret=True) if interpret else triton_compat.compiler_params(
         num_warps=config.num_warps, num_stages=config.num_stages)
-    acc, m, l = pl.pallas_call(
+    acc, m, l, *cache_out = pl.pallas_call(
         kernel, grid=(Hkv, splits, B), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, name="jfp8_decode_attention", **kw)(*args)
+        out_shape=out_shape, input_output_aliases=aliases, name="jfp8_decode_attention",
+        **kw)(*args)
     if partials_only:  # benchmarks time the kernel without the combine
         return acc, m, l
 
@@ -532,7 +667,11 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, *, sm_scale
     o = o.reshape(B, Hkv, T, G, D)
     if T > 1:
         o = o.transpose(0, 2, 1, 3, 4)
-    return o.reshape(B, T, Hq, D)
+    o = o.reshape(B, T, Hq, D)
+    if append is None:
+        return o
+    k, v, *scales = cache_out
+    return (o, k, v) + (tuple(scales) if scales else (None, None))
 
 
 def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None,
@@ -589,6 +728,104 @@ def decode_attention_reference(q, k, v, lengths, k_scale=None, v_scale=None, *, 
             v_scale = _per_layer_scalar(v_scale, layer, True)
     return reference_math(q, k, v, jnp.asarray(lengths, jnp.int32), k_scale, v_scale,
                           sm_scale=sm_scale, per_token=per_token)
+
+
+def decode_attention_qkv(qkv, cos, sin, k, v, k_scale, v_scale, lengths, *, layer,
+                         num_q_heads: int, sm_scale: float | None = None,
+                         config: DecodeAttentionConfig | None = None, interpret: bool = False,
+                         layout: str = "sd"):
+    """One decode step's attention with its own K / V append in the same launch (T = 1):
+    `kv_append.kv_append_qkv` (split qkv, RoPE q and k, quantize and write k and v at position
+    lengths[b]) followed by `decode_attention` over lengths + 1 tokens, without the append's
+    launch or q's round trip through memory. Same cache bits; o as `decode_attention` computes
+    it from the same rotated q (bit for bit in interpret mode; on the GPU up to how the compiler
+    contracts RoPE's multiply-adds in the two kernels).
+
+    Args:
+      qkv: (B, 1, (Hq + 2 Hkv) D) bfloat16 / float16 / float32: q heads, then k heads, then v
+        heads, before RoPE.
+      cos, sin: (B, 1, D/2) float32 RoPE tables of the new position.
+      k, v, k_scale, v_scale: the stacked cache (L, ...) in `layout`, as `kv_append` takes it:
+        FP8 with per-(token, head) float32 scales, or bfloat16 with both scales None. Updated in
+        place inside a jit that donates them or carries them through a loop.
+      lengths: (B,) int32, tokens in the cache before this one (the new token's position);
+        lengths[b] < S (a full cache drops the write, as `kv_append` does, and attends S tokens).
+      layer, sm_scale, config, interpret, layout: as for `decode_attention`.
+      num_q_heads: Hq, a multiple of Hkv.
+    Returns (o (B, 1, Hq, D) bfloat16, k, v, k_scale, v_scale) (scales None for a bf16 cache).
+    """
+    fp8, Hq, Hkv, D, stacked = _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths,
+                                             layer, num_q_heads, layout)
+    del stacked
+    sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    if config is None:
+        config = config_for(qkv.shape[0], cache_dims(k.shape, layout)[1], D)
+    append = _Append(q_heads=Hq, kv_heads=Hkv, fp8=fp8,
+                     fmax=float(jnp.finfo(k.dtype).max) if fp8 else 1.0, interpret=interpret)
+    return _decode_attention_jit(qkv, k, v, jnp.asarray(lengths, jnp.int32), k_scale, v_scale,
+                                 layer, jnp.asarray(cos, jnp.float32), jnp.asarray(sin, jnp.float32),
+                                 sm_scale=sm_scale, config=config, interpret=interpret,
+                                 layout=layout, append=append)
+
+
+def _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths, layer, num_q_heads, layout):
+    """Validate `decode_attention_qkv`'s arguments; returns (fp8, Hq, Hkv, D, stacked)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if k.ndim != 5:
+        raise ValueError(f"k: expected a stacked cache (L, B, ...) of rank 5, got shape {k.shape}")
+    B, S, Hkv, D = cache_dims(k.shape, layout)
+    if not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1 or num_q_heads % Hkv:
+        raise ValueError(f"num_q_heads: expected a positive multiple of Hkv={Hkv}, got "
+                         f"{num_q_heads!r}")
+    Hq = int(num_q_heads)
+    if qkv.ndim != 3 or qkv.shape[:2] != (B, 1) or qkv.shape[2] != (Hq + 2 * Hkv) * D:
+        raise ValueError(f"qkv: expected (B, 1, (Hq + 2 Hkv) D) = ({B}, 1, {(Hq + 2 * Hkv) * D}) "
+                         f"for Hq={Hq} and the cache's Hkv={Hkv}, D={D}, got {qkv.shape}")
+    if jnp.dtype(qkv.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                                    jnp.dtype(jnp.float32)):
+        raise TypeError(f"qkv: expected bfloat16, float16 or float32, got {qkv.dtype}")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if tuple(jnp.shape(x)) != (B, 1, D // 2):
+            raise ValueError(f"{name}: expected (B, 1, D/2) = ({B}, 1, {D // 2}), got "
+                             f"{tuple(jnp.shape(x))}")
+    fp8 = jnp.dtype(k.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+    if not fp8 and jnp.dtype(k.dtype) != jnp.bfloat16:
+        raise TypeError(f"k: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {k.dtype}")
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if fp8 and (sc is None or tuple(sc.shape) != tuple(k.shape[:-1])
+                    or sc.dtype != jnp.float32):
+            raise ValueError(f"{name}: expected {tuple(k.shape[:-1])} float32 per-(token, head) "
+                             f"scales (k's shape without D) for an FP8 cache, got "
+                             f"{None if sc is None else (tuple(sc.shape), sc.dtype)}")
+        if not fp8 and sc is not None:
+            raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
+    q = jax.ShapeDtypeStruct((B, 1, Hq, D), qkv.dtype)
+    if not isinstance(lengths, _Tracer):
+        lens = np.asarray(jax.device_get(lengths))
+        if lens.shape == (B,) and ((lens > S) | (lens < 0)).any():
+            raise ValueError(f"lengths: expected 0 <= lengths[b] <= S_max={S} (the new token's "
+                             f"position), got {lens.tolist()}")
+    stacked, _ = _validate(q, k, v, jnp.minimum(jnp.asarray(lengths) + 1, S), k_scale, v_scale,
+                           layer, layout)
+    return fp8, Hq, Hkv, D, stacked
+
+
+def decode_attention_qkv_reference(qkv, cos, sin, k, v, k_scale, v_scale, lengths, *, layer,
+                                   num_q_heads: int, sm_scale: float | None = None, config=None,
+                                   interpret=False, layout: str = "sd"):
+    """Plain-JAX version of `decode_attention_qkv` (same signature and results; config and
+    interpret ignored): `kv_append_qkv_reference`, then `decode_attention_reference`."""
+    from pallas_kernels import kv_append   # it imports this module
+    del config, interpret
+    _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths, layer, num_q_heads, layout)
+    q, k, v, k_scale, v_scale = kv_append.kv_append_qkv_reference(
+        k, v, k_scale, v_scale, qkv, cos, sin, lengths, layer, num_q_heads=num_q_heads,
+        layout=layout)
+    S = cache_dims(k.shape, layout)[1]
+    o = decode_attention_reference(q, k, v, jnp.minimum(jnp.asarray(lengths, jnp.int32) + 1, S),
+                                   k_scale, v_scale, layer=layer, sm_scale=sm_scale, layout=layout)
+    return o, k, v, k_scale, v_scale
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "per_token"))

@@ -47,7 +47,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.decode_attention import LAYOUTS, cache_dims, v_shape_matches   # its layouts
+from pallas_kernels.decode_attention import (LAYOUTS, cache_dims, rotate_halves,   # its layouts
+                                             v_shape_matches)
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
@@ -116,12 +117,6 @@ def _kv_append_kernel(lengths_ref, layer_ref, k_new_ref, v_new_ref, *refs, max_l
         v_new_ref, _v_row(v_out, layer, b, rows, pos, hsd), vs_out if fp8 else None))
 
 
-def _rotate(x1, x2, c, s):
-    """RoPE on the halves of a head (HF rotate_half), f32 in and out: the one formula of the
-    kernel and its reference (jfp8.attention.apply_rope computes the same; no import across)."""
-    return x1 * c - x2 * s, x2 * c + x1 * s
-
-
 def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *refs, max_len,
                           q_heads, q_heads_pad, kv_heads, kv_heads_pad, head_dim, fp8, fmax,
                           exact_div, hsd):
@@ -149,7 +144,7 @@ def _kv_append_qkv_kernel(lengths_ref, layer_ref, qkv_ref, cos_ref, sin_ref, *re
     def rope(heads, heads_pad):
         c = cos_ref[b, t, :][None, :]
         s = sin_ref[b, t, :][None, :]
-        r1, r2 = _rotate(load(heads, heads_pad, lo), load(heads, heads_pad, hi), c, s)
+        r1, r2 = rotate_halves(load(heads, heads_pad, lo), load(heads, heads_pad, hi), c, s)
         # apply_rope's final cast: K is quantized from the rounded values, as in the XLA path.
         return [r.astype(qkv_ref.dtype).astype(jnp.float32) for r in (r1, r2)]
 
@@ -389,7 +384,7 @@ def kv_append_qkv_reference(k_cache, v_cache, k_scale, v_scale, qkv, cos, sin, l
 
     def rope(x):
         x = x.astype(jnp.float32)
-        r1, r2 = _rotate(x[..., :D // 2], x[..., D // 2:], c, s)
+        r1, r2 = rotate_halves(x[..., :D // 2], x[..., D // 2:], c, s)
         return jnp.concatenate([r1, r2], axis=-1).astype(qkv.dtype)
 
     q, k, v = rope(heads[:, :, :Hq]), rope(heads[:, :, Hq:Hq + H]), heads[:, :, Hq + H:]

@@ -34,3 +34,9 @@ def store(ref, value, mask=None):
         ref[...] = value
     else:
         pltriton.store(ref, value, mask=mask)
+
+
+def cta_barrier():
+    """Synchronise the threads of one program (bar.sync): global stores before it are visible
+    to the program's loads after it (CUDA's __syncthreads). Not for interpret mode."""
+    pltriton.debug_barrier()

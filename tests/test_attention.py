@@ -201,19 +201,22 @@ def _unfused(qkv, cache, cos, sin, Hq):
     return attention.decode(q, k, heads[:, :, Hq + Hkv:], cache, layer=1)
 
 
-# interpret + per_token_head / bf16: the fused kernel; interpret + per_tensor and xla: XLA RoPE.
-@pytest.mark.parametrize("backend,dtype,scaling", [
-    ("interpret", jfp8.E4M3, "per_token_head"),
-    ("interpret", jnp.bfloat16, "per_tensor"),
-    ("interpret", jfp8.E4M3, "per_tensor"),
-    ("xla", jfp8.E4M3, "per_token_head"),
+# interpret + per_token_head / bf16: the fused kernels (T = 1: append inside the attention
+# kernel; T = 3: kv_append_qkv); interpret + per_tensor and xla: XLA RoPE.
+@pytest.mark.parametrize("backend,dtype,scaling,T", [
+    ("interpret", jfp8.E4M3, "per_token_head", 3),
+    ("interpret", jfp8.E4M3, "per_token_head", 1),
+    ("interpret", jnp.bfloat16, "per_tensor", 3),
+    ("interpret", jnp.bfloat16, "per_tensor", 1),
+    ("interpret", jfp8.E4M3, "per_tensor", 3),
+    ("xla", jfp8.E4M3, "per_token_head", 3),
 ])
-def test_decode_qkv_equals_slice_rope_decode(backend, dtype, scaling):
+def test_decode_qkv_equals_slice_rope_decode(backend, dtype, scaling, T):
     """Same cache bits (data, scales, overflow) and output as slicing + apply_rope + decode, both
     jitted, with one sequence overflowing (its rows past S_max dropped). Interpret: exact. XLA:
     the output within 2^-8, since XLA may keep the rotated q in f32 inside a fusion in one graph
     and not the other (xla_allow_excess_precision); the caches still agree bit for bit."""
-    Hq, Hkv, Dh, T, S_ = 6, 3, 64, 3, 24
+    Hq, Hkv, Dh, S_ = 6, 3, 64, 24
     cache = KVCache.init(2, 2, S_, Hkv, Dh, dtype=dtype, scaling=scaling)
     qkv0, c0, s0 = _qkv_step(Hq, Hkv, Dh, 8, seed=1)
     heads = qkv0.reshape(2, 8, Hq + 2 * Hkv, Dh)
@@ -221,7 +224,7 @@ def test_decode_qkv_equals_slice_rope_decode(backend, dtype, scaling):
         _, cache = attention.prefill(heads[:, :, :Hq], heads[:, :, Hq:Hq + Hkv],
                                      heads[:, :, Hq + Hkv:], cache, layer=layer,
                                      lengths=jnp.array([5, 8]))
-    cache = kvc.advance(cache, jnp.array([5, S_ - 2], jnp.int32))   # sequence 1 overflows
+    cache = kvc.advance(cache, jnp.array([5, S_ - 2 if T > 1 else S_], jnp.int32))  # 1 overflows
     qkv, cos, sin = _qkv_step(Hq, Hkv, Dh, T, seed=2)
     fused = jax.jit(lambda a, c, cs, sn: attention.decode_qkv(a, c, layer=1, num_q_heads=Hq,
                                                               cos=cs, sin=sn))
