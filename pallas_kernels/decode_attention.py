@@ -218,23 +218,27 @@ def _quantize_row(x, axis, append: _Append):
     return _saturate(x * (rcp[:, None] if axis == 1 else rcp[None, :]), append.fmax), scale
 
 
-def _append_row(append: _Append, rope: _RowRope, h, D, v_block, cache_out, layer, pos):
+def _append_row(append: _Append, rope: _RowRope, h, D, v_block, cache_out, layer, pos, writes):
     """Quantize the new token's K (rotated) and V rows of KV head h and write them, with their
-    scales, at position pos of `layer` (the refs of one (sequence, KV head))."""
+    scales, at position pos of `layer` (the refs of one (sequence, KV head)) where `writes` (a
+    scalar bool). Every program loads and quantizes the rows, only the stores are predicated:
+    behind a branch the loads would start a memory round trip of their own (SASS), after q's."""
     k_out, v_out, *scales_out = cache_out
-    k, ks = _quantize_row(rope(jnp.full((1,), append.q_heads + h)), 1, append)       # (1, D)
+    k = rope(jnp.full((1,), append.q_heads + h))                                    # (1, D)
     v_head = append.q_heads + append.kv_heads + h
     if v_block:   # "hsd": V stored tokens last, the row is a (D, 1) column
         v = rope.ref[jnp.full((D, 1), v_head), rope.cols[:, None]].astype(jnp.float32)
-        v, vs = _quantize_row(v, 0, append)
         v_at = v_out.at[layer, pos // v_block, :, pl.ds(pos % v_block, 1)]
     else:
-        v, vs = _quantize_row(rope.raw(jnp.full((1,), v_head)), 1, append)
+        v = rope.raw(jnp.full((1,), v_head))
         v_at = v_out.at[layer, pl.ds(pos, 1), :]
-    _store(k_out.at[layer, pl.ds(pos, 1), :], k, mask=None)
-    _store(v_at, v, mask=None)
+    # Both rows loaded before either amax: a reduction's barriers would hold V's load back.
+    k, ks = _quantize_row(k, 1, append)
+    v, vs = _quantize_row(v, 0 if v_block else 1, append)
+    _store(k_out.at[layer, pl.ds(pos, 1), :], k, mask=jnp.broadcast_to(writes, k.shape))
+    _store(v_at, v, mask=jnp.broadcast_to(writes, v.shape))
     for scale, out in zip((ks, vs), scales_out):
-        _store(out.at[layer, pl.ds(pos, 1)], scale, mask=None)
+        _store(out.at[layer, pl.ds(pos, 1)], scale, mask=jnp.broadcast_to(writes, (1,)))
 
 
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
@@ -295,10 +299,8 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     cols = jnp.arange(block_k, dtype=jnp.int32)
     if append is not None:   # the split that holds the new position writes its row first
         own_end = (i_split + 1) * num_blocks // num_splits * block_k
-
-        @pl.when((new_pos >= start) & (new_pos < own_end) & (new_pos < max_len))
-        def _():
-            _append_row(append, rope, h, D, v_block, cache_out, layer, new_pos)
+        _append_row(append, rope, h, D, v_block, cache_out, layer, jnp.minimum(new_pos, max_len - 1),
+                    (new_pos >= start) & (new_pos < own_end) & (new_pos < max_len))
         if not append.interpret:   # its threads' stores before any of them loads the block
             triton_compat.cta_barrier()
 
