@@ -40,6 +40,8 @@ benchmarks/results/gemm_decode.md (W8A8 pays the extra quantize launch).
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from jfp8.prologue import RMSNorm, SwiGLU
@@ -135,13 +137,19 @@ def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:
 
 
 def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
-           prologue: RMSNorm | SwiGLU | None = None):
-    """y (M, N) = P(x2) · wqᵀ (+ bias) on the Pallas kernels, XLA where none fits."""
+           prologue: RMSNorm | SwiGLU | None = None, residual=None):
+    """y (M, N) = P(x2) · wqᵀ (+ bias) (+ residual (M, N), `fp8_gemv.add_residual`) on the
+    Pallas kernels, XLA where none fits; the decode kernel adds the residual in its epilogue."""
     from jfp8 import ops  # the XLA path lives there; imported late (ops imports this module lazily)
 
     w_layout = weight_layout(wq)
     m = x2.shape[0]
-    fallback = lambda x: ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype, recipe=recipe)
+    plus = functools.partial(fp8_gemv.add_residual, residual=residual)
+    fallback = lambda x: plus(ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype,
+                                              recipe=recipe))
+    gemv = functools.partial(fp8_gemv.fp8_gemv, w=wq.data, w_scale=wq.scale, layout=w_layout,
+                             bias=bias, out_dtype=out_dtype, residual=residual,
+                             interpret=interpret)
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     # W8A16 rows the f16 staging applies to (a prologue keeps x2's dtype).
@@ -155,14 +163,11 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
             staged = prologue_stage.swiglu_stage_f16(x2, interpret=interpret)
         if staged is not None:
             a, a_scale = staged
-            return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
-                                     out_dtype=out_dtype, interpret=interpret)
+            return gemv(a, a_scale=a_scale)
         if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES) and m <= FUSED_PROLOGUE_MAX_M:
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}
-            return fp8_gemv.fp8_gemv(x2, wq.data, None, wq.scale, layout=w_layout, bias=bias,
-                                     out_dtype=out_dtype, prologue=kind, interpret=interpret,
-                                     **norm)
+            return gemv(x2, a_scale=None, prologue=kind, **norm)
         x2 = prologue(x2)
     if w_layout is None or m == 0:
         return fallback(x2)
@@ -172,8 +177,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
             a, a_scale = x2, None
             if f16_rows and wq.shape[0] * wq.shape[1] >= F16_STAGING_MIN_WEIGHT:
                 a, a_scale = fp8_gemv.stage_f16_rows(x2)
-            return fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
-                                     out_dtype=out_dtype, interpret=interpret)
+            return gemv(a, a_scale=a_scale)
         return fallback(x2)
 
     xq = x2 if isinstance(x2, QArray) else quantize_activations(x2, recipe, interpret=interpret)
@@ -191,9 +195,8 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
         if not interpret and fp8_gemm.pick_gemm_backend(m, wq.shape[0], wq.shape[1], gemm_layout) == "mosaic":
             from pallas_kernels import fp8_gemm_mgpu
             fn = fp8_gemm_mgpu.fp8_gemm
-        return fn(xq.data, wq.data, xq.scale, wq.scale, layout=gemm_layout, bias=bias,
-                  out_dtype=out_dtype, interpret=interpret)
+        return plus(fn(xq.data, wq.data, xq.scale, wq.scale, layout=gemm_layout, bias=bias,
+                       out_dtype=out_dtype, interpret=interpret))
     if m <= DECODE_MAX_M:
-        return fp8_gemv.fp8_gemv(xq.data, wq.data, xq.scale, wq.scale, layout=w_layout, bias=bias,
-                                 out_dtype=out_dtype, interpret=interpret)
+        return gemv(xq.data, a_scale=xq.scale)
     return fallback(xq)

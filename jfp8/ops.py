@@ -28,6 +28,7 @@ from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerChannel, PerTensor
+from pallas_kernels.fp8_gemv import add_residual
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
 _state = threading.local()
@@ -101,7 +102,7 @@ def _check_weight(wq) -> None:
 
 
 def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe | None = None,
-           prologue: RMSNorm | SwiGLU | None = None):
+           prologue: RMSNorm | SwiGLU | None = None, residual=None):
     """y = P(x) · wᵀ with FP8 weights (and FP8 activations unless the recipe is weights-only).
 
     Args:
@@ -116,6 +117,9 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
       prologue: optional `jfp8.RMSNorm` / `jfp8.SwiGLU` (jfp8.prologue) applied to x first, fused
         into the decode kernel where that measured faster (W8A16, M == 1:
         `jfp8._matmul_pallas.FUSED_PROLOGUES`), in XLA otherwise. With SwiGLU x is (..., 2K) = [gate | up].
+      residual: optional (..., N) float array added to y as XLA adds two arrays (y rounded to
+        out_dtype, plus residual in f32, rounded to out_dtype): a transformer's skip connection,
+        added by the decode kernel in its epilogue where it writes y itself (one launch fewer).
     Returns: (..., N) array of out_dtype.
     """
     _check_weight(wq)
@@ -141,6 +145,12 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
         bias = jnp.asarray(bias)
         if bias.shape != (n,):
             raise ValueError(f"bias: expected shape ({n},), got {bias.shape}")
+    if residual is not None:
+        residual = jnp.asarray(residual)
+        if residual.shape != (*lead, n) or not jnp.issubdtype(residual.dtype, jnp.floating):
+            raise ValueError(f"residual: expected a float array of the output's shape "
+                             f"{(*lead, n)}, got {residual.dtype} {residual.shape}")
+        residual = residual.reshape(-1, n)
     recipe = default_act_recipe(wq) if recipe is None else recipe
 
     x2 = x if isinstance(x, QArray) else x.reshape(-1, k_in)
@@ -148,10 +158,12 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
     if backend in ("pallas", "interpret"):
         from jfp8 import _matmul_pallas  # the kernels' wiring; imported only when used
         y = _matmul_pallas.matmul(x2, wq, bias=bias, out_dtype=out_dtype, recipe=recipe,
-                                  prologue=prologue, interpret=backend == "interpret")
+                                  prologue=prologue, residual=residual,
+                                  interpret=backend == "interpret")
     else:
         x2 = x2 if prologue is None else prologue(x2)
-        y = _matmul_xla(x2, wq, bias=bias, out_dtype=out_dtype, recipe=recipe)
+        y = add_residual(_matmul_xla(x2, wq, bias=bias, out_dtype=out_dtype, recipe=recipe),
+                         residual)
     return y.reshape(*lead, n)
 
 

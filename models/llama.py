@@ -75,15 +75,14 @@ class RMSNorm(nn.Module):
         return norm if deferred else norm(x.astype(self.dtype))
 
 
-def _project(layer: nn.Module, x, prologue=None):
-    """layer(prologue(x)): an FP8Dense takes the prologue to fuse it, a BF16 Dense gets x
-    transformed first."""
-    if prologue is None:
-        return layer(x)
+def _project(layer: nn.Module, x, prologue=None, residual=None):
+    """residual + layer(prologue(x)): an FP8Dense takes the prologue and the residual to fuse
+    them into its kernel, a BF16 Dense gets x transformed first and the residual added after."""
     from jfp8.nn import FP8Dense
     if isinstance(layer, FP8Dense):
-        return layer(x, prologue=prologue)
-    return layer(prologue(x))
+        return layer(x, prologue=prologue, residual=residual)
+    y = layer(x if prologue is None else prologue(x))
+    return y if residual is None else y + residual
 
 
 def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -154,9 +153,11 @@ class Attention(nn.Module):
     fused: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache=None, lengths=None, mode="forward", prologue=None):
+    def __call__(self, x, cos, sin, cache=None, lengths=None, mode="forward", prologue=None,
+                 residual=None):
         """x (B, T, d), normalised by `prologue` (a jfp8.RMSNorm) first when given (fused into
-        an FP8 qkv projection's kernel)."""
+        an FP8 qkv projection's kernel); `residual` (B, T, d) is added to the output (the skip
+        connection, fused into an FP8 o projection's kernel)."""
         cfg = self.cfg
         B, T, _ = x.shape
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -191,7 +192,8 @@ class Attention(nn.Module):
                 o, cache = attention.decode(q, k, v, cache, layer=self.layer)
             else:
                 raise ValueError(f"mode: expected 'forward', 'prefill' or 'decode', got {mode!r}")
-        out = mk(cfg.hidden_size, cfg.o_bias, name="o_proj")(o.astype(self.dtype).reshape(B, T, Hq * D))
+        out = _project(mk(cfg.hidden_size, cfg.o_bias, name="o_proj"),
+                       o.astype(self.dtype).reshape(B, T, Hq * D), residual=residual)
         return out, cache
 
 
@@ -204,8 +206,9 @@ class MLP(nn.Module):
     fused: bool = False
 
     @nn.compact
-    def __call__(self, x, prologue=None):
-        """x (B, T, d), normalised by `prologue` (a jfp8.RMSNorm) first when given."""
+    def __call__(self, x, prologue=None, residual=None):
+        """x (B, T, d), normalised by `prologue` (a jfp8.RMSNorm) first when given; `residual`
+        (B, T, d) added to the output (fused into an FP8 down projection's kernel)."""
         import jfp8
         cfg = self.cfg
         mk = functools.partial(_dense, self)
@@ -216,7 +219,8 @@ class MLP(nn.Module):
             gu = jnp.concatenate([mk(cfg.intermediate_size, cfg.mlp_bias, name="gate_proj")(x),
                                   mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)], -1)
         # silu(gate) * up, fused into an FP8 down projection's input load (jfp8.SwiGLU)
-        return _project(mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj"), gu, jfp8.SwiGLU())
+        return _project(mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj"), gu, jfp8.SwiGLU(),
+                        residual)
 
 
 class DecoderLayer(nn.Module):
@@ -232,12 +236,11 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(h, deferred=True)
-        a, cache = Attention(cfg, self.layer, self.recipe, name="self_attn", fused=self.fused, **kw)(
-            h, cos, sin, cache, lengths, mode, norm)
-        h = h + a
+        # The skip connections go into the o / down projections (their kernels' epilogues).
+        h, cache = Attention(cfg, self.layer, self.recipe, name="self_attn", fused=self.fused, **kw)(
+            h, cos, sin, cache, lengths, mode, norm, residual=h)
         norm = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(h, deferred=True)
-        m = MLP(cfg, self.recipe, name="mlp", fused=self.fused, **kw)(h, norm)
-        return h + m, cache
+        return MLP(cfg, self.recipe, name="mlp", fused=self.fused, **kw)(h, norm, residual=h), cache
 
 
 class Llama(nn.Module):

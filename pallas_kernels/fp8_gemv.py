@@ -51,7 +51,8 @@ joins: the norm weight loaded in the compute step made Triton convert the weight
 shared memory every step and the GEMV 1.5-1.75x slower (see `fetch`). `rms_norm_reference` /
 `swiglu_reference` state their numerics.
 
-Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`, `GemvConfig`,
+Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`,
+`add_residual`, `GemvConfig`,
 `config_for`, `TUNING` / `TUNING_F16` (the tuning tables).
 """
 from __future__ import annotations
@@ -231,13 +232,14 @@ def _zero_outside(x, mask):
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
                      prefetch, fp8_dot, prologue, rms_in_kernel, eps, row_blocks, mask_m, mask_n,
-                     mask_k):
+                     mask_k, has_residual=False):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk), for
     `row_blocks` row blocks n0 (strided by the grid's N extent).
 
     a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
     scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
-    o_ref (M, N) when `final`, else (split_k * m_pad, N) f32 partials. With prologue
+    residual_ref (M, N) if has_residual (final only), o_ref (M, N) when `final`, else
+    (split_k * m_pad, N) f32 partials. With prologue
     "rmsnorm" norm_ref (1, K) and, unless `rms_in_kernel`, inv_ref (1, M) (1 / rms per row) come
     before bias_ref; with "swiglu" a_ref is (M, 2K) [gate | up].
 
@@ -249,6 +251,7 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     norm_ref = rest.pop(0) if prologue == "rmsnorm" else None
     inv_ref = rest.pop(0) if prologue == "rmsnorm" and not rms_in_kernel else None
     bias_ref = rest.pop(0) if has_bias else None
+    residual_ref = rest.pop(0) if has_residual else None
     (o_ref,) = rest
     i_split = pl.program_id(1)
     k_begin = i_split * k_chunk
@@ -401,7 +404,12 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
         mask = None
         if mask_m or mask_n:
             mask = (rows_m < m) & (cols_n < n)
-        _store(o_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], acc.astype(o_ref.dtype), mask)
+        out = acc.astype(o_ref.dtype)
+        if has_residual:   # the product rounded first, then the sum rounded: XLA's y + r
+            r = _load(residual_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], mask)
+            out = (out.astype(jnp.float32) + _zero_outside(r.astype(jnp.float32), mask)
+                   ).astype(o_ref.dtype)
+        _store(o_ref.at[pl.ds(0, m_pad), pl.ds(n0, block_n)], out, mask)
 
     if row_blocks == 1:
         row_block(pl.program_id(0) * block_n)
@@ -442,7 +450,8 @@ def _a_kind(a_scale, m: int, k: int) -> str | None:
     raise ValueError(f"a_scale: expected (1, 1), ({m}, 1) or ({m}, {kb}) float32, got {shape}")
 
 
-def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None, norm_weight=None):
+def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None, norm_weight=None,
+                  residual=None):
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     for name, x in (("a", a), ("w", w)):
@@ -501,13 +510,19 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None
         raise ValueError(f"bias: expected shape ({n},), got {bias.shape}")
     if jnp.dtype(out_dtype) not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of bfloat16, float16, float32, got {out_dtype}")
+    if residual is not None:
+        if tuple(getattr(residual, "shape", ())) != (m, n):
+            raise ValueError(f"residual: expected shape ({m}, {n}) like the output, got "
+                             f"{getattr(residual, 'shape', None)}")
+        if not jnp.issubdtype(residual.dtype, jnp.floating):
+            raise TypeError(f"residual: expected a float array, got {residual.dtype}")
     return kind
 
 
 def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
              prologue: str | None = None, norm_weight=None, eps: float = 1e-6,
-             config: GemvConfig | None = None, interpret: bool = False):
-    """C = (P(a) · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64).
+             residual=None, config: GemvConfig | None = None, interpret: bool = False):
+    """C = (P(a) · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64), plus `residual` when given.
 
     P is the identity, or a prologue fused into the kernel's activation load (W8A16 only):
     "rmsnorm" = `rms_norm_reference(a, norm_weight, eps)` (the rows' 1 / rms reduced by XLA before
@@ -527,11 +542,16 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
       prologue: None, "rmsnorm" or "swiglu".
       norm_weight: (K,) RMSNorm weight (prologue "rmsnorm").
       eps: RMSNorm epsilon (prologue "rmsnorm").
+      residual: optional (M, N) float array added to the output: C rounded to out_dtype, plus
+        residual in f32, rounded to out_dtype again (XLA's `C + residual`), in the kernel's
+        epilogue when it writes C itself (split_k == 1: one launch for both), else with the
+        split-K sum.
       config: GemvConfig override; default `config_for(M, N, K, layout)`.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns: (M, N) out_dtype.
     """
-    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight)
+    a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight,
+                           residual)
     m = a.shape[0]
     n, k = w.shape
     if config is None:
@@ -548,7 +568,8 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
                          f"{cfg.block_n}")
     if not cfg.use_dot and m != 1:
         raise ValueError(f"config: use_dot=False needs M == 1, got M={m}")
-    return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, layout=layout, a_kind=a_kind,
+    return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, layout=layout,
+                         a_kind=a_kind,
                          out_dtype=jnp.dtype(out_dtype), prologue=prologue,
                          eps=float(eps) if prologue == "rmsnorm" else 0.0, cfg=cfg,
                          interpret=interpret)
@@ -556,7 +577,8 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
 
 @functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "prologue", "eps",
                                              "cfg", "interpret"))
-def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, out_dtype,
+def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, *, layout, a_kind,
+                  out_dtype,
                   prologue, eps, cfg, interpret):
     m = a.shape[0]
     n, k = w.shape
@@ -586,12 +608,14 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
             operands.append(rms_inv_reference(a, eps).reshape(1, m))
     if bias is not None:
         operands.append(bias.reshape(1, n))
+    if residual is not None and final:
+        operands.append(residual)
     body = functools.partial(
         _fp8_gemv_kernel, m=m, n=n, k=k, m_pad=m_pad, block_n=cfg.block_n, block_k=cfg.block_k,
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
         fp8_dot=fp8_dot, prologue=prologue, rms_in_kernel=rms_in_kernel, eps=eps,
-        row_blocks=row_blocks,
+        row_blocks=row_blocks, has_residual=residual is not None and final,
         mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
@@ -612,7 +636,15 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, *, layout, a_kind, 
         acc = acc * w_scale.reshape(1, -1)
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
-    return acc.astype(out_dtype)
+    return add_residual(acc.astype(out_dtype), residual)
+
+
+def add_residual(y, residual):
+    """y + residual as XLA adds them: in f32, rounded to y.dtype (y returned if residual is
+    None)."""
+    if residual is None:
+        return y
+    return (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(y.dtype)
 
 
 def _expand(scale, rows: int, cols: int):
@@ -662,12 +694,14 @@ def stage_f16_rows(a):
 
 
 def fp8_gemv_reference(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
-                       prologue=None, norm_weight=None, eps=1e-6, config=None, interpret=False):
+                       prologue=None, norm_weight=None, eps=1e-6, residual=None, config=None,
+                       interpret=False):
     """Plain jax.numpy version of `fp8_gemv` (same signature; config/interpret ignored): the
     prologue, then both operands dequantized in f32, f32 matmul at HIGHEST precision, bias, one
-    output cast."""
+    output cast, then `add_residual`."""
     del config, interpret
-    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight)
+    _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight,
+                  residual)
     if prologue == "rmsnorm":
         a = rms_norm_reference(a, norm_weight, eps)
     elif prologue == "swiglu":
@@ -681,4 +715,4 @@ def fp8_gemv_reference(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=j
     out = jnp.dot(af, wf.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
-    return out.astype(out_dtype)
+    return add_residual(out.astype(out_dtype), residual)

@@ -273,6 +273,41 @@ def test_f16_table_tiles_match_reference_on_staged_rows(cfg):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("m,cfg,out_dtype,res_dtype", [
+    (1, C(16, 128, use_dot=False), jnp.bfloat16, jnp.bfloat16),   # written by the kernel
+    (1, C(16, 128, split_k=3, use_dot=False), jnp.bfloat16, jnp.float32),   # with the split sum
+    (7, C(32, 128), jnp.float32, jnp.bfloat16),                  # dot, masked rows and columns
+    (7, C(32, 128, split_k=2, row_blocks=2), jnp.bfloat16, jnp.bfloat16),
+])
+def test_residual_is_added_like_xla(m, cfg, out_dtype, res_dtype):
+    """fp8_gemv(..., residual=r) equals add_residual(fp8_gemv(...), r) bit for bit (the product
+    rounded to out_dtype, then the f32 sum rounded), whether the kernel's epilogue adds it
+    (split_k 1) or the split-K sum does; and its reference likewise."""
+    n, k = 200, 384
+    a, w, a_scale, w_scale, bias = make(m, n, k, "block", None, seed=m + 5)
+    r = (jax.random.normal(jax.random.key(m), (m, n)) * 30).astype(res_dtype)
+    kw = dict(layout="block", bias=bias, out_dtype=out_dtype)
+    got = G.fp8_gemv(a, w, a_scale, w_scale, residual=r, config=cfg, interpret=True, **kw)
+    want = G.add_residual(G.fp8_gemv(a, w, a_scale, w_scale, config=cfg, interpret=True, **kw), r)
+    assert got.shape == (m, n) and got.dtype == jnp.dtype(out_dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, residual=r, **kw)
+    np.testing.assert_array_equal(
+        np.asarray(ref, np.float32),
+        np.asarray(G.add_residual(G.fp8_gemv_reference(a, w, a_scale, w_scale, **kw), r),
+                   np.float32))
+    assert rel_err(got, ref) < TOL[jnp.dtype(out_dtype)]
+
+
+def test_residual_bad_inputs():
+    a, w, sa, sw = _args()
+    with pytest.raises(ValueError, match=r"residual: expected shape \(4, 200\)"):
+        G.fp8_gemv(a, w, sa, sw, layout="row", residual=jnp.zeros((4, 199)), interpret=True)
+    with pytest.raises(TypeError, match="residual: expected a float"):
+        G.fp8_gemv(a, w, sa, sw, layout="row", residual=jnp.zeros((4, 200), jnp.int32),
+                   interpret=True)
+
+
 def _args(m=4, n=200, k=384, layout="row"):
     a, w, a_scale, w_scale, _ = make(m, n, k, layout, None, seed=0)
     return a, w, a_scale, w_scale

@@ -59,6 +59,27 @@ def test_interpret_matches_xla(lead, recipe, out_dtype):
     assert rel_err(y, y_xla) < tol
 
 
+@pytest.mark.parametrize("backend", ["interpret", "xla"])
+@pytest.mark.parametrize("lead,recipe", [
+    ((1, 1), jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))),   # gemv: residual in-kernel
+    ((2, 5), jfp8.Recipe.block128()),                                # quantize + gemv W8A8
+    ((130,), jfp8.Recipe.block128()),                                # fp8_gemm, residual by XLA
+])
+def test_residual_equals_adding_after(backend, lead, recipe):
+    """matmul(x, wq, residual=r) is `matmul(x, wq) + r` as XLA adds two bf16 arrays, on every
+    path (in the decode kernel's epilogue, with its split-K sum, or after the GEMM): same bits."""
+    x = jax.random.normal(jax.random.key(3), (*lead, K), jnp.bfloat16)
+    r = jax.random.normal(jax.random.key(4), (*lead, N), jnp.bfloat16)
+    wq = weights(recipe)
+    with jfp8.use_backend(backend):
+        got = jax.jit(lambda x, r: jfp8.matmul(x, wq, recipe=recipe, residual=r))(x, r)
+        want = jax.jit(lambda x, r: jfp8.matmul(x, wq, recipe=recipe) + r)(x, r)
+    assert got.shape == (*lead, N) and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="residual: expected"):
+        jfp8.matmul(x, wq, recipe=recipe, residual=r[..., :-1])
+
+
 @pytest.mark.parametrize("min_weight,staged", [(0, True), (N * K + 1, False)])
 def test_w8a16_f16_staging_dispatch(monkeypatch, min_weight, staged):
     """W8A16 at 2 <= M <= 16 with bf16 x on weights of >= F16_STAGING_MIN_WEIGHT elements stages x

@@ -42,6 +42,7 @@ from jfp8.ops import matmul
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerTensor
+from pallas_kernels.fp8_gemv import add_residual
 
 default_kernel_init = initializers.lecun_normal()
 
@@ -61,7 +62,8 @@ def uses_training_path(recipe: Recipe) -> bool:
         and isinstance(recipe.weight_granularity, PerTensor)))
 
 
-def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, prologue=None):
+def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, prologue=None,
+                    residual=None):
     """The FP8Dense computation on explicit arrays (shared by the linen and nnx modules).
 
     Args:
@@ -73,6 +75,8 @@ def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, pr
       meta: delayed-scaling state (`training.init_meta`) or None (current scaling).
       prologue: optional `jfp8.RMSNorm` / `jfp8.SwiGLU` applied to x first (fused into the
         inference matmul where a kernel can, see `jfp8.matmul`).
+      residual: optional (..., N) array added to the result (`jfp8.matmul`'s residual: fused
+        into the inference decode kernel's epilogue where it can).
     Returns: (..., N) array of out_dtype.
     """
     x = jnp.asarray(x)
@@ -84,17 +88,18 @@ def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, pr
         act_recipe = recipe if recipe.act_format is None or recipe.scaling == "current" else \
             Recipe.per_tensor(act_format=recipe.act_format)
         return matmul(x, kernel, bias=bias, out_dtype=out_dtype, recipe=act_recipe,
-                      prologue=prologue)
+                      prologue=prologue, residual=residual)
     if prologue is not None:
         x = prologue(x)
     if uses_training_path(recipe):
         # The GEMM writes out_dtype itself (bf16 activations: half the bytes of an f32 result).
         y = training.fp8_matmul_train(x, kernel, meta, recipe=recipe, out_dtype=out_dtype)
-        return y if bias is None else (y + jnp.asarray(bias).astype(out_dtype)).astype(out_dtype)
+        y = y if bias is None else (y + jnp.asarray(bias).astype(out_dtype)).astype(out_dtype)
+        return add_residual(y, residual)
     y = _dynamic_matmul(x, kernel, recipe)
     if bias is not None:
         y = y + jnp.asarray(bias, jnp.float32)
-    return y.astype(out_dtype)
+    return add_residual(y.astype(out_dtype), residual)
 
 
 # -- dynamic mode: forward through jfp8.matmul with the recipe's granularities ------------------
@@ -168,10 +173,11 @@ class FP8Dense(nn.Module):
     recipe: Recipe | None = None
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, prologue=None) -> jax.Array:
+    def __call__(self, inputs: jax.Array, prologue=None, residual=None) -> jax.Array:
         """inputs (..., K) -> (..., features). `prologue` (a `jfp8.RMSNorm` / `jfp8.SwiGLU`) is
         applied to the inputs first, fused into the FP8 kernel where one can (then inputs are
-        (..., 2K) for SwiGLU)."""
+        (..., 2K) for SwiGLU); `residual` (..., features) is added to the output (in the FP8
+        decode kernel's epilogue where it can), as `residual + layer(inputs)` would."""
         recipe = resolve_recipe(self.recipe)
         inputs = jnp.asarray(inputs)
         pre_quantized = self.has_variable("params", "kernel") and isinstance(
@@ -207,4 +213,4 @@ class FP8Dense(nn.Module):
         else:
             out_dtype = jnp.result_type(inputs.dtype, kernel.dtype)
         return fp8_dense_apply(inputs, kernel, bias, recipe=recipe, out_dtype=out_dtype, meta=meta,
-                               prologue=prologue)
+                               prologue=prologue, residual=residual)

@@ -84,10 +84,11 @@ class FP8Linear(nnx.Module):
         return {name: _value(getattr(self, name)) for t in training.META_TENSORS
                 for name in (f"{t}_amax_history", f"{t}_scale")}
 
-    def __call__(self, inputs: jax.Array, prologue=None) -> jax.Array:
+    def __call__(self, inputs: jax.Array, prologue=None, residual=None) -> jax.Array:
         """inputs (..., in_features) -> (..., out_features). `prologue` (a `jfp8.RMSNorm` /
         `jfp8.SwiGLU`) is applied to the inputs first, fused into the FP8 kernel where one can
-        (then inputs are (..., 2 * in_features) for SwiGLU)."""
+        (then inputs are (..., 2 * in_features) for SwiGLU); `residual` (..., out_features) is
+        added to the output (in the FP8 decode kernel's epilogue where it can)."""
         inputs = jnp.asarray(inputs)
         kernel = _value(self.kernel)
         bias = _value(self.bias) if self.bias is not None else None
@@ -102,7 +103,7 @@ class FP8Linear(nnx.Module):
             default = jnp.result_type(inputs.dtype, kernel.dtype)
         out_dtype = self.dtype if self.dtype is not None else default
         return fp8_dense_apply(inputs, kernel, bias, recipe=self.recipe, out_dtype=out_dtype,
-                               meta=self._meta(), prologue=prologue)
+                               meta=self._meta(), prologue=prologue, residual=residual)
 
 
 def apply_meta_grads(model: nnx.Module, grads: nnx.State) -> nnx.State:
