@@ -155,8 +155,12 @@ TUNING[("m16", "n_large", "k_short")] = dataclasses.replace(_M16, split_k=2)
 # o 9.4 -> 8.1 µs per layer (bk 256), and 16-row blocks with split-K 4 cut down 26.6 -> 23.5 µs; on
 # the H200 (profile_decode_h200_r2.json, run 5) split-K 8 with two row blocks per program (768
 # programs, as with split-K 4) cut qkv 375 -> 325 µs per step (o 227 -> 235).
-TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_k=256, split_k=8,
-                                                         row_blocks=2)
+# Then no split-K at all, 8-row blocks and 1024-wide K steps (768 / 512 programs for qkv / o):
+# the GEMVs are slower (qkv 324 -> 345, o 233 -> 247 µs per step) but write their outputs
+# themselves, so qkv's split-K sum launch goes and o adds the residual in its epilogue (`residual`):
+# GPU busy per 8B B=1 4K step 3.021 -> 2.924 ms, 1B 0.872 -> 0.853 (whose down, K = 8192, is in
+# this class and got slower: 162 -> 203 µs); B=16 unchanged (profile_decode_h200_r13_residual.log).
+TUNING[("m1", "n_small", "k_short")] = dataclasses.replace(_M1, block_n=8, block_k=1024, split_k=1)
 TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block_k=256, split_k=4)
 # M = 1 on N > 8192 (gate_up, lm_head) in the H200 decode step (results/profile_decode_h200_r2.json,
 # runs 1 and 4): 16-row blocks, one program per row block writing the output itself (no split-K
