@@ -34,6 +34,11 @@ P), skips blocks past the sequence's length, and writes an unnormalised partial 
 second small kernel (grid (B, Hkv, D parts)) combines the splits by log-sum-exp and writes bf16;
 D is split across programs when few (sequence, KV head) pairs run (`COMBINE_MIN_PROGRAMS`).
 
+`decode_attention_qkv` is the decode step's form (T = 1) with the step's own K/V append in the
+same launch: it takes the fused qkv projection before RoPE, every program rotates its query rows
+itself, and the program that owns the new position quantizes and writes the new K / V row before
+its threads read the block (`kv_append.kv_append_qkv` + `decode_attention`, one launch fewer).
+
 Block sizes, warps, stages and the split count come from `DecodeAttentionConfig` and the
 `CONFIGS` table keyed by shape class (`config_for`); an explicit `config=` overrides.
 """
@@ -564,7 +569,6 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, cos=None, s
     if not per_token:
         qk_scale = qk_scale * _per_layer_scalar(k_scale, layer_arr[0], True)
     qk_scale = qk_scale.reshape(1)
-    # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g.
     # (B, T, Hkv, G, D) -> (B, Hkv, T*G, D): row r = t * G + g (a free reshape when T = 1).
     if append is None:
         qg = q.reshape(B, T, Hkv, G, D)
@@ -750,15 +754,15 @@ def decode_attention_qkv(qkv, cos, sin, k, v, k_scale, v_scale, lengths, *, laye
       k, v, k_scale, v_scale: the stacked cache (L, ...) in `layout`, as `kv_append` takes it:
         FP8 with per-(token, head) float32 scales, or bfloat16 with both scales None. Updated in
         place inside a jit that donates them or carries them through a loop.
-      lengths: (B,) int32, tokens in the cache before this one (the new token's position);
-        lengths[b] < S (a full cache drops the write, as `kv_append` does, and attends S tokens).
+      lengths: (B,) int32, tokens in the cache before this one (the new token's position),
+        0 <= lengths[b] <= S; at S (a full cache) the write is dropped, as `kv_append` drops it,
+        and the token attends the S cached ones.
       layer, sm_scale, config, interpret, layout: as for `decode_attention`.
       num_q_heads: Hq, a multiple of Hkv.
     Returns (o (B, 1, Hq, D) bfloat16, k, v, k_scale, v_scale) (scales None for a bf16 cache).
     """
-    fp8, Hq, Hkv, D, stacked = _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths,
-                                             layer, num_q_heads, layout)
-    del stacked
+    fp8, Hq, Hkv, D = _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths, layer,
+                                    num_q_heads, layout)
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if config is None:
         config = config_for(qkv.shape[0], cache_dims(k.shape, layout)[1], D)
@@ -771,7 +775,7 @@ def decode_attention_qkv(qkv, cos, sin, k, v, k_scale, v_scale, lengths, *, laye
 
 
 def _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths, layer, num_q_heads, layout):
-    """Validate `decode_attention_qkv`'s arguments; returns (fp8, Hq, Hkv, D, stacked)."""
+    """Validate `decode_attention_qkv`'s arguments; returns (fp8, Hq, Hkv, D)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if k.ndim != 5:
@@ -808,9 +812,8 @@ def _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths, layer, num_q_h
         if lens.shape == (B,) and ((lens > S) | (lens < 0)).any():
             raise ValueError(f"lengths: expected 0 <= lengths[b] <= S_max={S} (the new token's "
                              f"position), got {lens.tolist()}")
-    stacked, _ = _validate(q, k, v, jnp.minimum(jnp.asarray(lengths) + 1, S), k_scale, v_scale,
-                           layer, layout)
-    return fp8, Hq, Hkv, D, stacked
+    _validate(q, k, v, jnp.minimum(jnp.asarray(lengths) + 1, S), k_scale, v_scale, layer, layout)
+    return fp8, Hq, Hkv, D
 
 
 def decode_attention_qkv_reference(qkv, cos, sin, k, v, k_scale, v_scale, lengths, *, layer,
