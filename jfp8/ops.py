@@ -4,6 +4,7 @@
     with jfp8.use_backend("interpret"): ...
     y = jfp8.matmul(x, wq)                      # x (..., K) bf16 or QArray; wq QArray (N, K)
     y = jfp8.matmul(h, wq, prologue=jfp8.RMSNorm(w, eps))   # the norm fused where a kernel can
+    y = jfp8.matmul(a, wq, residual=h)          # h + a · wᵀ, the add in the kernel's epilogue
 
 Backends: "xla" runs plain XLA (dequantize + f32 dot, or XLA's FP8 dot_general on a GPU for
 per-tensor scales); "pallas" runs the Pallas kernels compiled for the GPU; "interpret" runs the
@@ -12,7 +13,8 @@ and "xla" elsewhere. The backend is read at trace time: a jitted function keeps 
 was traced with.
 
 Numerics contract, every backend: y = Σ_k (x_q·x_scale)(w_q·w_scale) accumulated in f32 (the
-kernels promote the f32 partial per 128-K block), plus bias, cast to out_dtype once. Backends
+kernels promote the f32 partial per 128-K block), plus bias, cast to out_dtype once (then a
+residual added in f32 and cast again, as XLA adds two arrays). Backends
 differ only by f32 summation order and (on the GPU's FP8 tensor cores) the 128-K promotion.
 """
 from __future__ import annotations

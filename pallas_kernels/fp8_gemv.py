@@ -25,8 +25,10 @@ loop (each block's partial product is scaled before it joins the f32 accumulator
 
 The kernel reads each weight byte once: grid (ceil(ceil(N / block_n) / row_blocks), split_k); a
 program walks its K range in `block_k` steps, for each of its `row_blocks` row blocks. With
-split_k == 1 the program writes the final (M, N) output (scales, bias, cast fused) and the matmul
-is one launch; with split_k > 1 it writes f32 partials that XLA sums (one small fused epilogue).
+split_k == 1 the program writes the final (M, N) output (scales, bias, cast and an optional
+residual add fused: a transformer's skip connection costs no launch of its own) and the matmul
+is one launch; with split_k > 1 it writes f32 partials that XLA sums (one small fused epilogue,
+which takes the residual add too).
 M is padded to a power of two >= 16 inside the kernel (masked loads, nothing is copied), since
 Triton's dot needs 16 rows; M == 1 may instead use an elementwise multiply-accumulate over a
 (block_n, block_k) f32 tile reduced once at the end (`use_dot=False`). `swap_ab` computes the
