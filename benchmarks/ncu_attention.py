@@ -6,7 +6,9 @@ D 128, a 4K context plus 32 generated tokens of room, stacked over 2 layers (lay
         --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
         python3 benchmarks/ncu_attention.py
 
-Each call is two launches (attention, combine); the first call compiles.
+Each call is two launches (attention, combine); the first call compiles. --fused-append runs
+the decode step's form instead (`decode_attention_qkv`: the new token's K/V append in the
+attention kernel; qkv and RoPE tables random).
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ def main():
   ap.add_argument("--length", type=int, default=4097, help="valid tokens incl. the new one")
   ap.add_argument("--max-len", type=int, default=4096 + 32)
   ap.add_argument("--calls", type=int, default=3)
+  ap.add_argument("--fused-append", action="store_true")
   args = ap.parse_args()
   L, B, Hq, Hkv, D, S = 2, args.batch, 32, 8, 128, args.max_len
-  ks = jax.random.split(jax.random.key(0), 5)
+  ks = jax.random.split(jax.random.key(0), 7)
   f8 = jnp.float8_e4m3fn
   q = jax.random.normal(ks[0], (B, 1, Hq, D), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(ks[1], (L, B, Hkv, S, D), jnp.float32).astype(f8)
@@ -35,8 +38,14 @@ def main():
   k_scale = jax.random.uniform(ks[3], (L, B, Hkv, S), jnp.float32, 0.01, 0.1)
   v_scale = jax.random.uniform(ks[4], (L, B, Hkv, S), jnp.float32, 0.01, 0.1)
   lengths = jnp.full((B,), args.length, jnp.int32)
+  qkv = jax.random.normal(ks[5], (B, 1, (Hq + 2 * Hkv) * D), jnp.float32).astype(jnp.bfloat16)
+  angles = jax.random.uniform(ks[6], (B, 1, D // 2), jnp.float32, 0.0, 6.0)
   for _ in range(args.calls):
-    out = A.decode_attention(q, k, v, lengths, k_scale, v_scale, layer=1, layout="hsd")
+    if args.fused_append:
+      out = A.decode_attention_qkv(qkv, jnp.cos(angles), jnp.sin(angles), k, v, k_scale, v_scale,
+                                   lengths - 1, layer=1, num_q_heads=Hq, layout="hsd")
+    else:
+      out = A.decode_attention(q, k, v, lengths, k_scale, v_scale, layer=1, layout="hsd")
     jax.block_until_ready(out)
   cfg = A.config_for(B, S, D)
   print("config", cfg, "splits", cfg.num_splits(B, Hkv, S), flush=True)
