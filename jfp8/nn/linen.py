@@ -176,8 +176,8 @@ class FP8Dense(nn.Module):
     def __call__(self, inputs: jax.Array, prologue=None, residual=None) -> jax.Array:
         """inputs (..., K) -> (..., features). `prologue` (a `jfp8.RMSNorm` / `jfp8.SwiGLU`) is
         applied to the inputs first, fused into the FP8 kernel where one can (then inputs are
-        (..., 2K) for SwiGLU); `residual` (..., features) is added to the output (in the FP8
-        decode kernel's epilogue where it can), as `residual + layer(inputs)` would."""
+        (..., 2K) for SwiGLU); `residual` (..., features) is added to the output (in f32, the
+        sum rounded to the output dtype; in the FP8 decode kernel's epilogue where it can)."""
         recipe = resolve_recipe(self.recipe)
         inputs = jnp.asarray(inputs)
         pre_quantized = self.has_variable("params", "kernel") and isinstance(

@@ -88,7 +88,8 @@ class FP8Linear(nnx.Module):
         """inputs (..., in_features) -> (..., out_features). `prologue` (a `jfp8.RMSNorm` /
         `jfp8.SwiGLU`) is applied to the inputs first, fused into the FP8 kernel where one can
         (then inputs are (..., 2 * in_features) for SwiGLU); `residual` (..., out_features) is
-        added to the output (in the FP8 decode kernel's epilogue where it can)."""
+        added to the output (in f32, the sum rounded to the output dtype; in the FP8 decode
+        kernel's epilogue where it can)."""
         inputs = jnp.asarray(inputs)
         kernel = _value(self.kernel)
         bias = _value(self.bias) if self.bias is not None else None
