@@ -47,8 +47,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.decode_attention import (LAYOUTS, cache_dims, rotate_halves,   # its layouts
-                                             v_shape_matches)
+# The cache layouts, and RoPE's one formula (the fused decode kernel there applies it too).
+from pallas_kernels.decode_attention import LAYOUTS, cache_dims, rotate_halves, v_shape_matches
 from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
