@@ -10,8 +10,6 @@ random caches, also between kv_append_qkv and its reference): a few K bytes may 
 output against the f32 reference: the kernel's f16 operands and bf16 output, TOL as in
 test_decode_attention.
 """
-import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
