@@ -6,7 +6,7 @@ same f32 math in the same order; exact equality is the right bound in interpret 
 `kv_append_qkv_reference` V and its scales are equal bit for bit; K is rotated first, and XLA
 may contract RoPE's x1 c - x2 s into a fused multiply-add in one program and not in the other,
 so a rotated value on a bf16 rounding boundary can round one ulp apart (seen: 1 element in ~30
-random caches, also between kv_append_qkv and its reference): a few K bytes may differ. The
+random caches, also between kv_append_qkv and its reference): at most two K rows may differ. The
 output against the f32 reference: the kernel's f16 operands and bf16 output, TOL as in
 test_decode_attention.
 """
