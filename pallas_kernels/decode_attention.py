@@ -60,7 +60,7 @@ except AttributeError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
 from pallas_kernels import triton_compat
-from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
+from pallas_kernels.quantize import _quantize_along
 
 __all__ = ["DecodeAttentionConfig", "CONFIGS", "LAYOUTS", "cache_dims", "v_shape_for",
            "v_shape_matches", "to_token_major", "config_for",
@@ -215,12 +215,11 @@ class _RowRope:
 
 def _quantize_row(x, axis, append: _Append):
     """(data f32, scale (1,) f32 or None) of one token's head x (1, D) / (D, 1): kv_append's
-    per-(token, head) quantization (pallas_kernels.quantize's numerics); a bf16 cache keeps x."""
+    per-(token, head) quantization (`quantize._quantize_along`); a bf16 cache keeps x."""
     if not append.fp8:
         return x, None
-    scale = _scale_of(jnp.max(_finite_abs(x), axis=axis), append.fmax)              # (1,)
-    rcp = _rcp(scale, not append.interpret)
-    return _saturate(x * (rcp[:, None] if axis == 1 else rcp[None, :]), append.fmax), scale
+    (data,), scale = _quantize_along([x], axis, append.fmax, not append.interpret)
+    return data, scale
 
 
 def _append_row(append: _Append, rope: _RowRope, h, D, v_block, cache_out, layer, pos, writes):
@@ -285,7 +284,6 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
         h = pl.program_id(0)
         # Rows past the group repeat its last head (in bounds; their outputs are never stored).
         q = rope(h * group + jnp.minimum(row_ids, group - 1))
-        ks_ref = vs_ref = None
         k_ref, v_ref, *scale_refs = cache_out
         if per_token_scales:
             ks_ref, vs_ref = scale_refs

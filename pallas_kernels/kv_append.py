@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import triton_compat
 # The cache layouts, and RoPE's one formula (the fused decode kernel there applies it too).
 from pallas_kernels.decode_attention import LAYOUTS, cache_dims, rotate_halves, v_shape_matches
-from pallas_kernels.quantize import _finite_abs, _rcp, _saturate, _scale_of
+from pallas_kernels.quantize import _quantize_along
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
            "rows_at", "LAYOUTS"]
@@ -62,10 +62,7 @@ def _write_rows(xs, dsts, scale_dst, write_ok, *, fp8, fmax, exact_div):
     """Store f32 column blocks xs[i] (Hp, w_i) of the same Hp rows into the ref views dsts[i];
     FP8: one scale per row over all blocks, stored into scale_dst (Hp,)."""
     if fp8:
-        amax = functools.reduce(jnp.maximum, [jnp.max(_finite_abs(x), axis=1) for x in xs])
-        scale = _scale_of(amax, fmax)                                           # (Hp,)
-        rcp = _rcp(scale, exact_div)[:, None]
-        xs = [_saturate(x * rcp, fmax) for x in xs]
+        xs, scale = _quantize_along(xs, 1, fmax, exact_div)                    # scale (Hp,)
         triton_compat.store(scale_dst, scale, write_ok)
     for x, dst in zip(xs, dsts):
         triton_compat.store(dst, x.astype(dst.dtype), write_ok[:, None])

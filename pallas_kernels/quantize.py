@@ -144,6 +144,17 @@ def _saturate(y, fmax: float):
     return jnp.where(y != y, y, clipped)  # keep NaN: Triton's max/min are maxnumf/minnumf
 
 
+def _quantize_along(xs, axis: int, fmax: float, exact_div: bool):
+    """Quantize f32 tiles xs that share all axes but `axis` with one scale per slice along it:
+    amax of the finite values over every tile (`_finite_abs`), scale = `_scale_of(amax)`, data =
+    `_saturate(x * rcp(scale))`. Returns ([data f32 per tile], scale) with `axis` reduced away:
+    the (1, 128) groups of `quantize_fp8`, and a token's (head) rows in the K/V append kernels."""
+    amax = functools.reduce(jnp.maximum, [jnp.max(_finite_abs(x), axis=axis) for x in xs])
+    scale = _scale_of(amax, fmax)
+    rcp = jnp.expand_dims(_rcp(scale, exact_div), axis)
+    return [_saturate(x * rcp, fmax) for x in xs], scale
+
+
 def _tile_mask(i_m, i_k, block_m, block_k, m, k, masked):
     if not masked:
         return None
@@ -160,10 +171,8 @@ def _group_kernel(x_ref, data_ref, scale_ref, *, block_m, groups, m, k, fmax, ex
     mask = _tile_mask(i_m, i_k, block_m, block_k, m, k, masked)
     tile = (pl.ds(i_m * block_m, block_m), pl.ds(i_k * block_k, block_k))
     x = _load(x_ref.at[tile], mask).astype(jnp.float32)                 # (block_m, block_k)
-    x3 = x.reshape(block_m, groups, GROUP)
-    amax = jnp.max(_finite_abs(x3), axis=2)                              # (block_m, groups)
-    scale = _scale_of(amax, fmax)
-    y = _saturate(x3 * _rcp(scale, exact_div)[:, :, None], fmax).reshape(block_m, block_k)
+    (y,), scale = _quantize_along([x.reshape(block_m, groups, GROUP)], 2, fmax, exact_div)
+    y = y.reshape(block_m, block_k)                                     # scale (block_m, groups)
     _store(data_ref.at[tile], y.astype(data_ref.dtype), mask)
     kb = -(-k // GROUP)
     scale_tile = (pl.ds(i_m * block_m, block_m), pl.ds(i_k * groups, groups))
