@@ -65,12 +65,32 @@ from pallas_kernels.quantize import _quantize_along
 __all__ = ["DecodeAttentionConfig", "CONFIGS", "LAYOUTS", "cache_dims", "v_shape_for",
            "v_shape_matches", "to_token_major", "config_for",
            "decode_attention", "decode_attention_reference", "reference_math",
-           "decode_attention_qkv", "decode_attention_qkv_reference", "rotate_halves"]
+           "decode_attention_qkv", "decode_attention_qkv_reference", "rotate_halves",
+           "CACHE_DTYPES", "check_cache_scales"]
 
 _LOG2E = math.log2(math.e)
 #: Cache layouts (module docstring): "sd" token-major, "hsd" head-major with V in token blocks.
 LAYOUTS = ("sd", "hsd")
 MAX_QUERY_TOKENS = 16
+
+
+#: Dtypes of a cache that takes appends: FP8 with per-(token, head) scales, or bf16 without.
+CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2), jnp.dtype(jnp.bfloat16))
+
+
+def check_cache_scales(k, k_scale, v_scale, k_name: str) -> bool:
+    """An appendable cache's scales: per-(token, head) float32 of k's shape without D for an FP8
+    cache, None for a bf16 one (errors name the argument and `k_name`). Returns whether k is FP8."""
+    fp8 = jnp.dtype(k.dtype) != jnp.bfloat16
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if fp8 and (sc is None or tuple(sc.shape) != tuple(k.shape[:-1])
+                    or sc.dtype != jnp.float32):
+            raise ValueError(f"{name}: expected {tuple(k.shape[:-1])} float32 per-(token, head) "
+                             f"scales ({k_name}'s shape without D) for an FP8 cache, got "
+                             f"{None if sc is None else (tuple(sc.shape), sc.dtype)}")
+        if not fp8 and sc is not None:
+            raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
+    return fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -793,17 +813,9 @@ def _check_append(qkv, cos, sin, k, v, k_scale, v_scale, lengths, layer, num_q_h
         if tuple(jnp.shape(x)) != (B, 1, D // 2):
             raise ValueError(f"{name}: expected (B, 1, D/2) = ({B}, 1, {D // 2}), got "
                              f"{tuple(jnp.shape(x))}")
-    fp8 = jnp.dtype(k.dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
-    if not fp8 and jnp.dtype(k.dtype) != jnp.bfloat16:
+    if jnp.dtype(k.dtype) not in CACHE_DTYPES:
         raise TypeError(f"k: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {k.dtype}")
-    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if fp8 and (sc is None or tuple(sc.shape) != tuple(k.shape[:-1])
-                    or sc.dtype != jnp.float32):
-            raise ValueError(f"{name}: expected {tuple(k.shape[:-1])} float32 per-(token, head) "
-                             f"scales (k's shape without D) for an FP8 cache, got "
-                             f"{None if sc is None else (tuple(sc.shape), sc.dtype)}")
-        if not fp8 and sc is not None:
-            raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
+    fp8 = check_cache_scales(k, k_scale, v_scale, "k")
     q = jax.ShapeDtypeStruct((B, 1, Hq, D), qkv.dtype)
     if not isinstance(lengths, _Tracer):
         lens = np.asarray(jax.device_get(lengths))

@@ -48,15 +48,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
 # The cache layouts, and RoPE's one formula (the fused decode kernel there applies it too).
-from pallas_kernels.decode_attention import LAYOUTS, cache_dims, rotate_halves, v_shape_matches
+from pallas_kernels.decode_attention import (CACHE_DTYPES, LAYOUTS, cache_dims, check_cache_scales,
+                                             rotate_halves, v_shape_matches)
 from pallas_kernels.quantize import _quantize_along
 
 __all__ = ["kv_append", "kv_append_reference", "kv_append_qkv", "kv_append_qkv_reference",
            "rows_at", "LAYOUTS"]
-
-FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
-CACHE_DTYPES = FP8_DTYPES + (jnp.dtype(jnp.bfloat16),)
-
 
 def _write_rows(xs, dsts, scale_dst, write_ok, *, fp8, fmax, exact_div):
     """Store f32 column blocks xs[i] (Hp, w_i) of the same Hp rows into the ref views dsts[i];
@@ -200,14 +197,7 @@ def _check(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layout):
         raise TypeError(f"k_cache: expected float8_e4m3fn, float8_e5m2 or bfloat16, got {dtype}")
     if D & (D - 1):
         raise ValueError(f"k_cache: head dim D must be a power of two, got {D}")
-    fp8 = dtype in FP8_DTYPES
-    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if fp8 and (s is None or tuple(s.shape) != k_cache.shape[:-1] or s.dtype != jnp.float32):
-            raise ValueError(f"{name}: expected {k_cache.shape[:-1]} float32 per-(token, head) "
-                             f"scales (k_cache's shape without D) for an FP8 cache, got "
-                             f"{None if s is None else (tuple(s.shape), s.dtype)}")
-        if not fp8 and s is not None:
-            raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
+    fp8 = check_cache_scales(k_cache, k_scale, v_scale, "k_cache")
     if k_new.ndim != 4 or k_new.shape[0] != B or k_new.shape[2:] != (H, D):
         raise ValueError(f"k_new: expected (B, T, Hkv, D) = ({B}, T, {H}, {D}), got {k_new.shape}")
     if v_new.shape != k_new.shape:
