@@ -9,7 +9,8 @@ accumulation, no split-K) on the weight stored
 - "tiled": (N / block_n, K / block_k, block_n, block_k), every tile one contiguous run;
 - "kblk": (K / block_k, N, block_k), K-blocked: any block_n rows of one K block are contiguous
   (only block_k is baked into the layout),
-and the committed `fp8_gemv` as the baseline, R distinct weights per jit, GPU kernel time from a
+and the committed `fp8_gemv` (its tables) on (N, K) and on K-blocked weights
+(`fp8_gemv.to_k_blocked`, K blocks of 512 and 1024) as the baseline, R distinct weights per jit, GPU kernel time from a
 profiler trace. Not library code: a measurement for the decision (results/gemv_tiled_probe_*.md).
 
     PYTHONPATH=$PWD python3 benchmarks/gemv_tiled_probe.py --out $OUT
@@ -112,6 +113,11 @@ def main(argv=None):
         ref = jnp.dot(a.astype(jnp.float32), ws[0].astype(jnp.float32).T) / 448
         row["us"]["committed fp8_gemv"] = round(timed_us(
             lambda a, w, wsb: G.fp8_gemv(a, w, None, wsb, layout="block"), a, ws, ws_block), 2)
+        for wb in (512, 1024):   # the committed kernel and tables on K-blocked weights
+            wl = [G.to_k_blocked(w, wb) for w in ws]
+            row["us"][f"committed fp8_gemv, kblk{wb}"] = round(timed_us(
+                lambda a, w, wsb: G.fp8_gemv(a, w, None, wsb, layout="block"), a, wl, ws_block), 2)
+            del wl
         row["us"]["xla_read_floor"] = round(timed_us(lambda a, w: jnp.max(lax.bitcast_convert_type(
             w.reshape(n, k // 4, 4), jnp.uint32)), a, ws), 2)
         for spec in args.configs.split(";"):

@@ -54,7 +54,7 @@ shared memory every step and the GEMV 1.5-1.75x slower (see `fetch`). `rms_norm_
 `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`,
-`add_residual`, `GemvConfig`,
+`add_residual`, `to_k_blocked` / `from_k_blocked` (the K-blocked weight layout), `GemvConfig`,
 `config_for`, `TUNING` / `TUNING_F16` (the tuning tables).
 """
 from __future__ import annotations
@@ -217,6 +217,33 @@ def config_for(m: int, n: int, k: int, layout: str, *, w8a8: bool = False,
     return dataclasses.replace(cfg, block_n=block_n, block_k=block_k)
 
 
+def to_k_blocked(w, w_block: int = 512):
+    """(N, K) weight -> its K-blocked layout (K / w_block, N, w_block): element (n, k) at
+    [k // w_block, n, k % w_block], so any rows of one K block are one contiguous run (a
+    (block_n, block_k <= w_block) tile of the decode kernel is block_n * block_k bytes in a row,
+    where (N, K) rows hand it out as block_n pieces K bytes apart). K must be a multiple of
+    w_block, w_block a multiple of 128."""
+    n, k = w.shape
+    if w_block % SCALE_BLOCK or k % w_block:
+        raise ValueError(f"w_block: expected a multiple of {SCALE_BLOCK} dividing K={k}, got "
+                         f"{w_block}")
+    return w.reshape(n, k // w_block, w_block).transpose(1, 0, 2)
+
+
+def from_k_blocked(w3):
+    """Inverse of `to_k_blocked`: (K / w_block, N, w_block) -> (N, K)."""
+    kb, n, wb = w3.shape
+    return w3.transpose(1, 0, 2).reshape(n, kb * wb)
+
+
+def _logical(w):
+    """(N, K) of a weight given (N, K) or K-blocked (rank 3), and its K block (0 for (N, K))."""
+    if len(w.shape) == 3:
+        kb, n, wb = w.shape
+        return (n, kb * wb), wb
+    return tuple(w.shape), 0
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
 
@@ -238,11 +265,12 @@ def _zero_outside(x, mask):
 def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_pad, block_n,
                      block_k, k_chunk, a_kind, w_kind, has_bias, final, use_dot, swap_ab,
                      prefetch, fp8_dot, prologue, rms_in_kernel, eps, row_blocks, mask_m, mask_n,
-                     mask_k, has_residual=False):
+                     mask_k, has_residual=False, w_block=0):
     """One program: rows [n0, n0 + block_n) of W over K range [k_begin, k_begin + k_chunk), for
     `row_blocks` row blocks n0 (strided by the grid's N extent).
 
-    a_ref (M, K), w_ref (N, K), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
+    a_ref (M, K), w_ref (N, K), or K-blocked (K / w_block, N, w_block) when w_block > 0
+    (`to_k_blocked`), a_scale_ref ((1, 1) | (1, M) | (Kb, M): transposed so a token's
     scales are a row), w_scale_ref ((1, 1) | (1, N) | (Nb, Kb)), bias_ref (1, N) if has_bias,
     residual_ref (M, N) if has_residual (final only), o_ref (M, N) when `final`, else
     (split_k * m_pad, N) f32 partials. With prologue
@@ -263,7 +291,8 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
     k_begin = i_split * k_chunk
     num_steps = k_chunk // block_k
     k_blocked = a_kind == "group" or w_kind == "block"
-    sub_k = SCALE_BLOCK if k_blocked else block_k
+    # A K-blocked weight's sub-tiles must not straddle its K blocks.
+    sub_k = SCALE_BLOCK if k_blocked or (w_block and w_block % block_k) else block_k
     num_sub = block_k // sub_k
     # MMA operands: bf16 for bf16 activations; f16 for f16 activations (bf16 would round them)
     # and for W8A8 (e4m3 is exact in f16, and e4m3x2 -> f16x2 is one conversion instruction
@@ -343,7 +372,12 @@ def _fp8_gemv_kernel(a_ref, w_ref, a_scale_ref, w_scale_ref, *rest, m, n, k, m_p
                     a = (a, _load(a_ref.at[pl.ds(0, m_pad), pl.ds(k + k0, sub_k)], a_mask(k0)))
                 elif prologue == "rmsnorm":
                     a = (a, _load(norm_ref.at[pl.ds(0, 1), pl.ds(k0, sub_k)], k_mask(k0)))
-                w = _load(w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)], w_mask(k0))
+                if w_block:   # K-blocked: the sub-tile lies inside one K block (sub_k | w_block)
+                    w_at = w_ref.at[jnp.minimum(k0, k - 1) // w_block, pl.ds(n0, block_n),
+                                    pl.ds(pl.multiple_of(k0 % w_block, sub_k), sub_k)]
+                else:
+                    w_at = w_ref.at[pl.ds(n0, block_n), pl.ds(k0, sub_k)]
+                w = _load(w_at, w_mask(k0))
                 tiles.append((a, w, scale_of(k0) if k_blocked else None))
             return tiles
 
@@ -460,20 +494,26 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None
                   residual=None):
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    for name, x in (("a", a), ("w", w)):
-        if not hasattr(x, "shape") or len(x.shape) != 2:
-            raise ValueError(f"{name}: expected a 2-D array, got shape {getattr(x, 'shape', None)}")
+    if not hasattr(a, "shape") or len(a.shape) != 2:
+        raise ValueError(f"a: expected a 2-D array, got shape {getattr(a, 'shape', None)}")
+    if not hasattr(w, "shape") or len(w.shape) not in (2, 3):
+        raise ValueError(f"w: expected a 2-D (N, K) array or its K-blocked (K / B, N, B) form, got "
+                         f"shape {getattr(w, 'shape', None)}")
+    if len(w.shape) == 3 and w.shape[2] % SCALE_BLOCK:
+        raise ValueError(f"w: a K-blocked weight's block (last axis) must be a multiple of "
+                         f"{SCALE_BLOCK}, got {w.shape}")
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue: expected one of {PROLOGUES}, got {prologue!r}")
     m, k = a.shape
-    n, kw = w.shape
+    (n, kw), _ = _logical(w)
     if prologue == "swiglu":
         if k != 2 * kw:
             raise ValueError(f"a: the swiglu prologue takes (M, 2K) = [gate | up] with K={kw} "
                              f"(w is {w.shape}), got {a.shape}")
         k = kw
     if kw != k:
-        raise ValueError(f"w: expected (N, K) with K={k} (a is {a.shape}), got {w.shape}")
+        logical = f" (K-blocked: N={n}, K={kw})" if len(w.shape) == 3 else ""
+        raise ValueError(f"w: expected (N, K) with K={k} (a is {a.shape}), got {w.shape}{logical}")
     if prologue is not None and (a_scale is not None or jnp.dtype(a.dtype) not in ACT_DTYPES):
         raise TypeError(f"a: prologue {prologue!r} needs bfloat16/float16 activations (W8A16), "
                         f"got {a.dtype}{' with a_scale' if a_scale is not None else ''}")
@@ -538,7 +578,8 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
     Args:
       a: (M, K) bfloat16/float16 (W8A16, a_scale None) or float8_e4m3fn (W8A8); (M, 2K) for the
         swiglu prologue.
-      w: (N, K) float8_e4m3fn weights.
+      w: (N, K) float8_e4m3fn weights, or their K-blocked form (K / B, N, B) (`to_k_blocked`,
+        B a multiple of 128 dividing K): every tile the kernel reads is then one contiguous run.
       a_scale: None, or (1, 1) | (M, 1) | (M, ceil(K/128)) float32.
       w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
         "tensor" | "row" | "block".
@@ -559,7 +600,7 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
     a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight,
                            residual)
     m = a.shape[0]
-    n, k = w.shape
+    (n, k), w_block = _logical(w)
     if config is None:
         cfg = config_for(m, n, k, layout, w8a8=jnp.dtype(a.dtype) in FP8_DTYPES,
                          f16_act=jnp.dtype(a.dtype) == jnp.float16)
@@ -574,6 +615,9 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
                          f"{cfg.block_n}")
     if not cfg.use_dot and m != 1:
         raise ValueError(f"config: use_dot=False needs M == 1, got M={m}")
+    if w_block and cfg.block_k % SCALE_BLOCK:
+        raise ValueError(f"config: block_k must be a multiple of {SCALE_BLOCK} for a K-blocked "
+                         f"weight, got {cfg.block_k}")
     return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, layout=layout,
                          a_kind=a_kind,
                          out_dtype=jnp.dtype(out_dtype), prologue=prologue,
@@ -587,7 +631,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, *, layout
                   out_dtype,
                   prologue, eps, cfg, interpret):
     m = a.shape[0]
-    n, k = w.shape
+    (n, k), w_block = _logical(w)
     m_pad = max(_MIN_DOT_M, _next_pow2(m)) if cfg.use_dot else 1
     split_k = cfg.split_k
     k_chunk = pl.cdiv(pl.cdiv(k, split_k), cfg.block_k) * cfg.block_k
@@ -621,7 +665,7 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, *, layout
         k_chunk=k_chunk, a_kind=a_kind or "none", w_kind=layout, has_bias=bias is not None,
         final=final, use_dot=cfg.use_dot, swap_ab=cfg.swap_ab, prefetch=cfg.prefetch,
         fp8_dot=fp8_dot, prologue=prologue, rms_in_kernel=rms_in_kernel, eps=eps,
-        row_blocks=row_blocks, has_residual=residual is not None and final,
+        row_blocks=row_blocks, has_residual=residual is not None and final, w_block=w_block,
         mask_m=m != m_pad,
         mask_n=n % cfg.block_n != 0, mask_k=k % k_chunk != 0)
     if final:
@@ -708,6 +752,8 @@ def fp8_gemv_reference(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=j
     del config, interpret
     _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight,
                   residual)
+    if len(w.shape) == 3:
+        w = from_k_blocked(w)
     if prologue == "rmsnorm":
         a = rms_norm_reference(a, norm_weight, eps)
     elif prologue == "swiglu":

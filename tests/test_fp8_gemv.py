@@ -308,6 +308,55 @@ def test_residual_bad_inputs():
                    interpret=True)
 
 
+# (M, layout, activation scales, config, K block of the stored weight): FMA and dot, split-K with
+# a partial last chunk (K = 1536 over 4 splits of 512 = 3 steps of 128... masked nowhere), masked
+# rows (N = 200), several sub-tiles per K block and K steps spanning two K blocks.
+K_BLOCKED_CASES = [
+    (1, "block", None, C(16, 256, use_dot=False), 512),
+    (1, "block", None, C(8, 1024, split_k=2, use_dot=False), 256),
+    (7, "row", "row", C(32, 128, split_k=3), 384),
+    (16, "block", "group", C(32, 256, swap_ab=True), 128),
+    (1, "tensor", None, C(16, 512, use_dot=False, row_blocks=2), 512),
+]
+
+
+@pytest.mark.parametrize("m,layout,a_kind,cfg,w_block", K_BLOCKED_CASES)
+def test_k_blocked_weight_gives_the_same_bits(m, layout, a_kind, cfg, w_block):
+    """The K-blocked weight (`to_k_blocked`) is read at other addresses, in the same order: the
+    same output bits as the (N, K) weight, and the reference (which takes either) agrees."""
+    n, k = 200, 1536
+    a, w, a_scale, w_scale, bias = make(m, n, k, layout, a_kind, seed=m + w_block)
+    w3 = G.to_k_blocked(w, w_block)
+    assert w3.shape == (k // w_block, n, w_block)
+    np.testing.assert_array_equal(np.asarray(G.from_k_blocked(w3), np.float32),
+                                  np.asarray(w, np.float32))
+    kw = dict(layout=layout, bias=bias, out_dtype=jnp.float32)
+    got = G.fp8_gemv(a, w3, a_scale, w_scale, config=cfg, interpret=True, **kw)
+    want = G.fp8_gemv(a, w, a_scale, w_scale, config=cfg, interpret=True, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ref = reference(a, w3, a_scale, w_scale, **kw)
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(reference(a, w, a_scale, w_scale, **kw)))
+    assert rel_err(got, ref) < TOL[jnp.dtype(jnp.float32)]
+
+
+def test_k_blocked_bad_inputs():
+    w = jnp.zeros((200, 1536), E4M3)
+    with pytest.raises(ValueError, match="w_block"):
+        G.to_k_blocked(w, 200)            # not a multiple of 128
+    with pytest.raises(ValueError, match="w_block"):
+        G.to_k_blocked(w, 1024)           # does not divide K
+    a = jnp.zeros((1, 1500), jnp.bfloat16)
+    ws = jnp.ones((2, 12), jnp.float32)
+    with pytest.raises(ValueError, match="w: a K-blocked weight's block"):
+        G.fp8_gemv(a, jnp.zeros((15, 200, 100), E4M3), None, ws, layout="block", interpret=True)
+    with pytest.raises(ValueError, match="K=1536"):   # a's K against the weight's logical K
+        G.fp8_gemv(a, G.to_k_blocked(w, 512), None, ws, layout="block", interpret=True)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 128"):
+        G.fp8_gemv(jnp.zeros((1, 1536), jnp.bfloat16), G.to_k_blocked(w, 512), None,
+                   jnp.ones((1, 1), jnp.float32), layout="tensor", config=C(16, 64, use_dot=False),
+                   interpret=True)
+
+
 def _args(m=4, n=200, k=384, layout="row"):
     a, w, a_scale, w_scale, _ = make(m, n, k, layout, None, seed=0)
     return a, w, a_scale, w_scale
@@ -398,6 +447,16 @@ def test_gpu_prologue(m, prologue):
     out = G.fp8_gemv(a, w, None, w_scale, **kw)
     ref = G.fp8_gemv_reference(a, w, None, w_scale, **kw)
     assert rel_err(out, ref) < 1e-3   # PROLOGUE_TOL's argument; K=4096 on tensor cores / FMA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_k_blocked(m):
+    a, w, a_scale, w_scale, bias = make(m, 6144, 4096, "block", None, seed=11)
+    kw = dict(layout="block", bias=bias, out_dtype=jnp.float32)
+    out = G.fp8_gemv(a, G.to_k_blocked(w, 512), a_scale, w_scale, **kw)
+    ref = G.fp8_gemv_reference(a, w, a_scale, w_scale, **kw)
+    assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)]
 
 
 @pytest.mark.gpu
