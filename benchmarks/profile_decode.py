@@ -67,8 +67,9 @@ def apply_overrides(spec: str) -> None:
     jfp8._matmul_pallas.F16_STAGING_MIN_WEIGHT; `stage:0` stages all, a huge N none) or
     `vblock:N` (bytes of the FP8 cache's V token blocks, jfp8.kv_cache.V_BLOCK_BYTES),
     `normstage:0|1` / `swiglustage:0|1` (jfp8._matmul_pallas.NORM_STAGE_FUSED /
-    SWIGLU_STAGE_FUSED), `appendattn:0|1` (jfp8.attention.APPEND_IN_ATTENTION) or `combine:N`
-    (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head)."""
+    SWIGLU_STAGE_FUSED), `appendattn:0|1` (jfp8.attention.APPEND_IN_ATTENTION), `combine:N`
+    (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head) or
+    `defer:0|1` (jfp8._matmul_pallas.DEFER_SPLIT_K_SUMS: split-K sums left to the next norm)."""
     import decode_attention as bench_attn
     import gemv_layout
     import jfp8
@@ -99,6 +100,9 @@ def apply_overrides(spec: str) -> None:
         if kind == "appendattn":
             from jfp8 import attention
             attention.APPEND_IN_ATTENTION = bool(int(rest))
+            continue
+        if kind == "defer":
+            _matmul_pallas.DEFER_SPLIT_K_SUMS = bool(int(rest))
             continue
         key, value = rest.split("=", 1)
         key = tuple(key.split("/"))
@@ -132,7 +136,7 @@ def main(argv=None):
     switches = [(_matmul_pallas, "FUSED_PROLOGUES"), (_matmul_pallas, "F16_STAGING_MIN_WEIGHT"),
                 (_matmul_pallas, "NORM_STAGE_FUSED"), (_matmul_pallas, "SWIGLU_STAGE_FUSED"),
                 (kv_cache, "V_BLOCK_BYTES"), (da, "COMBINE_MIN_PROGRAMS"),
-                (attention, "APPEND_IN_ATTENTION")]
+                (attention, "APPEND_IN_ATTENTION"), (_matmul_pallas, "DEFER_SPLIT_K_SUMS")]
     committed_tables = [dict(t) for t in tables]
     committed_switches = [getattr(module, name) for module, name in switches]
     for variant in args.variants.split("|"):

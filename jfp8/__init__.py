@@ -10,6 +10,7 @@ from jfp8.formats import (BF16, E4M3, E4M3FNUZ, E5M2, E5M2FNUZ, FP16, FP32, FP8_
                           as_format, cast)
 from jfp8.metrics import QuantizationError, quantization_error
 from jfp8.ops import get_backend, matmul, set_backend, use_backend
+from jfp8.pending import PendingSum, materialize
 from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.params import QuantizationSummary, quantization_summary, quantize_params
 from jfp8 import attention, kv_cache
@@ -28,5 +29,5 @@ __all__ = [
     "DelayedScalingState", "PerBlock", "PerChannel", "PerTensor", "compute_scale",
     "delayed_scaling_init", "delayed_scaling_update", "scale_shape", "QuantizationSummary",
     "quantization_summary", "quantize_params", "attention", "kv_cache", "KVCache", "RMSNorm",
-    "SwiGLU",
+    "SwiGLU", "PendingSum", "materialize",
 ]

@@ -44,6 +44,7 @@ import functools
 
 import jax.numpy as jnp
 
+from jfp8.pending import PendingSum, materialize
 from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
@@ -90,6 +91,12 @@ NORM_STAGE_FUSED = True
 # 817 -> 611 µs per step, the SwiGLU 70 µs (XLA) -> 150 µs (this kernel: 16 programs, one per
 # row), GPU busy 4.665 -> 4.532 ms, wall 4.785 -> 4.598 ms. False: XLA's SwiGLU, bf16 rows.
 SWIGLU_STAGE_FUSED = True
+# `jfp8.matmul(defer_sum=True)` returns a split-K decode matmul's partials unsummed
+# (`jfp8.PendingSum`) for the next RMSNorm's staging kernel to sum with the residual
+# (`prologue_stage.sum_rms_norm_stage_f16`): one XLA sum launch fewer per deferred matmul. In an
+# 8B B=16 4K step those sums (o's and down's, with the skip connection) take ~100 µs of GPU time
+# (results/profile_decode_h200_r14_sums.log). Off until timed in the step: built without a GPU.
+DEFER_SPLIT_K_SUMS = False
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 
@@ -137,26 +144,40 @@ def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:
 
 
 def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
-           prologue: RMSNorm | SwiGLU | None = None, residual=None):
+           prologue: RMSNorm | SwiGLU | None = None, residual=None, defer_sum: bool = False):
     """y (M, N) = P(x2) · wqᵀ (+ bias) (+ residual (M, N), `fp8_gemv.add_residual`) on the
-    Pallas kernels, XLA where none fits; the decode kernel adds the residual in its epilogue."""
+    Pallas kernels, XLA where none fits; the decode kernel adds the residual in its epilogue.
+    x2 may be a `jfp8.PendingSum` with an RMSNorm prologue (summed by the staging kernel where
+    it runs); with `defer_sum` (and DEFER_SPLIT_K_SUMS) a split-K decode matmul returns one."""
     from jfp8 import ops  # the XLA path lives there; imported late (ops imports this module lazily)
 
     w_layout = weight_layout(wq)
     m = x2.shape[0]
     plus = functools.partial(fp8_gemv.add_residual, residual=residual)
-    fallback = lambda x: plus(ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype,
+    fallback = lambda x: plus(ops._matmul_xla(materialize(x), wq, bias=bias, out_dtype=out_dtype,
                                               recipe=recipe))
-    gemv = functools.partial(fp8_gemv.fp8_gemv, w=wq.data, w_scale=wq.scale, layout=w_layout,
-                             bias=bias, out_dtype=out_dtype, residual=residual,
-                             interpret=interpret)
+
+    def gemv(a, a_scale, **kw):
+        y = fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
+                              out_dtype=out_dtype, residual=residual, interpret=interpret,
+                              defer_sum=defer_sum and DEFER_SPLIT_K_SUMS, **kw)
+        if isinstance(y, fp8_gemv.SplitKParts):
+            return PendingSum(y, out_dtype, residual, (m, wq.shape[0]))
+        return y
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     # W8A16 rows the f16 staging applies to (a prologue keeps x2's dtype).
     f16_rows = gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
     if prologue is not None:
         staged = None
-        if f16_rows and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm):
+        if f16_rows and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm) and \
+                isinstance(x2, PendingSum):   # the split-K sum and the residual in the same launch
+            rows, scales, h = prologue_stage.sum_rms_norm_stage_f16(
+                x2.parts.parts, m, x2.rows(), prologue.weight, prologue.eps,
+                row_scale=x2.parts.row_scale, dtype=x2.dtype, interpret=interpret)
+            x2.provide(h)
+            staged = rows, scales
+        elif f16_rows and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm):
             staged = prologue_stage.rms_norm_stage_f16(x2, prologue.weight, prologue.eps,
                                                        interpret=interpret)
         elif f16_rows and SWIGLU_STAGE_FUSED and isinstance(prologue, SwiGLU):
@@ -164,6 +185,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
         if staged is not None:
             a, a_scale = staged
             return gemv(a, a_scale=a_scale)
+        x2 = materialize(x2)
         if gemv_w8a16 and isinstance(prologue, FUSED_PROLOGUES) and m <= FUSED_PROLOGUE_MAX_M:
             kind = "swiglu" if isinstance(prologue, SwiGLU) else "rmsnorm"
             norm = dict(norm_weight=prologue.weight, eps=prologue.eps) if kind == "rmsnorm" else {}

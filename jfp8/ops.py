@@ -26,6 +26,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from jfp8.pending import PendingSum, materialize
 from jfp8.prologue import RMSNorm, SwiGLU
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
@@ -104,7 +105,7 @@ def _check_weight(wq) -> None:
 
 
 def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe | None = None,
-           prologue: RMSNorm | SwiGLU | None = None, residual=None):
+           prologue: RMSNorm | SwiGLU | None = None, residual=None, defer_sum: bool = False):
     """y = P(x) · wᵀ with FP8 weights (and FP8 activations unless the recipe is weights-only).
 
     Args:
@@ -122,17 +123,27 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
       residual: optional (..., N) float array added to y as XLA adds two arrays (y rounded to
         out_dtype, plus residual in f32, rounded to out_dtype): a transformer's skip connection,
         added by the decode kernel in its epilogue where it writes y itself (one launch fewer).
-    Returns: (..., N) array of out_dtype.
+        A `jfp8.PendingSum` is summed first.
+      defer_sum: where the Pallas decode kernel splits K and the sum (then the cast and the
+        residual) is all that follows, return a `jfp8.PendingSum` (`jfp8.pending`) for the next
+        matmul's RMSNorm to sum (`jfp8._matmul_pallas.DEFER_SPLIT_K_SUMS` switches this on).
+        x may be a PendingSum too: summed by the RMSNorm prologue's staging kernel where it runs
+        (`pallas_kernels.prologue_stage.sum_rms_norm_stage_f16`), by XLA otherwise.
+    Returns: (..., N) array of out_dtype, or a `jfp8.PendingSum` of that shape (defer_sum).
     """
     _check_weight(wq)
+    residual = materialize(residual)
+    if isinstance(x, PendingSum) and not (isinstance(prologue, RMSNorm)
+                                          and get_backend() in ("pallas", "interpret")):
+        x = x.materialize()     # only the norm-staging kernel sums partials as it loads them
     n, k = wq.shape
     if prologue is not None and not isinstance(prologue, (RMSNorm, SwiGLU)):
         raise TypeError(f"prologue: expected jfp8.RMSNorm, jfp8.SwiGLU or None, got {prologue!r}")
     if prologue is not None and isinstance(x, QArray):
         raise TypeError("x: a prologue needs a high-precision x, got a QArray")
     k_in = k if prologue is None else prologue.in_features(k)
-    if isinstance(x, QArray):
-        if x.ndim != 2:
+    if isinstance(x, (QArray, PendingSum)):
+        if isinstance(x, QArray) and x.ndim != 2:
             raise ValueError(f"x: expected a 2-D (M, K) QArray, got shape {x.shape}")
         lead, xk = x.shape[:-1], x.shape[-1]
     else:
@@ -160,7 +171,7 @@ def matmul(x, wq: QArray, *, bias=None, out_dtype=jnp.bfloat16, recipe: Recipe |
     if backend in ("pallas", "interpret"):
         from jfp8 import _matmul_pallas  # the kernels' wiring; imported only when used
         y = _matmul_pallas.matmul(x2, wq, bias=bias, out_dtype=out_dtype, recipe=recipe,
-                                  prologue=prologue, residual=residual,
+                                  prologue=prologue, residual=residual, defer_sum=defer_sum,
                                   interpret=backend == "interpret")
     else:
         x2 = x2 if prologue is None else prologue(x2)

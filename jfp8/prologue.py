@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Union
 
+from jfp8.pending import materialize
 from pallas_kernels.fp8_gemv import rms_norm_reference, swiglu_reference
 
 
@@ -35,6 +36,7 @@ class RMSNorm:
     eps: float
 
     def __call__(self, x):
+        x = materialize(x)
         if tuple(self.weight.shape) != (x.shape[-1],):
             raise ValueError(f"RMSNorm.weight: expected shape ({x.shape[-1]},) for x of shape "
                              f"{x.shape}, got {self.weight.shape}")
@@ -49,6 +51,7 @@ class SwiGLU:
     """SwiGLU of x (..., 2F) = [gate | up]: `silu(gate) * up` in f32, rounded once to x.dtype."""
 
     def __call__(self, x):
+        x = materialize(x)
         if x.shape[-1] % 2:
             raise ValueError(f"x: SwiGLU takes (..., 2F) = [gate | up], got last dim {x.shape[-1]}")
         return swiglu_reference(x)

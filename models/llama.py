@@ -72,15 +72,19 @@ class RMSNorm(nn.Module):
         import jfp8
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         norm = jfp8.RMSNorm(w.astype(self.dtype), self.eps)
-        return norm if deferred else norm(x.astype(self.dtype))
+        return norm if deferred else norm(jfp8.materialize(x).astype(self.dtype))
 
 
-def _project(layer: nn.Module, x, prologue=None, residual=None):
+def _project(layer: nn.Module, x, prologue=None, residual=None, defer_sum=False):
     """residual + layer(prologue(x)): an FP8Dense takes the prologue and the residual to fuse
-    them into its kernel, a BF16 Dense gets x transformed first and the residual added after."""
+    them into its kernel, a BF16 Dense gets x transformed first and the residual added after.
+    x and residual may be `jfp8.PendingSum`s; with `defer_sum` an FP8Dense may return one (its
+    split-K sum left to the next RMSNorm's kernel, `jfp8.pending`)."""
+    import jfp8
     from jfp8.nn import FP8Dense
     if isinstance(layer, FP8Dense):
-        return layer(x, prologue=prologue, residual=residual)
+        return layer(x, prologue=prologue, residual=residual, defer_sum=defer_sum)
+    x, residual = jfp8.materialize(x), jfp8.materialize(residual)
     y = layer(x if prologue is None else prologue(x))
     return y if residual is None else y + residual
 
@@ -192,8 +196,11 @@ class Attention(nn.Module):
                 o, cache = attention.decode(q, k, v, cache, layer=self.layer)
             else:
                 raise ValueError(f"mode: expected 'forward', 'prefill' or 'decode', got {mode!r}")
+        # The sum of a split-K o projection (with the skip connection) is left to the
+        # post-attention RMSNorm's kernel where the decode path defers it (jfp8.pending).
         out = _project(mk(cfg.hidden_size, cfg.o_bias, name="o_proj"),
-                       o.astype(self.dtype).reshape(B, T, Hq * D), residual=residual)
+                       o.astype(self.dtype).reshape(B, T, Hq * D), residual=residual,
+                       defer_sum=True)
         return out, cache
 
 
@@ -220,7 +227,7 @@ class MLP(nn.Module):
                                   mk(cfg.intermediate_size, cfg.mlp_bias, name="up_proj")(x)], -1)
         # silu(gate) * up, fused into an FP8 down projection's input load (jfp8.SwiGLU)
         return _project(mk(cfg.hidden_size, cfg.mlp_bias, name="down_proj"), gu, jfp8.SwiGLU(),
-                        residual)
+                        residual, defer_sum=True)     # summed by the next RMSNorm's kernel
 
 
 class DecoderLayer(nn.Module):
@@ -267,6 +274,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, cache=None, lengths=None, mode="forward", last_only=False):
+        import jfp8
         cfg = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
@@ -277,6 +285,7 @@ class Llama(nn.Module):
             h, cache = DecoderLayer(cfg, i, self.recipe, name=f"layers_{i}", fused=self.fused, **kw)(
                 h, cos, sin, cache, lengths, mode)
         if last_only:
+            h = jfp8.materialize(h)
             if mode == "prefill" and lengths is not None:
                 h = jnp.take_along_axis(h, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
             else:

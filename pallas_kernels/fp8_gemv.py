@@ -54,13 +54,15 @@ shared memory every step and the GEMV 1.5-1.75x slower (see `fetch`). `rms_norm_
 `swiglu_reference` state their numerics.
 
 Public: `fp8_gemv`, `fp8_gemv_reference`, `rms_norm_reference`, `swiglu_reference`,
-`add_residual`, `to_k_blocked` / `from_k_blocked` (the K-blocked weight layout), `GemvConfig`,
+`add_residual`, `to_k_blocked` / `from_k_blocked` (the K-blocked weight layout), `SplitKParts` /
+`sum_split_k` (deferred split-K partials), `GemvConfig`,
 `config_for`, `TUNING` / `TUNING_F16` (the tuning tables).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -567,7 +569,8 @@ def _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue=None
 
 def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
              prologue: str | None = None, norm_weight=None, eps: float = 1e-6,
-             residual=None, config: GemvConfig | None = None, interpret: bool = False):
+             residual=None, config: GemvConfig | None = None, interpret: bool = False,
+             defer_sum: bool = False):
     """C = (P(a) · sa) · (w · sw)ᵀ + bias for decode shapes (M <= 64), plus `residual` when given.
 
     P is the identity, or a prologue fused into the kernel's activation load (W8A16 only):
@@ -595,7 +598,12 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
         split-K sum.
       config: GemvConfig override; default `config_for(M, N, K, layout)`.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
-    Returns: (M, N) out_dtype.
+      defer_sum: where the kernel runs split-K and nothing but the sum (then the rows'
+        activation scales, the cast and the residual) follows it ("block" weights, no bias, no
+        per-tensor activation scale), return the f32 partials unsummed, `SplitKParts`, for the
+        next kernel to sum as it loads them (`sum_split_k` is that sum); the residual is then
+        left to the caller.
+    Returns: (M, N) out_dtype, or `SplitKParts` (defer_sum).
     """
     a_kind = _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight,
                            residual)
@@ -618,18 +626,49 @@ def fp8_gemv(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat1
     if w_block and cfg.block_k % SCALE_BLOCK:
         raise ValueError(f"config: block_k must be a multiple of {SCALE_BLOCK} for a K-blocked "
                          f"weight, got {cfg.block_k}")
-    return _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, layout=layout,
-                         a_kind=a_kind,
-                         out_dtype=jnp.dtype(out_dtype), prologue=prologue,
-                         eps=float(eps) if prologue == "rmsnorm" else 0.0, cfg=cfg,
-                         interpret=interpret)
+    defer = defer_sum and layout == "block" and bias is None and a_kind in (None, "group", "row")
+    out = _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual,
+                        layout=layout, a_kind=a_kind, out_dtype=jnp.dtype(out_dtype),
+                        prologue=prologue, eps=float(eps) if prologue == "rmsnorm" else 0.0,
+                        cfg=cfg, interpret=interpret, defer=defer)
+    if out.ndim != 3:
+        return out
+    return SplitKParts(out, m, a_scale if a_kind == "row" else None)
+
+
+class SplitKParts(NamedTuple):
+    """A split-K decode matmul's f32 partials, not yet summed: parts (S, m_pad, N), rows [0, m)
+    valid, and the rows' activation scales (m, 1) f32 when they apply after the sum (staged f16
+    rows) else None; the output is `sum_split_k(parts, m, out_dtype, row_scale=row_scale)`."""
+    parts: jax.Array
+    m: int
+    row_scale: jax.Array | None = None
+
+
+def sum_split_k(parts, m: int, out_dtype, residual=None, *, row_scale=None):
+    """The output of split-K partials parts (S, m_pad, N) f32: summed in split order, rows
+    [0, m), times row_scale (m, 1) when given, rounded to out_dtype, then `add_residual` (what
+    `fp8_gemv` returns for them)."""
+    acc = _sum_in_order(parts)[:m]
+    if row_scale is not None:
+        acc = acc * row_scale
+    return add_residual(acc.astype(out_dtype), residual)
+
+
+def _sum_in_order(parts):
+    """parts (S, ...) summed as ((p0 + p1) + p2) + ...: one order for XLA and for the kernels
+    that sum deferred partials as they load them, so every consumer gets the same bits."""
+    acc = parts[0]
+    for i in range(1, parts.shape[0]):
+        acc = acc + parts[i]
+    return acc
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "a_kind", "out_dtype", "prologue", "eps",
-                                             "cfg", "interpret"))
+                                             "cfg", "interpret", "defer"))
 def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, *, layout, a_kind,
                   out_dtype,
-                  prologue, eps, cfg, interpret):
+                  prologue, eps, cfg, interpret, defer=False):
     m = a.shape[0]
     (n, k), w_block = _logical(w)
     m_pad = max(_MIN_DOT_M, _next_pow2(m)) if cfg.use_dot else 1
@@ -679,7 +718,9 @@ def _fp8_gemv_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, *, layout
     out = pl.pallas_call(body, grid=grid, out_shape=out_shape, name="fp8_gemv", **kw)(*operands)
     if final:
         return out
-    acc = out.reshape(split_k, m_pad, n).sum(axis=0)[:m]
+    if defer:   # the epilogue is the sum alone: left to the next kernel (3-D: fp8_gemv wraps it)
+        return out.reshape(split_k, m_pad, n)
+    acc = _sum_in_order(out.reshape(split_k, m_pad, n))[:m]
     if a_kind in ("tensor", "row"):
         acc = acc * a_scale
     if layout in ("tensor", "row"):

@@ -24,8 +24,12 @@ its last bit, so an element of the prologue's bf16 result can differ by one ulp 
 prologues of `fp8_gemv`, `jfp8.prologue`); given the same prologue output the staging is exact
 (a power-of-two scaling, then one rounding to f16).
 
-Public: `rms_norm_stage_f16`, `rms_norm_stage_f16_reference`, `swiglu_stage_f16`,
-`swiglu_stage_f16_reference`, `MAX_M`.
+With split-K partials instead of x (`sum_rms_norm_stage_f16`), the same launch first sums them,
+adds the residual and writes that x out: a decode matmul's split-K sum, the skip connection and
+the next RMSNorm in one launch where XLA's sum fusion ran before it.
+
+Public: `rms_norm_stage_f16`, `rms_norm_stage_f16_reference`, `sum_rms_norm_stage_f16`,
+`sum_rms_norm_stage_f16_reference`, `swiglu_stage_f16`, `swiglu_stage_f16_reference`, `MAX_M`.
 """
 from __future__ import annotations
 
@@ -37,10 +41,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.fp8_gemv import ACT_DTYPES, rms_norm_reference, stage_f16_rows, swiglu_reference
+from pallas_kernels.fp8_gemv import (ACT_DTYPES, rms_norm_reference, stage_f16_rows, sum_split_k,
+                                     swiglu_reference)
 
-__all__ = ["rms_norm_stage_f16", "rms_norm_stage_f16_reference", "swiglu_stage_f16",
-           "swiglu_stage_f16_reference", "MAX_M"]
+__all__ = ["rms_norm_stage_f16", "rms_norm_stage_f16_reference", "sum_rms_norm_stage_f16",
+           "sum_rms_norm_stage_f16_reference", "swiglu_stage_f16", "swiglu_stage_f16_reference",
+           "MAX_M"]
 
 #: Rows per call: the decode batch sizes whose matmuls take staged f16 rows.
 MAX_M = 16
@@ -74,9 +80,38 @@ def _ldexp(x, n):
 
 def _norm_kernel(x_ref, w_ref, rows_ref, scale_ref, *, k: int, k_pad: int, eps: float):
     row = pl.program_id(0)
-    cols = jnp.arange(k_pad)[None, :]
-    mask = (cols < k) if k_pad != k else None
+    mask = (jnp.arange(k_pad)[None, :] < k) if k_pad != k else None
     x = triton_compat.load(x_ref.at[pl.ds(row, 1), pl.ds(0, k_pad)], mask, 0.0)
+    _norm_row(x, w_ref, rows_ref, scale_ref, row, k, k_pad, eps, mask)
+
+
+def _sum_norm_kernel(parts_ref, *refs, splits: int, has_row_scale: bool, has_residual: bool,
+                     k: int, k_pad: int, eps: float):
+    """`_norm_kernel` of x = `fp8_gemv.sum_split_k(parts, m, dtype, residual, row_scale=...)`,
+    row by row: the partials summed in split order, times the row's scale, rounded, plus the
+    residual row, rounded (x also written out)."""
+    refs = list(refs)
+    rs_ref = refs.pop(0) if has_row_scale else None
+    res_ref = refs.pop(0) if has_residual else None
+    w_ref, rows_ref, scale_ref, x_ref = refs
+    row = pl.program_id(0)
+    mask = (jnp.arange(k_pad)[None, :] < k) if k_pad != k else None
+    part = lambda i: triton_compat.load(parts_ref.at[pl.ds(i, 1), row, pl.ds(0, k_pad)], mask, 0.0)
+    acc = part(0)
+    for i in range(1, splits):
+        acc = acc + part(i)
+    if has_row_scale:
+        acc = acc * rs_ref[pl.ds(row, 1), pl.ds(0, 1)]
+    x = acc.astype(x_ref.dtype)
+    if has_residual:
+        r = triton_compat.load(res_ref.at[pl.ds(row, 1), pl.ds(0, k_pad)], mask, 0.0)
+        x = (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(x_ref.dtype)
+    triton_compat.store(x_ref.at[pl.ds(row, 1), pl.ds(0, k_pad)], x, mask)
+    _norm_row(x, w_ref, rows_ref, scale_ref, row, k, k_pad, eps, mask)
+
+
+def _norm_row(x, w_ref, rows_ref, scale_ref, row, k, k_pad, eps, mask):
+    """Row `row` of rows_ref / scale_ref = the staged RMSNorm of x (1, k_pad) (masked past k)."""
     w = triton_compat.load(w_ref.at[pl.ds(0, 1), pl.ds(0, k_pad)], mask, 0.0)
     xf = x.astype(jnp.float32)
     inv_rms = lax.rsqrt(jnp.sum(xf * xf, axis=1, keepdims=True) / k + eps)       # (1, 1)
@@ -162,6 +197,58 @@ def rms_norm_stage_f16_reference(x, weight, eps: float, *, interpret: bool = Fal
     del interpret
     _check(x, weight)
     return stage_f16_rows(rms_norm_reference(x, weight, eps))
+
+
+def sum_rms_norm_stage_f16(parts, m: int, residual, weight, eps: float, *, row_scale=None,
+                           dtype=jnp.bfloat16, interpret: bool = False):
+    """(rows, scales, x) for x = `fp8_gemv.sum_split_k(parts, m, dtype, residual, row_scale=...)`:
+    split-K partials parts (S, m_pad, K) f32 summed (in split order), times row_scale (m, 1)
+    f32 when given, rounded to dtype, plus residual (m, K) (or None), rounded; rows / scales its
+    staged RMSNorm as `rms_norm_stage_f16` gives it; x (m, K) dtype written out too (the next
+    residual). One launch, one program per row: a split-K matmul's sum, a transformer's skip
+    connection and the next norm in one."""
+    if not hasattr(parts, "shape") or len(parts.shape) != 3 or parts.dtype != jnp.float32:
+        raise ValueError(f"parts: expected (S, m_pad, K) float32 split-K partials, got "
+                         f"{getattr(parts, 'shape', None)} {getattr(parts, 'dtype', None)}")
+    s, m_pad, k = parts.shape
+    if not 1 <= m <= min(m_pad, MAX_M):
+        raise ValueError(f"m: expected 1 <= m <= min(m_pad={m_pad}, {MAX_M}), got {m}")
+    if jnp.dtype(dtype) not in ACT_DTYPES:
+        raise TypeError(f"dtype: expected bfloat16 or float16, got {dtype}")
+    if residual is not None and tuple(residual.shape) != (m, k):
+        raise ValueError(f"residual: expected shape ({m}, {k}), got {residual.shape}")
+    if row_scale is not None and (tuple(row_scale.shape) != (m, 1)
+                                  or row_scale.dtype != jnp.float32):
+        raise ValueError(f"row_scale: expected ({m}, 1) float32, got {row_scale.shape} "
+                         f"{row_scale.dtype}")
+    if not hasattr(weight, "shape") or tuple(weight.shape) != (k,):
+        raise ValueError(f"weight: expected shape ({k},), got {getattr(weight, 'shape', None)}")
+    return _sum_rms_norm_stage_jit(parts, row_scale, residual, weight, m=m, eps=float(eps),
+                                   dtype=jnp.dtype(dtype), interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "eps", "dtype", "interpret"))
+def _sum_rms_norm_stage_jit(parts, row_scale, residual, weight, *, m, eps, dtype, interpret):
+    s, _, k = parts.shape
+    k_pad = pl.next_power_of_2(k)
+    args = [parts] + [x for x in (row_scale, residual) if x is not None] + [weight.reshape(1, k)]
+    return pl.pallas_call(
+        functools.partial(_sum_norm_kernel, splits=s, has_row_scale=row_scale is not None,
+                          has_residual=residual is not None, k=k, k_pad=k_pad, eps=eps),
+        grid=(m,),
+        out_shape=[jax.ShapeDtypeStruct((m, k), jnp.float16),
+                   jax.ShapeDtypeStruct((m, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((m, k), dtype)],
+        name="jfp8_sum_rms_norm_stage_f16", **_params(k_pad, interpret))(*args)
+
+
+def sum_rms_norm_stage_f16_reference(parts, m: int, residual, weight, eps: float, *,
+                                     row_scale=None, dtype=jnp.bfloat16, interpret: bool = False):
+    """Plain-JAX version (same signature): x = `sum_split_k(...)`, then
+    (*`rms_norm_stage_f16_reference(x, weight, eps)`, x)."""
+    del interpret
+    x = sum_split_k(parts, m, dtype, residual, row_scale=row_scale)
+    return (*rms_norm_stage_f16_reference(x, weight, eps), x)
 
 
 def swiglu_stage_f16(x, *, interpret: bool = False):

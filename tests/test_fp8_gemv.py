@@ -357,6 +357,37 @@ def test_k_blocked_bad_inputs():
                    interpret=True)
 
 
+@pytest.mark.parametrize("m,layout,a_kind,cfg,with_bias,deferred", [
+    (4, "block", None, C(32, 128, split_k=3), False, True),
+    (1, "block", "group", C(16, 128, split_k=2, use_dot=False), False, True),
+    (4, "block", None, C(32, 128), False, False),             # split-K 1: the kernel writes C
+    (4, "row", None, C(32, 128, split_k=2), False, False),    # row scales follow the sum
+    (4, "block", None, C(32, 128, split_k=2), True, False),   # so does the bias
+    (5, "block", "staged", C(32, 128, split_k=3), False, True),   # f16 rows: their scales too
+])
+def test_defer_sum_leaves_the_partials_where_the_sum_is_all(m, layout, a_kind, cfg, with_bias,
+                                                            deferred):
+    """defer_sum returns `SplitKParts` exactly where only the sum (then cast and residual)
+    follows the kernel, and `sum_split_k` of them is the output fp8_gemv returns otherwise, bit
+    for bit (one summation order for both)."""
+    n, k = 200, 384
+    a, w, a_scale, w_scale, bias = make(m, n, k, layout, None if a_kind == "staged" else a_kind,
+                                        seed=m + 17)
+    if a_kind == "staged":
+        a, a_scale = G.stage_f16_rows(a)
+    r = (jax.random.normal(jax.random.key(m), (m, n)) * 30).astype(jnp.bfloat16)
+    kw = dict(layout=layout, bias=bias if with_bias else None, out_dtype=jnp.bfloat16,
+              residual=r, config=cfg, interpret=True)
+    got = G.fp8_gemv(a, w, a_scale, w_scale, defer_sum=True, **kw)
+    want = G.fp8_gemv(a, w, a_scale, w_scale, **kw)
+    assert isinstance(got, G.SplitKParts) == deferred
+    if deferred:
+        assert got.m == m and got.parts.shape == (cfg.split_k, 1 if not cfg.use_dot else 16, n)
+        assert (got.row_scale is not None) == (a_kind == "staged")
+        got = G.sum_split_k(got.parts, got.m, jnp.bfloat16, r, row_scale=got.row_scale)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def _args(m=4, n=200, k=384, layout="row"):
     a, w, a_scale, w_scale, _ = make(m, n, k, layout, None, seed=0)
     return a, w, a_scale, w_scale

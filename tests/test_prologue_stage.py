@@ -121,6 +121,74 @@ def test_gpu_kernel_matches_reference(m, k):
                  w.astype(jnp.bfloat16), 1e-5)
 
 
+# Split-K partials summed (with the residual) in the same launch as the norm.
+@pytest.mark.parametrize("splits,m,k,with_residual,with_row_scale", [
+    (2, 16, 4096, True, False), (8, 5, 300, True, True), (3, 1, 64, False, False),
+    (4, 16, 2048, True, True)])
+def test_sum_norm_stage_matches_reference(splits, m, k, with_residual, with_row_scale):
+    """x = sum_split_k(parts, m, bf16, residual) bit for bit (the same summation order as XLA's
+    `fp8_gemv.sum_split_k`), and rows / scales exactly what `rms_norm_stage_f16` makes of that x
+    (the same kernel code), within the norm's bound of the reference."""
+    rng = np.random.default_rng(splits * m + k)
+    parts = jnp.asarray(rng.normal(size=(splits, 16, k)) * np.exp(rng.normal(size=(1, 16, 1)) * 2),
+                        jnp.float32)
+    residual = jnp.asarray(rng.normal(size=(m, k)) * 3, jnp.bfloat16) if with_residual else None
+    w = jnp.asarray(rng.uniform(0.2, 2.0, size=(k,)), jnp.float32)
+    rs = jnp.asarray(2.0 ** rng.integers(-20, 5, size=(m, 1)), jnp.float32) if with_row_scale \
+        else None
+    rows, s, x = PS.sum_rms_norm_stage_f16(parts, m, residual, w, 1e-5, row_scale=rs,
+                                           interpret=True)
+    rows_r, s_r, x_r = PS.sum_rms_norm_stage_f16_reference(parts, m, residual, w, 1e-5,
+                                                           row_scale=rs)
+    assert x.shape == (m, k) and x.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(x_r, np.float32))
+    again = PS.rms_norm_stage_f16(x, w, 1e-5, interpret=True)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(again[0]))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(again[1]))
+    _check_close((rows, s), (rows_r, s_r), x, w, 1e-5)
+
+
+def test_sum_norm_stage_bad_inputs():
+    w = jnp.ones((64,), jnp.float32)
+    parts = jnp.zeros((2, 16, 64), jnp.float32)
+    with pytest.raises(ValueError, match="parts: expected .* float32"):
+        PS.sum_rms_norm_stage_f16(parts.astype(jnp.bfloat16), 4, None, w, 1e-6)
+    with pytest.raises(ValueError, match="parts: expected"):
+        PS.sum_rms_norm_stage_f16(parts[0], 4, None, w, 1e-6)
+    with pytest.raises(ValueError, match="m: expected 1 <= m <= min"):
+        PS.sum_rms_norm_stage_f16(parts, 17, None, w, 1e-6)
+    with pytest.raises(ValueError, match=r"residual: expected shape \(4, 64\)"):
+        PS.sum_rms_norm_stage_f16(parts, 4, jnp.zeros((4, 63), jnp.bfloat16), w, 1e-6)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(64,\)"):
+        PS.sum_rms_norm_stage_f16(parts, 4, None, w[:3], 1e-6)
+    with pytest.raises(TypeError, match="dtype: expected bfloat16 or float16"):
+        PS.sum_rms_norm_stage_f16(parts, 4, None, w, 1e-6, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"row_scale: expected \(4, 1\) float32"):
+        PS.sum_rms_norm_stage_f16(parts, 4, None, w, 1e-6, row_scale=jnp.ones((4,), jnp.float32))
+
+
+def test_sum_norm_kernel_lowers_for_cuda():
+    parts = jax.ShapeDtypeStruct((8, 16, 4096), jnp.float32)
+    r = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
+    fn = functools.partial(PS.sum_rms_norm_stage_f16, m=16, eps=1e-5)
+    jax.jit(lambda p, r, w: fn(p, residual=r, weight=w)).trace(parts, r, w).lower(
+        lowering_platforms=("cuda",))
+
+
+@pytest.mark.gpu
+def test_gpu_sum_norm_stage_matches_reference():
+    rng = np.random.default_rng(0)
+    parts = jnp.asarray(rng.normal(size=(8, 16, 4096)), jnp.float32)
+    r = jnp.asarray(rng.normal(size=(16, 4096)), jnp.bfloat16)
+    w = jnp.asarray(rng.uniform(0.2, 2.0, size=(4096,)), jnp.bfloat16)
+    rows, s, x = jax.jit(functools.partial(PS.sum_rms_norm_stage_f16, m=16, eps=1e-5))(
+        parts, residual=r, weight=w)
+    rows_r, s_r, x_r = PS.sum_rms_norm_stage_f16_reference(parts, 16, r, w, 1e-5)
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(x_r, np.float32))
+    _check_close((rows, s), (rows_r, s_r), x, w, 1e-5)
+
+
 # SwiGLU + staging: x (M, 2F) = [gate | up] -> (M, F).
 def _swiglu_inputs(m, f, seed, dtype=jnp.bfloat16, scale=1.0):
     rng = np.random.default_rng(seed)

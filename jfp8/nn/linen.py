@@ -39,6 +39,7 @@ from flax.linen import initializers
 
 from jfp8.nn import training
 from jfp8.ops import matmul
+from jfp8.pending import PendingSum, materialize
 from jfp8.qarray import QArray, quantize
 from jfp8.recipe import Recipe
 from jfp8.scaling import PerTensor
@@ -63,7 +64,7 @@ def uses_training_path(recipe: Recipe) -> bool:
 
 
 def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, prologue=None,
-                    residual=None):
+                    residual=None, defer_sum: bool = False):
     """The FP8Dense computation on explicit arrays (shared by the linen and nnx modules).
 
     Args:
@@ -77,9 +78,12 @@ def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, pr
         inference matmul where a kernel can, see `jfp8.matmul`).
       residual: optional (..., N) array added to the result (`jfp8.matmul`'s residual: fused
         into the inference decode kernel's epilogue where it can).
-    Returns: (..., N) array of out_dtype.
+      defer_sum: inference only, `jfp8.matmul`'s: the result may be a `jfp8.PendingSum` (x and
+        residual may be PendingSums too).
+    Returns: (..., N) array of out_dtype (or a `jfp8.PendingSum`, defer_sum).
     """
-    x = jnp.asarray(x)
+    if not (isinstance(x, PendingSum) and isinstance(kernel, QArray)):
+        x = jnp.asarray(materialize(x))
     if isinstance(kernel, QArray):
         k_in = kernel.shape[-1] if prologue is None else prologue.in_features(kernel.shape[-1])
         if kernel.ndim != 2 or k_in != x.shape[-1]:
@@ -88,7 +92,8 @@ def fp8_dense_apply(x, kernel, bias, *, recipe: Recipe, out_dtype, meta=None, pr
         act_recipe = recipe if recipe.act_format is None or recipe.scaling == "current" else \
             Recipe.per_tensor(act_format=recipe.act_format)
         return matmul(x, kernel, bias=bias, out_dtype=out_dtype, recipe=act_recipe,
-                      prologue=prologue, residual=residual)
+                      prologue=prologue, residual=residual, defer_sum=defer_sum)
+    residual = materialize(residual)
     if prologue is not None:
         x = prologue(x)
     if uses_training_path(recipe):
@@ -173,15 +178,19 @@ class FP8Dense(nn.Module):
     recipe: Recipe | None = None
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, prologue=None, residual=None) -> jax.Array:
+    def __call__(self, inputs: jax.Array, prologue=None, residual=None,
+                 defer_sum: bool = False) -> jax.Array:
         """inputs (..., K) -> (..., features). `prologue` (a `jfp8.RMSNorm` / `jfp8.SwiGLU`) is
         applied to the inputs first, fused into the FP8 kernel where one can (then inputs are
         (..., 2K) for SwiGLU); `residual` (..., features) is added to the output (in f32, the
-        sum rounded to the output dtype; in the FP8 decode kernel's epilogue where it can)."""
+        sum rounded to the output dtype; in the FP8 decode kernel's epilogue where it can).
+        `defer_sum` (pre-quantized kernels): `jfp8.matmul`'s, the output may be a
+        `jfp8.PendingSum`; inputs and residual may be PendingSums."""
         recipe = resolve_recipe(self.recipe)
-        inputs = jnp.asarray(inputs)
         pre_quantized = self.has_variable("params", "kernel") and isinstance(
             self.get_variable("params", "kernel"), QArray)
+        if not (pre_quantized and isinstance(inputs, PendingSum)):
+            inputs = jnp.asarray(materialize(inputs))
         if prologue is not None and not pre_quantized:
             inputs, prologue = prologue(inputs), None
         k = inputs.shape[-1] if prologue is None else \
@@ -213,4 +222,4 @@ class FP8Dense(nn.Module):
         else:
             out_dtype = jnp.result_type(inputs.dtype, kernel.dtype)
         return fp8_dense_apply(inputs, kernel, bias, recipe=recipe, out_dtype=out_dtype, meta=meta,
-                               prologue=prologue, residual=residual)
+                               prologue=prologue, residual=residual, defer_sum=defer_sum)
