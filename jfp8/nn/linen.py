@@ -189,8 +189,8 @@ class FP8Dense(nn.Module):
         recipe = resolve_recipe(self.recipe)
         pre_quantized = self.has_variable("params", "kernel") and isinstance(
             self.get_variable("params", "kernel"), QArray)
-        if not (pre_quantized and isinstance(inputs, PendingSum)):
-            inputs = jnp.asarray(materialize(inputs))
+        if not isinstance(inputs, PendingSum):    # fp8_dense_apply sums it where it must
+            inputs = jnp.asarray(inputs)
         if prologue is not None and not pre_quantized:
             inputs, prologue = prologue(inputs), None
         k = inputs.shape[-1] if prologue is None else \
