@@ -154,7 +154,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     w_layout = weight_layout(wq)
     m = x2.shape[0]
     plus = functools.partial(fp8_gemv.add_residual, residual=residual)
-    fallback = lambda x: plus(ops._matmul_xla(materialize(x), wq, bias=bias, out_dtype=out_dtype,
+    fallback = lambda x: plus(ops._matmul_xla(x, wq, bias=bias, out_dtype=out_dtype,
                                               recipe=recipe))
 
     def gemv(a, a_scale, **kw):

@@ -3,11 +3,12 @@ vs the references.
 
 Bound: the kernel's sum of squares adds in another order than XLA's (and its exp may differ from
 XLA's in the last bit), so 1 / rms (silu) may differ in its last f32 bit and a prologue output
-element by one bf16 ulp (2^-8 relative) where the f32 value sits next to a rounding boundary;
-the staging is exact. So: rows * scales within 2^-8 relative of the reference's elementwise, the
-very same bits for all but a few elements, and the same row scales (a one-ulp change of the row's
-largest element could move its scale only if that element sat exactly at a power of two; the
-random inputs here never do).
+element by one bf16 ulp where the f32 value sits next to a rounding boundary; the staging is
+exact. One bf16 ulp of v is 2^-7 * 2^floor(log2|v|), between 2^-8 and 2^-7 of |v| (2^-8 was
+the bound until a hypothesis example hit 0.0046 = one ulp of 0.848). So: rows * scales within
+2^-7 relative of the reference's elementwise, the very same bits for all but a few elements,
+and the same row scales (a one-ulp change of the row's largest element could move its scale only
+if that element sat exactly at a power of two; the random inputs here never do).
 """
 import functools
 
@@ -49,7 +50,7 @@ def _check_staged(got, want, prologue_out):
     big = fin >= amax * 2.0 ** -31
     np.testing.assert_array_equal(np.where(big, b, 0), np.where(big, ref, 0))
     assert (np.abs(np.where(big, 0, b - ref)) <= amax * 2.0 ** -38).all()
-    np.testing.assert_allclose(a, b, rtol=2 ** -8, atol=0)
+    np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=0)    # one bf16 ulp (docstring)
     assert np.mean(a != b) <= 0.01
 
 
