@@ -86,7 +86,7 @@ def to_layout(w, layout, bn, bk):
     if layout == "tiled":
         return w.reshape(n // bn, bn, k // bk, bk).transpose(0, 2, 1, 3).copy()
     if layout == "kblk":
-        return w.reshape(n, k // bk, bk).transpose(1, 0, 2).copy()
+        return G.to_k_blocked(w, bk).copy()
     return w
 
 

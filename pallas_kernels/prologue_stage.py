@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import triton_compat
-from pallas_kernels.fp8_gemv import (ACT_DTYPES, rms_norm_reference, stage_f16_rows, sum_split_k,
-                                     swiglu_reference)
+from pallas_kernels.fp8_gemv import (ACT_DTYPES, add_residual, rms_norm_reference, stage_f16_rows,
+                                     sum_split_k, swiglu_reference)
 
 __all__ = ["rms_norm_stage_f16", "rms_norm_stage_f16_reference", "sum_rms_norm_stage_f16",
            "sum_rms_norm_stage_f16_reference", "swiglu_stage_f16", "swiglu_stage_f16_reference",
@@ -102,10 +102,9 @@ def _sum_norm_kernel(parts_ref, *refs, splits: int, has_row_scale: bool, has_res
         acc = acc + part(i)
     if has_row_scale:
         acc = acc * rs_ref[pl.ds(row, 1), pl.ds(0, 1)]
-    x = acc.astype(x_ref.dtype)
-    if has_residual:
-        r = triton_compat.load(res_ref.at[pl.ds(row, 1), pl.ds(0, k_pad)], mask, 0.0)
-        x = (x.astype(jnp.float32) + r.astype(jnp.float32)).astype(x_ref.dtype)
+    r = triton_compat.load(res_ref.at[pl.ds(row, 1), pl.ds(0, k_pad)], mask, 0.0) \
+        if has_residual else None
+    x = add_residual(acc.astype(x_ref.dtype), r)
     triton_compat.store(x_ref.at[pl.ds(row, 1), pl.ds(0, k_pad)], x, mask)
     _norm_row(x, w_ref, rows_ref, scale_ref, row, k, k_pad, eps, mask)
 
