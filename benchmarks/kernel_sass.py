@@ -58,7 +58,7 @@ def compile_sm90(ttir_bytes: bytes, path: str, num_warps: int, num_stages: int):
         ctx.allow_unregistered_dialects = True
         text = str(ir.Module.parse(ttir_bytes))
     # jax's MLIR prints gpu.barrier with an empty property that pip's Triton cannot parse.
-    text = text.replace('"gpu.barrier"() <0 : i32> : () -> ()', "gpu.barrier")
+    text = re.sub(r'"gpu\.barrier"\(\) <.*> : \(\) -> \(\)$', "gpu.barrier", text, flags=re.M)
     with open(path, "w") as f:
         f.write(text)
     return triton.compile(path, target=GPUTarget("cuda", 90, 32),
