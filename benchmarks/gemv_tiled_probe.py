@@ -93,7 +93,7 @@ def to_layout(w, layout, bn, bk):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--tag", default="h200")
+    ap.add_argument("--tag", default=None, help="file name tag (default: h100 / h200 from the device)")
     ap.add_argument("--shapes", default="gate_up,down,qkv,o,lm_head")
     ap.add_argument("--configs", default="16,512,1,4;8,1024,1,4;32,256,1,4;16,1024,1,4;16,512,4,4",
                     help="';'-separated bn,bk,split_k,warps")
@@ -143,7 +143,8 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 copy_ceiling_gbs=round(ceiling, 1), command="python3 benchmarks/gemv_tiled_probe.py "
                 + " ".join(argv or sys.argv[1:]))
-    stem = os.path.join(args.out, f"gemv_tiled_probe_{args.tag}")
+    tag = args.tag or ("h200" if "H200" in meta["device"] else "h100")
+    stem = os.path.join(args.out, f"gemv_tiled_probe_{tag}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     with open(stem + ".md", "w") as f:
