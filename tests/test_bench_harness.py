@@ -42,3 +42,14 @@ def test_gpu_events_reads_only_gpu_tracks(tmp_path):
         "jfp8_decode_attention": [3.0], "fp8_gemv": [4.0, 4.0]}
     with pytest.raises(FileNotFoundError, match="no trace json"):
         harness.gpu_events(str(tmp_path / "plugins" / "nothing"))
+
+
+def test_mlp_chain_probe_matches_the_committed_path():
+    """benchmarks/mlp_chain_probe.py's persistent kernel, one program in interpret mode (its
+    waits then find every earlier phase done), against the committed three `fp8_gemv` launches
+    (same roundings; only the f32 summation order may differ with the tables' configs: h2 within
+    2^-6 relative, the output within 2^-5 of its amax), and every phase counted all its tiles."""
+    import mlp_chain_probe
+    r = mlp_chain_probe.check(d=256, f=384, bn=8, bk=128)
+    assert r["ok"], r
+    assert r["counters"][:3] == [256 // 8, 384 // 8, 256 // 8]
