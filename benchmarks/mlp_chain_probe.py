@@ -211,7 +211,7 @@ def _chain_kernel(x_ref, h_ref, wo_ref, so_ref, nw_ref, wgu_ref, sgu_ref, wd_ref
 
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "programs", "warps", "prefetch",
                                              "interpret", "phases"))
-def mlp_chain(x, h, wo, so, nw, wgu, sgu, wd, sd, *, bn=8, bk=1024, programs=512, warps=4,
+def mlp_chain(x, h, wo, so, nw, wgu, sgu, wd, sd, *, bn=8, bk=512, programs=396, warps=4,
               prefetch=True, interpret=False, phases=3):
     """(out, h2, counters) of one layer's MLP chain at M = 1: x, h (1, D) bf16; wo (D, D),
     wgu (2F, D), wd (D, F) float8_e4m3fn with (128, 128) block scales; nw (D,) norm weight.
@@ -314,9 +314,12 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--check", action="store_true", help="interpret-mode check only (CPU)")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--configs", default="8,512,512,4,1;8,512,512,4,0;8,512,132,8,1;"
+    ap.add_argument("--configs", default="8,512,396,4,1;8,512,396,4,0;8,512,132,8,1;"
                     "8,512,264,8,1;16,512,256,4,1",
-                    help="bn,bk,programs,warps,prefetch;... (bk 1024 compiles in ~4 min: ptxas)")
+                    help="bn,bk,programs,warps,prefetch;... Every program must be resident at "
+                         "once (132 SMs): offline ptxas gives 159 registers at bn 8 / 4 warps (3 "
+                         "programs per SM: G <= 396), 128 at 8 warps (2: G <= 264), 255 at bn 16 / "
+                         "4 warps (2: G <= 264). bk 1024 compiles in ~4 min (ptxas).")
     args = ap.parse_args(argv)
     if args.check:
         r = check()
