@@ -18,7 +18,9 @@ the previous phase's last tiles finish (what a launch boundary forbids). Numeric
 the committed path (o with its residual, the RMSNorm prologue's roundings, SwiGLU's), which the
 probe also times: `fp8_gemv` x 3 as `jfp8.matmul` dispatches them at M = 1.
 
-Not library code: a measurement for the decision (results/mlp_chain_probe_*.md). GPU only for the
+Not library code: a measurement for the decision (results/mlp_chain_probe_*.md). Measured on
+the H100: correct, but 1.4-3.3x slower than the three launches (the persistent programs stream
+weights at 0.7-1.7 TB/s against 2.4; decode_e2e_notes.md, session 11). GPU only for the
 timing (the spin-waits need every program resident); `--check` runs the kernel with one program
 in interpret mode on the CPU against the committed path.
 
@@ -94,10 +96,6 @@ def _chain_kernel(x_ref, h_ref, wo_ref, so_ref, nw_ref, wgu_ref, sgu_ref, wd_ref
     t_o, t_gu, t_d = d // bn, f // bn, d // bn
     subs = bk // SUB
 
-    def fetch_w(w_ref, rows0, step):
-        return [[w_ref[pl.ds(r0, bn), pl.ds(step * bk + j * SUB, SUB)] for j in range(subs)]
-                for r0 in rows0]
-
     def gemv_rows(w_ref, s_ref, rows0, k_len, load_act, prep_act, w_first):
         """sum_k W[r0 + i, k] * sw * a[k] for each r0 in rows0: [(1, bn) f32, ...]. Per 128-wide
         sub-tile the raw activation (load_act(k0)), weight tiles and scales are loaded one step
@@ -144,9 +142,8 @@ def _chain_kernel(x_ref, h_ref, wo_ref, so_ref, nw_ref, wgu_ref, sgu_ref, wd_ref
         first_w = None
         if prefetch and wait_idx is not None:
             first_w = fetch_w(w_ref, rows_of(pid), 0)
-        if wait_idx is not None:
+        if wait_idx is not None:   # the first tile outside the loop: it takes first_w
             _wait(cnt_ref, wait_idx, wait_target, zero)
-        if wait_idx is not None:
             tile_fn(pid, first_w)
 
         def one(t, c):
@@ -215,7 +212,9 @@ def mlp_chain(x, h, wo, so, nw, wgu, sgu, wd, sd, *, bn=8, bk=512, programs=396,
               prefetch=True, interpret=False, phases=3):
     """(out, h2, counters) of one layer's MLP chain at M = 1: x, h (1, D) bf16; wo (D, D),
     wgu (2F, D), wd (D, F) float8_e4m3fn with (128, 128) block scales; nw (D,) norm weight.
-    counters (8,) int32: tiles done per phase, [7] = waits that gave up (must be 0)."""
+    counters (8,) int32: tiles done per phase, [7] = waits that gave up (must be 0). All
+    `programs` must be resident at once on the GPU (see --configs); `phases` < 3 stops after
+    the first phase(s), for reading the compiled code of one loop."""
     d, f = wo.shape[0], wd.shape[1]
     assert d % bk == 0 and f % bk == 0 and d % bn == 0 and f % bn == 0 and SUB % bn == 0
     assert programs <= min(d, f) // bn, "every program needs a first tile in every phase"
