@@ -57,7 +57,8 @@ def compile_sm90(ttir_bytes: bytes, path: str, num_warps: int, num_stages: int):
         jax_triton.dialect.register_dialect(ctx)
         ctx.allow_unregistered_dialects = True
         text = str(ir.Module.parse(ttir_bytes))
-    # jax's MLIR prints gpu.barrier with an empty property that pip's Triton cannot parse.
+    # jax's MLIR prints gpu.barrier with a property (an empty one, or a location) that pip's
+    # Triton cannot parse.
     text = re.sub(r'"gpu\.barrier"\(\) <.*> : \(\) -> \(\)$', "gpu.barrier", text, flags=re.M)
     with open(path, "w") as f:
         f.write(text)

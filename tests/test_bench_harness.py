@@ -1,5 +1,6 @@
 """The benchmark harness's trace reading (benchmarks/harness.py): GPU events from a Perfetto trace
-and the idle time of a GPU timeline. Synthetic traces: no GPU needed."""
+and the idle time of a GPU timeline (synthetic traces: no GPU needed); and the MLP chain probe's
+kernel in interpret mode."""
 import gzip
 import json
 import os
