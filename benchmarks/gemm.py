@@ -8,7 +8,12 @@ fp8_gemm_reference (f32 math on the same FP8 inputs and scales) in the same run.
 
 Shapes: prefill M in {2048, 8192} x Llama-3-8B projections (N x K) and 8192^3.
 Timing: median over `--reps` batches of `--calls` back-to-back calls (host clock after
-block_until_ready; several ms per batch, so launch overhead is amortised), after a warm-up call.
+block_until_ready; >= 25 ms per batch, so launch overhead is amortised), after a warm-up call.
+The variants of a shape are timed in rounds, one batch of each per round (`harness.
+interleaved_times`): at its power limit the GPU's clock drifts over tens of seconds, and timing
+each variant's batches back to back (`--sequential`, the method of the runs before 2026-12-05)
+hands that drift to whichever variant runs last. Each row keeps its per-batch times and the SM
+clock / power sampled after each round.
 
 Usage (device machine): PYTHONPATH=$PWD python3 benchmarks/gemm.py --out $OUT
 Writes gemm.json (device, jax version, date, every config), gemm.md (table) and gemm.png.
@@ -137,7 +142,9 @@ def run(args):
   meta = dict(device=str(getattr(device, "device_kind", device)), jax=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               triton_shim=_triton_fp8_shim.status(), mosaic=MG.unavailable_reason() or "available",
-              timing=f"median of {args.reps} batches x >={args.calls} calls (>=25 ms per batch)",
+              timing=(f"median of {args.reps} batches x >={args.calls} calls (>=25 ms per batch), "
+                      + ("each variant's batches back to back" if args.sequential else
+                         "batches interleaved: every round times one batch of each variant")),
               triton_tuning={f"{k[0]}/{k[1]}": vars(v) for k, v in G.TUNING.items()},
               mosaic_tuning={k: vars(v) for k, v in MG.TUNING.items()},
               tuning_from_sweep=chosen)
@@ -153,21 +160,21 @@ def run(args):
     a, b, q = make_operands(m, n, k)
     refs = {}
     flops = 2 * m * n * k
+    shape_rows, timed = [], {}
     for name, (layout, fn) in variants().items():
       if args.only and not any(name.startswith(p) for p in args.only.split(",")):
         continue
       if name.startswith("mosaic") and not MG.available():
         continue
       row = dict(shape=label, m=m, n=n, k=k, variant=name)
-      try:
+      try:  # compile, run once, check against the f32 reference
         if layout is None:
-          t, out = bench(fn, a, b, calls=args.calls, reps=args.reps)
+          ops = (a, b)
           ref = lax.dot_general(a[:REF_ROWS], b, DIMS, preferred_element_type=jnp.float32,
                                 precision=lax.Precision.HIGHEST)
           in_bytes = 2 * (m * k + n * k)
         else:
           ops = q[layout]
-          t, out = bench(fn, *ops, calls=args.calls, reps=args.reps)
           if layout not in refs:
             a8, b8, sa, sb = ops
             refs[layout] = G.fp8_gemm_reference(
@@ -175,15 +182,34 @@ def run(args):
                 out_dtype=jnp.float32)
           ref = refs[layout]
           in_bytes = m * k + n * k
-        row.update(time_us=t * 1e6, tflops=flops / t / 1e12,
-                   gbps=(in_bytes + 2 * m * n) / t / 1e9, rel_err=rel_err(out[:REF_ROWS], ref))
+        out = jax.block_until_ready(fn(*ops))
+        row.update(rel_err=rel_err(out[:REF_ROWS], ref), in_bytes=in_bytes)
+        del out, ref
+        timed[name] = (fn, ops)
       except Exception as e:  # record, keep going
         row["error"] = (type(e).__name__ + ": " + str(e))[:400]
         traceback.print_exc(limit=2)
+      shape_rows.append(row)
+    if args.sequential:
+      batch_s = {name: harness.call_times(f, *ops, calls=args.calls, reps=args.reps,
+                                          min_batch_s=0.025)[0]
+                 for name, (f, ops) in timed.items()}
+      clocks = []
+    else:
+      batch_s, clocks = harness.interleaved_times(timed, calls=args.calls, reps=args.reps,
+                                                  min_batch_s=0.025,
+                                                  between_rounds=harness.gpu_clock_sample)
+    for row in shape_rows:
+      if row["variant"] in batch_s:
+        t = statistics.median(batch_s[row["variant"]])
+        row.update(time_us=t * 1e6, tflops=flops / t / 1e12,
+                   gbps=(row.pop("in_bytes") + 2 * m * n) / t / 1e9,
+                   batch_us=[round(x * 1e6, 3) for x in batch_s[row["variant"]]])
+      if clocks:
+        row["gpu_clock_per_round"] = clocks
       print(json.dumps(row), flush=True)
       rows.append(row)
-      del ref
-    del a, b, q, refs
+    del a, b, q, refs, timed
   return meta, rows
 
 
@@ -211,6 +237,16 @@ def from_logs(paths):
   return meta, rows
 
 
+def paired_ratio(vs):
+  """Median over rounds of XLA FP8's time / the faster block kernel's time in the same round
+  (interleaved runs only: rows with per-batch times from the same rounds), else None."""
+  fp8 = vs.get("xla_fp8_tensor", {}).get("batch_us")
+  blocks = [vs[v]["batch_us"] for v in ("triton_block", "mosaic_block") if "batch_us" in vs.get(v, {})]
+  if not fp8 or not blocks or any(len(b) != len(fp8) for b in blocks):
+    return None
+  return statistics.median(f / min(b[i] for b in blocks) for i, f in enumerate(fp8))
+
+
 def summarize(meta, rows):
   by = {}
   for r in rows:
@@ -219,8 +255,9 @@ def summarize(meta, rows):
   lines = [f"# FP8 GEMM, {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
            f"TFLOP/s ({meta['timing']}); ratios vs XLA bf16 and XLA FP8 per-tensor (cuBLASLt) of "
            "the same run; rel err vs fp8_gemm_reference (f32 math) over the first 1024 output rows.", "",
-           "| shape | " + " | ".join(names) + " | triton_block / bf16 | best block / xla_fp8 |",
-           "|" + "---|" * (len(names) + 3)]
+           "| shape | " + " | ".join(names) + " | triton_block / bf16 | best block / xla_fp8 "
+           "| same, median of per-round ratios |",
+           "|" + "---|" * (len(names) + 4)]
   ratios = {}
   for shape, vs in by.items():
     cells = []
@@ -234,14 +271,26 @@ def summarize(meta, rows):
     blocks = [vs[v]["tflops"] for v in ("triton_block", "mosaic_block") if "tflops" in vs.get(v, {})]
     r1 = tb / bf16 if tb and bf16 else None
     r2 = max(blocks) / fp8 if blocks and fp8 else None
-    ratios[shape] = dict(triton_block_vs_bf16=r1, best_block_vs_xla_fp8=r2)
+    ratios[shape] = dict(triton_block_vs_bf16=r1, best_block_vs_xla_fp8=r2,
+                         best_block_vs_xla_fp8_paired=paired_ratio(vs))
     fmt = lambda x: "-" if x is None else f"{x:.2f}x"
-    lines.append(f"| {shape} | " + " | ".join(cells) + f" | {fmt(r1)} | {fmt(r2)} |")
+    lines.append(f"| {shape} | " + " | ".join(cells)
+                 + f" | {fmt(r1)} | {fmt(r2)} | {fmt(ratios[shape]['best_block_vs_xla_fp8_paired'])} |")
   lines += ["", "GB/s (A and B read once, C written once; bf16 operands for xla_bf16, FP8 otherwise):", "",
             "| shape | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
   for shape, vs in by.items():
     cells = [f"{vs[v]['gbps']:.0f}" if "gbps" in vs.get(v, {}) else "-" for v in names]
     lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+  clock_lines = []
+  for shape, vs in by.items():
+    samples = [c for r in vs.values() for c in (r.get("gpu_clock_per_round") or []) if c][:64]
+    if samples:
+      sm = [c["sm_mhz"] for c in samples]
+      pw = [c["power_w"] for c in samples]
+      clock_lines.append(f"| {shape} | {min(sm):.0f}-{max(sm):.0f} | {min(pw):.0f}-{max(pw):.0f} |")
+  if clock_lines:
+    lines += ["", "nvidia-smi after each round (SM clock MHz, power W):", "",
+              "| shape | SM clock | power |", "|---|---|---|"] + clock_lines
   for run_meta in meta.get("runs", []):
     lines.append(f"\nRun {run_meta.get('log')}: {run_meta.get('device')}, jax {run_meta.get('jax')}, "
                  f"{run_meta.get('date')}, {run_meta.get('timing')}. {run_meta.get('note', '')}")
@@ -276,6 +325,9 @@ def main():
   p.add_argument("--calls", type=int, default=10)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--quick", action="store_true", help="two shapes only")
+  p.add_argument("--sequential", action="store_true",
+                 help="time each variant's batches back to back (the method of runs before "
+                      "2026-12-05) instead of interleaving the variants round by round")
   p.add_argument("--only", default="", help="comma-separated variant name prefixes")
   p.add_argument("--tuning-from", default="", help="gemm_sweep.json whose winners to use")
   p.add_argument("--labels", default="", help="comma-separated shape labels to run, in order")

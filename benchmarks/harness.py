@@ -50,6 +50,56 @@ def call_times(f, *args, calls: int = 10, reps: int = 5, warmup: int = 1,
     return times, out
 
 
+def interleaved_times(calls_by_name, *, calls: int = 10, reps: int = 5, warmup: int = 1,
+                      min_batch_s: float = 0.0, between_rounds=None):
+    """{name: [seconds per call of each of `reps` batches]} for several jitted calls, timed in
+    rounds: every round runs one batch of each call in turn, so slow drifts of the clock (a GPU
+    at its power limit warms up and slows down over tens of seconds) fall on every call alike
+    instead of on whichever was timed last. `calls_by_name`: {name: (f, args)}. Batches are sized
+    per call as in `call_times`. `between_rounds()`, if given, is called after each round (e.g.
+    to sample clocks); its results are returned as the second value."""
+    import jax
+    sizes = {}
+    for name, (f, args) in calls_by_name.items():
+        for _ in range(warmup):
+            jax.block_until_ready(f(*args))
+        n = calls
+        if min_batch_s > 0:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                out = f(*args)
+            jax.block_until_ready(out)
+            n = max(calls, int(min_batch_s / max((time.perf_counter() - t0) / 3, 1e-7)) + 1)
+        sizes[name] = n
+    times = {name: [] for name in calls_by_name}
+    samples = []
+    for _ in range(reps):
+        for name, (f, args) in calls_by_name.items():
+            t0 = time.perf_counter()
+            for _ in range(sizes[name]):
+                out = f(*args)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t0) / sizes[name])
+            del out
+        if between_rounds is not None:
+            samples.append(between_rounds())
+    return times, samples
+
+
+def gpu_clock_sample() -> dict | None:
+    """One nvidia-smi reading of SM clock (MHz), power (W) and temperature (C), or None where
+    nvidia-smi is absent: recorded beside timings that a power-limited GPU's clock moves."""
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout.strip().splitlines()[0]
+        sm, power, temp = (float(x) for x in out.split(","))
+        return dict(sm_mhz=sm, power_w=power, temp_c=temp)
+    except Exception:
+        return None
+
+
 def copy_ceiling_gbs(nbytes: int = 1 << 30, *, calls: int = 10, stat=statistics.median) -> float:
     """GB/s of an elementwise uint32 pass over `nbytes` (read + write counted): the copy ceiling."""
     import jax

@@ -1,11 +1,12 @@
-"""The benchmark harness's trace reading (benchmarks/harness.py): GPU events from a Perfetto trace
-and the idle time of a GPU timeline (synthetic traces: no GPU needed); and the MLP chain probe's
-kernel in interpret mode."""
+"""The benchmark harness (benchmarks/harness.py): GPU events from a Perfetto trace and the idle
+time of a GPU timeline (synthetic traces: no GPU needed), the interleaved timing rounds, the GEMM
+benchmark's per-round ratio; and the MLP chain probe's kernel in interpret mode."""
 import gzip
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -54,3 +55,32 @@ def test_mlp_chain_probe_matches_the_committed_path():
     r = mlp_chain_probe.check(d=256, f=384, bn=8, bk=128)
     assert r["ok"], r
     assert r["counters"][:3] == [256 // 8, 384 // 8, 256 // 8]
+
+
+def test_interleaved_times_runs_every_call_in_rounds():
+  import harness
+  order = []
+
+  def make(name):
+    def f(x):
+      order.append(name)
+      return x + 1
+    return f
+
+  x = np.float32(1.0)
+  times, samples = harness.interleaved_times(
+      {"a": (make("a"), (x,)), "b": (make("b"), (x,))}, calls=2, reps=3, warmup=1,
+      between_rounds=lambda: len(order))
+  assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+  timed = order[2:]  # after one warm-up call of each
+  assert timed == ["a", "a", "b", "b"] * 3
+  assert samples == [6, 10, 14]
+
+
+def test_gemm_paired_ratio():
+  import gemm
+  vs = {"xla_fp8_tensor": {"batch_us": [10.0, 12.0, 11.0]},
+        "triton_block": {"batch_us": [20.0, 20.0, 20.0]},
+        "mosaic_block": {"batch_us": [10.0, 10.0, 12.0]}}
+  assert gemm.paired_ratio(vs) == 1.0  # rounds: 1.0, 1.2, 11/12
+  assert gemm.paired_ratio({"xla_fp8_tensor": {"batch_us": [1.0]}}) is None
