@@ -21,6 +21,19 @@ import tempfile
 import time
 
 
+def _batch_calls(f, args, calls: int, min_batch_s: float) -> int:
+    """`calls`, raised (from a 3-call estimate) so a batch of back-to-back calls lasts at least
+    `min_batch_s` and host dispatch is amortised."""
+    if min_batch_s <= 0:
+        return calls
+    import jax
+    t0 = time.perf_counter()
+    for _ in range(3):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return max(calls, int(min_batch_s / max((time.perf_counter() - t0) / 3, 1e-7)) + 1)
+
+
 def call_times(f, *args, calls: int = 10, reps: int = 5, warmup: int = 1,
                min_batch_s: float = 0.0):
     """([seconds per call of each of `reps` batches], last output) of `f(*args)`.
@@ -33,13 +46,7 @@ def call_times(f, *args, calls: int = 10, reps: int = 5, warmup: int = 1,
     for _ in range(warmup):
         out = f(*args)
         jax.block_until_ready(out)
-    if min_batch_s > 0:
-        t0 = time.perf_counter()
-        for _ in range(3):
-            out = f(*args)
-        jax.block_until_ready(out)
-        estimate = (time.perf_counter() - t0) / 3
-        calls = max(calls, int(min_batch_s / max(estimate, 1e-7)) + 1)
+    calls = _batch_calls(f, args, calls, min_batch_s)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -63,14 +70,7 @@ def interleaved_times(calls_by_name, *, calls: int = 10, reps: int = 5, warmup: 
     for name, (f, args) in calls_by_name.items():
         for _ in range(warmup):
             jax.block_until_ready(f(*args))
-        n = calls
-        if min_batch_s > 0:
-            t0 = time.perf_counter()
-            for _ in range(3):
-                out = f(*args)
-            jax.block_until_ready(out)
-            n = max(calls, int(min_batch_s / max((time.perf_counter() - t0) / 3, 1e-7)) + 1)
-        sizes[name] = n
+        sizes[name] = _batch_calls(f, args, calls, min_batch_s)
     times = {name: [] for name in calls_by_name}
     samples = []
     for _ in range(reps):
