@@ -82,10 +82,11 @@ def kv_bytes_per_token(cfg, mode):
 
 
 def weight_bytes_read(cfg, params):
-    """Bytes a decode step reads from the weights: all params but an untied embedding table."""
+    """Bytes a decode step reads from the weights: all params but the embedding table where a
+    separate lm_head serves (untied, or a tied model's FP8 copy: `llama.quantize_tied_head`)."""
     from models import llama
     total = llama.param_bytes(params)
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings or llama.has_quantized_head(params):
         total -= cfg.vocab_size * cfg.hidden_size * 2  # only B rows of the embedding are gathered
     return total
 

@@ -207,7 +207,9 @@ def params_from_hf(cfg: LlamaConfig, tensors, recipe=None, *, dtype=jnp.bfloat16
       keep_fp8: with recipe None, keep FP8 checkpoint tensors as QArrays (True) or dequantize
         them to `dtype` kernels (False: a BF16 model from an FP8 checkpoint).
       fp8_block: block shape of block-scaled FP8 checkpoints (`weight_block_size`).
-    Returns: the params tree (a nested dict; QArray leaves for quantized kernels).
+    Returns: the params tree (a nested dict; QArray leaves for quantized kernels). A tied model
+      gets an FP8 `lm_head` where the recipe quantizes the head (`llama.quantize_tied_head`) or
+      the checkpoint stores one as FP8 (a jfp8 save of such a model).
     Raises ValueError naming the tensor for missing, unexpected or mis-shaped tensors and
     unsupported dtypes.
     """
@@ -218,6 +220,7 @@ def params_from_hf(cfg: LlamaConfig, tensors, recipe=None, *, dtype=jnp.bfloat16
 def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_block=(128, 128)):
     """params_from_hf, also returning {granularity repr: count} of the FP8 tensors found."""
     import jfp8
+    from models import llama
     expected = expected_tensors(cfg)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     if progress:
@@ -261,7 +264,7 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
         base, _, leaf = name.rpartition(".")
         if leaf in _FP8_AUX:
             wname = base + ".weight"
-            if wname not in expected:
+            if wname not in expected and not (wname == "lm_head.weight" and cfg.tie_word_embeddings):
                 raise ValueError(f"tensor {name!r}: scale of {wname!r}, which the model does not have")
             if leaf == "input_scale":
                 seen.add(name)
@@ -275,7 +278,14 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
             continue
         if name not in expected:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # some tied checkpoints store the copy too
+                if arr.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+                    # a tied model's FP8 head saved by jfp8 (`llama.quantize_tied_head`): kept
+                    entry = pending.setdefault(name, {})
+                    entry["weight"] = arr
+                    if "scale" in entry:
+                        put_linear(name, arr, entry["scale"], entry["aux"])
+                        del pending[name]
+                continue  # some tied checkpoints store a float copy too: the embedding serves
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # old HF Llama saves; recomputed from the config
             raise ValueError(f"tensor {name!r}: unexpected for {cfg.model_type} with {cfg.num_layers} "
@@ -311,7 +321,9 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
     if missing:
         raise ValueError(f"tensor {missing[0]!r}: missing from the checkpoint (expected shape "
                          f"{expected[missing[0]]}; {len(missing)} missing in all)")
-    return params, found_fp8
+    if cfg.tie_word_embeddings and "lm_head" in params and not llama.has_quantized_head(params):
+        del params["lm_head"]  # a stored FP8 head the recipe keeps in BF16: the embedding serves
+    return llama.quantize_tied_head(params, recipe), found_fp8
 
 
 def _recipe_for(found_fp8: dict[str, int]):

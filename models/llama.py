@@ -20,7 +20,8 @@ Parameter tree (the `params` collection, names mirror HF so checkpoint mapping i
     layers_{i}/input_layernorm/weight (d,), layers_{i}/post_attention_layernorm/weight (d,)
     layers_{i}/self_attn/{q,k,v,o}_proj/kernel (K, N) BF16 or QArray (N, K); bias (N,) when used
     layers_{i}/mlp/{gate,up,down}_proj/kernel
-    norm/weight (d,), lm_head/kernel (d, V) (absent when tied)
+    norm/weight (d,), lm_head/kernel (d, V) (absent when tied, unless the recipe quantizes the
+    head: then a QArray (V, d) copy of the embedding, `quantize_tied_head`)
 Layers are separate submodules with separate arrays (no scan over a stacked weight: notes/h100.md
 measured 1.6-2.8x slower decode steps when a scan slices a weight stack).
 
@@ -43,7 +44,8 @@ import numpy as np
 from models.configs import CONFIGS, LlamaConfig, get_config, rope_inv_freq
 
 __all__ = ["CONFIGS", "LlamaConfig", "get_config", "Llama", "init_params", "forward", "load",
-           "generate", "rope_tables", "param_bytes", "fuse", "quantize_params"]
+           "generate", "rope_tables", "param_bytes", "fuse", "quantize_params", "quantize_tied_head",
+           "has_quantized_head"]
 
 Params = Any
 
@@ -291,7 +293,7 @@ class Llama(nn.Module):
             else:
                 h = h[:, -1]
         norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)(h, deferred=True)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and not has_quantized_head(self.variables.get("params", {})):
             logits = embed.attend(norm(h))
         else:
             logits = _project(_dense(self, cfg.vocab_size, False, "lm_head"), h, norm)
@@ -342,12 +344,37 @@ def _random_leaf(key, shape, dtype, kind):
 
 
 def quantize_params(params: Params, recipe) -> Params:
-    """Quantize every linear kernel (K, N) of a BF16 param tree to a QArray (N, K) by `recipe`."""
+    """Quantize every linear kernel (K, N) of a BF16 param tree to a QArray (N, K) by `recipe`,
+    and give a tied model the FP8 head its recipe asks for (`quantize_tied_head`)."""
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     if n < 50_000_000:
-        return _quantize_params_jit(params, recipe)
+        return quantize_tied_head(_quantize_params_jit(params, recipe), recipe)
     from jfp8.params import quantize_params as _quantize_params  # per kernel: bounded peak memory
-    return _quantize_params(params, recipe)
+    return quantize_tied_head(_quantize_params(params, recipe), recipe)
+
+
+def has_quantized_head(params: Params) -> bool:
+    """Whether `params` holds an FP8 lm_head (a QArray kernel)."""
+    import jfp8
+    return isinstance(params.get("lm_head", {}).get("kernel"), jfp8.QArray)
+
+
+def quantize_tied_head(params: Params, recipe) -> Params:
+    """For a tied model (no `lm_head` in `params`) whose recipe quantizes `lm_head/kernel`: add
+    `lm_head/kernel`, the embedding table (V, d) quantized as a (N=V, K=d) QArray, which the
+    model's last projection then runs as an FP8Dense; the BF16 table stays for the token gather.
+
+    The copy costs V x d bytes (+ scales) of memory and saves V x d bytes of reads per decode step
+    (the BF16 table is read in full by a tied head). Untied models, recipes that keep the head in
+    high precision (the default) and trees that already hold a head are returned unchanged."""
+    import jfp8
+    if recipe is None or "lm_head" in params or "embed_tokens" not in params:
+        return params
+    gran = recipe.weight_granularity_for("lm_head/kernel")
+    if gran is None:
+        return params
+    table = params["embed_tokens"]["embedding"]
+    return {**params, "lm_head": {"kernel": jfp8.quantize(table, recipe.weight_format, gran)}}
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

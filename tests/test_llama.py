@@ -313,3 +313,56 @@ def test_fp8_decode_step_kernels_match_xla(backend, batch):
         top2 = np.sort(out["xla"][b, -1])[-2:]
         if top2[1] - top2[0] > 2 ** -3 * np.abs(out["xla"]).max():
             assert out[backend][b, -1].argmax() == out["xla"][b, -1].argmax()
+
+
+def _head_only_recipe():
+    """Weights-only block128 that quantizes the lm_head and nothing else (so logits differ from the
+    BF16 model's by the head's rounding alone)."""
+    import jfp8
+    from jfp8.recipe import DEFAULT_KEEP_HIGH_PRECISION
+    keep = tuple(p for p in DEFAULT_KEEP_HIGH_PRECISION if p != "lm_head") + (r"layers_",)
+    return jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)), keep_high_precision=keep)
+
+
+def test_tied_model_gets_the_fp8_head_its_recipe_asks_for(tmp_path):
+    """A tied model (no lm_head tensor) whose recipe quantizes the head gets an FP8 copy of the
+    embedding as its head (`llama.quantize_tied_head`): loaded or initialised, run by the model,
+    saved and loaded back bit for bit. The default recipes keep a tied head on the embedding."""
+    import jfp8
+    cfg = VARIANTS["qwen2_tied"]  # vocab 320: not a multiple of the 128-row scale block
+    hf = random_hf_state(cfg.to_hf(), seed=np.random.SeedSequence().entropy % 2**31)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 9))
+    recipe = _head_only_recipe()
+    assert "lm_head" not in checkpoint.params_from_hf(cfg, hf, recipe=jfp8.Recipe.block128())
+    params = checkpoint.params_from_hf(cfg, hf, recipe=recipe, dtype=jnp.float32)
+    head = params["lm_head"]["kernel"]
+    assert llama.has_quantized_head(params) and head.shape == (cfg.vocab_size, cfg.hidden_size)
+    want = jfp8.quantize(params["embed_tokens"]["embedding"], recipe.weight_format, jfp8.PerBlock((128, 128)))
+    np.testing.assert_array_equal(np.asarray(head.data, np.float32), np.asarray(want.data, np.float32))
+    np.testing.assert_array_equal(np.asarray(head.scale), np.asarray(want.scale))
+    # init_params -> quantize_params takes the same path
+    init = llama.init_params(llama.Llama(cfg, recipe=recipe), jax.random.PRNGKey(1))
+    assert llama.has_quantized_head(init)
+
+    model = llama.Llama(cfg, recipe=recipe, dtype=jnp.float32)
+    logits = llama.forward(model, params, tokens)
+    ref = llama.forward(llama.Llama(cfg, dtype=jnp.float32),
+                        checkpoint.params_from_hf(cfg, hf, recipe=None, dtype=jnp.float32), tokens)
+    # Only the head differs: E4M3 rounds each weight by <= 2^-4 relative (3 mantissa bits),
+    # ~2.5% RMS, and independent roundings add in quadrature like the logits themselves.
+    err = rel_err(logits, ref)
+    assert 1e-4 < err < 0.05, err
+
+    path = str(tmp_path / "tied_fp8_head")
+    checkpoint.save(path, model, params)
+    names = {n for n, _ in checkpoint.iter_checkpoint(path)}
+    assert {"lm_head.weight", "lm_head.weight_scale"} <= names
+    model2, params2 = checkpoint.load(path, dtype=jnp.float32, progress=False)
+    assert llama.has_quantized_head(params2)
+    np.testing.assert_array_equal(np.asarray(params2["lm_head"]["kernel"].data, np.float32),
+                                  np.asarray(head.data, np.float32))
+    np.testing.assert_array_equal(np.asarray(llama.forward(model2, params2, tokens)), np.asarray(logits))
+    # loaded as a BF16 model (recipe None, FP8 tensors dequantized): the stored head is dropped
+    bf16 = checkpoint.params_from_hf(cfg, dict(checkpoint.iter_checkpoint(path)), recipe=None,
+                                     keep_fp8=False, dtype=jnp.float32)
+    assert "lm_head" not in bf16
