@@ -47,14 +47,9 @@ MODES = {"bf16": ("bf16", "bf16"), "fp8w": ("block128", "bf16"), "fp8wkv": ("blo
 
 def recipe_for(key):
     import jfp8
-    from jfp8.recipe import DEFAULT_KEEP_HIGH_PRECISION
-    if key == "bf16":
-        return None
-    if key == "block128":
-        return jfp8.Recipe.block128()
-    keep = DEFAULT_KEEP_HIGH_PRECISION if key == "w8a16" else \
-        tuple(p for p in DEFAULT_KEEP_HIGH_PRECISION if p != "lm_head")
-    return jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)), keep_high_precision=keep)
+    return None if key == "bf16" else jfp8.Recipe.from_name(
+        {"block128": "block128", "w8a16": "weights_only_block128",
+         "w8a16_head": "weights_only_block128+head"}[key])
 
 
 # (kind, (preset, mode, batch, ctx)) in priority order, grouped by weight recipe (one FP8 copy of

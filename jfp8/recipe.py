@@ -106,12 +106,20 @@ class Recipe:
 
     @classmethod
     def from_name(cls, name: str) -> "Recipe":
+        """A preset by name; `NAME+head` is that preset with the lm_head quantized too (removed
+        from `keep_high_precision`; a tied model gets an FP8 copy of its embedding as the head)."""
         presets = {"block128": cls.block128, "rowwise": cls.rowwise, "per_tensor": cls.per_tensor,
                    "weights_only": cls.weights_only, "delayed": cls.delayed,
                    "weights_only_block128": lambda: cls.weights_only(PerBlock((128, 128)))}
-        if name not in presets:
-            raise ValueError(f"recipe: expected one of {sorted(presets)}, got {name!r}")
-        return presets[name]()
+        base, head = (name[:-len("+head")], True) if name.endswith("+head") else (name, False)
+        if base not in presets:
+            raise ValueError(f"recipe: expected one of {sorted(presets)}, optionally with '+head' "
+                             f"(lm_head in FP8 too), got {name!r}")
+        recipe = presets[base]()
+        if head:
+            recipe = dataclasses.replace(recipe, name=name, keep_high_precision=tuple(
+                p for p in recipe.keep_high_precision if p != "lm_head"))
+        return recipe
 
     # -- path rules ----------------------------------------------------------------------------
     def weight_granularity_for(self, path: str) -> Granularity | None:

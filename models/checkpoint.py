@@ -442,7 +442,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("in_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--recipe", default="block128",
-                    help="block128 | rowwise | per_tensor | weights_only | weights_only_block128")
+                    help="block128 | rowwise | per_tensor | weights_only | weights_only_block128; "
+                         "NAME+head quantizes the lm_head too (tied: an FP8 copy of the embedding)")
     ap.add_argument("--keep", action="append", default=[], metavar="REGEX",
                     help="keep matching parameter paths in BF16 (repeatable), e.g. a layer that "
                          "`jfp8 eval` / models.calibration found sensitive: --keep '^layers_29/'")

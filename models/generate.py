@@ -346,7 +346,8 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="fp8", choices=("fp8", "e5m2", "bf16"))
     ap.add_argument("--recipe", default=None,
-                    help="quantize while loading: block128 | rowwise | per_tensor | weights_only | none "
+                    help="quantize while loading: block128 | rowwise | per_tensor | weights_only | "
+                         "weights_only_block128 | none; NAME+head quantizes the lm_head too "
                          "(default: block128 for BF16 checkpoints, as stored for FP8 ones)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)

@@ -275,3 +275,23 @@ def test_cli_quantize_keeps_fallback_units_in_bf16(tmp_path, hf_dir):
     assert not isinstance(fused["layers_0"]["self_attn"]["qkv_proj"]["kernel"], jfp8.QArray)
     assert isinstance(fused["layers_0"]["mlp"]["gate_up_proj"]["kernel"], jfp8.QArray)
     assert isinstance(fused["layers_0"]["self_attn"]["o_proj"]["kernel"], jfp8.QArray)
+
+
+def test_cli_quantize_with_the_head(tmp_path, hf_dir, capsys):
+    """`--recipe NAME+head` quantizes the lm_head too; the name is saved and read back, the head
+    stays FP8 through save and load, and `jfp8 generate` runs the saved model."""
+    import json
+
+    import jfp8
+    from models import generate
+    path, _ = hf_dir
+    out = str(tmp_path / "qh")
+    assert checkpoint.cli([path, out, "--recipe", "weights_only_block128+head"]) == 0
+    with open(os.path.join(out, checkpoint.QUANT_FILE)) as f:
+        assert json.load(f)["recipe"] == "weights_only_block128+head"
+    model, params = checkpoint.load(out, progress=False)
+    assert model.recipe.name == "weights_only_block128+head"
+    assert isinstance(params["lm_head"]["kernel"], jfp8.QArray)  # CFG is untied: its own head
+    assert not isinstance(params["embed_tokens"]["embedding"], jfp8.QArray)
+    assert generate.cli([out, "--prompt", "w5 w6 w7", "--max-new-tokens", "3", "--kv-dtype", "bf16"]) == 0
+    assert "weights_only_block128+head" in capsys.readouterr().err

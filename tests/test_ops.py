@@ -114,6 +114,14 @@ def test_recipes():
     assert jfp8.Recipe.delayed(history=16).scaling == "delayed"
     with pytest.raises(ValueError, match="recipe"):
         jfp8.Recipe.from_name("int4")
+    h = jfp8.Recipe.from_name("weights_only_block128+head")  # the head too: the name round-trips
+    assert h.name == "weights_only_block128+head" and h.weights_only_mode
+    assert h.weight_granularity_for("lm_head/kernel") == jfp8.PerBlock((128, 128))
+    assert h.weight_granularity_for("embed_tokens/embedding") is None
+    assert jfp8.Recipe.from_name("block128").weight_granularity_for("lm_head/kernel") is None
+    assert jfp8.Recipe.from_name(h.name) == h
+    with pytest.raises(ValueError, match=r"\+head"):
+        jfp8.Recipe.from_name("int4+head")
     with pytest.raises(ValueError, match="scaling"):
         jfp8.Recipe(scaling="sometimes")
     with pytest.raises(ValueError, match="act_format"):
