@@ -77,13 +77,10 @@ def kv_bytes_per_token(cfg, mode):
 
 
 def weight_bytes_read(cfg, params):
-    """Bytes a decode step reads from the weights: all params but the embedding table where a
-    separate lm_head serves (untied, or a tied model's FP8 copy: `llama.quantize_tied_head`)."""
-    from models import llama
-    total = llama.param_bytes(params)
-    if not cfg.tie_word_embeddings or llama.has_quantized_head(params):
-        total -= cfg.vocab_size * cfg.hidden_size * 2  # only B rows of the embedding are gathered
-    return total
+    """Bytes a decode step reads from the weights (`models.eval.weight_bytes_per_token`: all
+    params, the embedding table only where it is also the head)."""
+    from models import eval as model_eval
+    return model_eval.weight_bytes_per_token(params, cfg)
 
 
 def decode_setup(model, cfg, mode, B, ctx, max_len, max_new_tokens):

@@ -247,10 +247,13 @@ def _nbytes(leaf) -> int:
 
 def weight_bytes_per_token(params, cfg) -> int:
     """Bytes a decode step reads: every param except the embedding table (one row of it is read),
-    unless the embedding is tied and so read whole as the lm_head."""
+    unless the embedding is tied and so read whole as the lm_head (no FP8 copy of it as the head,
+    `llama.quantize_tied_head`)."""
+    from models import llama
+    gathered_only = not cfg.tie_word_embeddings or llama.has_quantized_head(params)
     total = 0
     for path, leaf in _leaves_with_paths(params):
-        if path.startswith("embed_tokens") and not cfg.tie_word_embeddings:
+        if path.startswith("embed_tokens") and gathered_only:
             total += _nbytes(leaf) // cfg.vocab_size
         else:
             total += _nbytes(leaf)

@@ -340,6 +340,12 @@ def test_tied_model_gets_the_fp8_head_its_recipe_asks_for(tmp_path):
     want = jfp8.quantize(params["embed_tokens"]["embedding"], recipe.weight_format, jfp8.PerBlock((128, 128)))
     np.testing.assert_array_equal(np.asarray(head.data, np.float32), np.asarray(want.data, np.float32))
     np.testing.assert_array_equal(np.asarray(head.scale), np.asarray(want.scale))
+    # bytes a decode step reads: the FP8 head instead of the whole BF16 table (one row gathered)
+    from models import eval as model_eval
+    V, d = cfg.vocab_size, cfg.hidden_size
+    without = {k: v for k, v in params.items() if k != "lm_head"}
+    assert model_eval.weight_bytes_per_token(params, cfg) == \
+        model_eval.weight_bytes_per_token(without, cfg) - 2 * V * d + 2 * d + head.nbytes  # as BF16
     # init_params -> quantize_params takes the same path
     init = llama.init_params(llama.Llama(cfg, recipe=recipe), jax.random.PRNGKey(1))
     assert llama.has_quantized_head(init)
