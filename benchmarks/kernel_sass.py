@@ -5,6 +5,7 @@
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --config 32,512,2 --prologue rmsnorm
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --head-dim 64 --kv fp8_token
     PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel attention --kv fp8_token --layout sd
+    PYTHONPATH=$PWD python benchmarks/kernel_sass.py --kernel chain --config 8,512,512 --loop-stages 3
 
 Lowers the kernel's `pallas_call` for the "cuda" platform (jax's cross-platform lowering), takes
 the Triton IR out of the custom call, compiles it with `triton.compile` for compute capability 9.0
@@ -142,9 +143,44 @@ def attention(a):
           f"LDGSTS {c['LDGSTS']}, SHFL {c['SHFL']}, BAR {c['BAR']}; files {base}.*")
 
 
+def chain(a):
+    """benchmarks/mlp_chain_probe.py's persistent kernel, 8B shapes, --config bn,bk,programs."""
+    import mlp_chain_probe as MC
+    bn, bk, programs = (int(v) for v in a.config.split(","))
+    d, f = 4096, 14336
+    e4, f32 = jnp.float8_e4m3fn, jnp.float32
+    args = (jax.ShapeDtypeStruct((1, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct((d, d), e4), jax.ShapeDtypeStruct((d // 128, d // 128), f32),
+            jax.ShapeDtypeStruct((d,), jnp.bfloat16), jax.ShapeDtypeStruct((2 * f, d), e4),
+            jax.ShapeDtypeStruct((2 * f // 128, d // 128), f32), jax.ShapeDtypeStruct((d, f), e4),
+            jax.ShapeDtypeStruct((d // 128, f // 128), f32))
+    prefetch = a.prefetch or a.loop_stages <= 1
+
+    def fn(*xs):
+        return MC.mlp_chain(*xs, bn=bn, bk=bk, programs=programs, warps=a.warps, prefetch=prefetch,
+                            phases=a.phases, loop_stages=a.loop_stages)
+    name = f"mlp_chain_{bn}_{bk}_{programs}_w{a.warps}_p{a.phases}_st{a.loop_stages}"
+    base = os.path.join(a.out, name)
+    [ttir] = triton_ir(fn, *args)
+    kernel = compile_sm90(ttir, base + ".ttir", a.warps, max(1, a.loop_stages))
+    c = sass_counts(kernel.asm["cubin"], base)
+    tool = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    usage = subprocess.run([tool, "-res-usage", base + ".cubin"], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    with open(base + ".sass") as fh:
+        body = longest_loop(fh.read())
+    print(f"{name}: {regs.group(1) if regs else '?'} registers, {kernel.metadata.shared} shared bytes, "
+          f"longest loop body {body}; LDG {c['LDG']}, LDGSTS {c['LDGSTS']}, LDS {c['LDS']}, "
+          f"STS {c['STS']}, BAR {c['BAR']}, FFMA {c['FFMA']}; files {base}.*")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", default="gemv", choices=("gemv", "attention"))
+    p.add_argument("--kernel", default="gemv", choices=("gemv", "attention", "chain"))
+    p.add_argument("--loop-stages", type=int, default=1,
+                   help="chain: the probe's loop_stages (tt.num_stages on its K loops)")
+    p.add_argument("--phases", type=int, default=3, help="chain: phases compiled (1-3)")
     p.add_argument("--head-dim", type=int, default=128, help="attention: D")
     p.add_argument("--kv", default="fp8_token", choices=("fp8_token", "fp8_tensor", "bf16"),
                    help="attention: cache dtype and scale granularity")
@@ -174,6 +210,8 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     if a.kernel == "attention":
         return attention(a)
+    if a.kernel == "chain":
+        return chain(a)
     m, n, k = (int(v) for v in a.shape.split(","))
     bn, bk, sk = (int(v) for v in a.config.split(","))
     cfg = G.GemvConfig(bn, bk, split_k=sk, use_dot=m > 1, prefetch=a.prefetch, num_warps=a.warps,

@@ -20,7 +20,11 @@ probe also times: `fp8_gemv` x 3 as `jfp8.matmul` dispatches them at M = 1.
 
 Not library code: a measurement for the decision (results/mlp_chain_probe_*.md). Measured on
 the H100: correct, but 1.4-3.3x slower than the three launches (the persistent programs stream
-weights at 0.7-1.7 TB/s against 2.4; decode_e2e_notes.md, session 11). GPU only for the
+weights at 0.7-1.7 TB/s against 2.4; decode_e2e_notes.md, session 11), with the next step's
+tiles carried in registers. `loop_stages` (a config's sixth field) instead leaves the loads in
+their step and sets `tt.num_stages` on the K loops, so Triton issues them as cp.async into
+shared memory stages ahead (offline SASS: LDGSTS in the loop, 96 registers instead of 156, so
+more programs fit per SM); not yet timed. GPU only for the
 timing (the spin-waits need every program resident); `--check` runs the kernel with one program
 in interpret mode on the CPU against the committed path.
 
@@ -90,7 +94,7 @@ def _load_shared(ref):
 
 def _chain_kernel(x_ref, h_ref, wo_ref, so_ref, nw_ref, wgu_ref, sgu_ref, wd_ref, sd_ref,
                   _cnt_in, h2_ref, act_ref, out_ref, cnt_ref, *, d, f, bn, bk, prefetch,
-                  interpret, phases=3):
+                  interpret, phases=3, loop_stages=1):
     pid, nprog = pl.program_id(0), pl.num_programs(0)
     zero = pid * 0
     t_o, t_gu, t_d = d // bn, f // bn, d // bn
@@ -125,12 +129,16 @@ def _chain_kernel(x_ref, h_ref, wo_ref, so_ref, nw_ref, wgu_ref, sgu_ref, wd_ref
                     accs[i] = accs[i] + w.astype(jnp.float32) * (a * sc)
             return accs
 
-        def body(step, carry):
-            accs, tiles = carry
-            nxt = fetch(jnp.minimum(step + 1, steps - 1))
-            return compute(step, tiles, accs), nxt
         acc0 = [jnp.zeros((bn, SUB), jnp.float32) for _ in rows0]
-        accs, _ = lax.fori_loop(0, steps, body, (acc0, fetch(0, w_first)))
+        if loop_stages > 1:  # loads in the step that uses them: Triton's pipeliner stages them
+            accs = compute(0, fetch(0, w_first), acc0)
+            accs = lax.fori_loop(1, steps, lambda step, a: compute(step, fetch(step), a), accs)
+        else:                # the next step's tiles loaded by hand, carried in registers
+            def body(step, carry):
+                accs, tiles = carry
+                nxt = fetch(jnp.minimum(step + 1, steps - 1))
+                return compute(step, tiles, accs), nxt
+            accs, _ = lax.fori_loop(0, steps, body, (acc0, fetch(0, w_first)))
         return [jnp.sum(acc, axis=1)[None, :] for acc in accs]     # (1, bn) each
 
     def fetch_w(w_ref, rows0, step):
@@ -207,28 +215,70 @@ def _chain_kernel(x_ref, h_ref, wo_ref, so_ref, nw_ref, wgu_ref, sgu_ref, wd_ref
 
 
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "programs", "warps", "prefetch",
-                                             "interpret", "phases"))
+                                             "interpret", "phases", "loop_stages"))
 def mlp_chain(x, h, wo, so, nw, wgu, sgu, wd, sd, *, bn=8, bk=512, programs=396, warps=4,
-              prefetch=True, interpret=False, phases=3):
+              prefetch=True, interpret=False, phases=3, loop_stages=1):
     """(out, h2, counters) of one layer's MLP chain at M = 1: x, h (1, D) bf16; wo (D, D),
     wgu (2F, D), wd (D, F) float8_e4m3fn with (128, 128) block scales; nw (D,) norm weight.
     counters (8,) int32: tiles done per phase, [7] = waits that gave up (must be 0). All
     `programs` must be resident at once on the GPU (see --configs); `phases` < 3 stops after
-    the first phase(s), for reading the compiled code of one loop."""
+    the first phase(s), for reading the compiled code of one loop. `loop_stages` > 1: each K
+    step loads its own tiles and the K loops carry `tt.num_stages = loop_stages`, so Triton's
+    pipeliner issues them as cp.async `loop_stages - 1` steps ahead into shared memory (bytes in
+    flight no longer held in registers; `_pipelined_name`)."""
     d, f = wo.shape[0], wd.shape[1]
     assert d % bk == 0 and f % bk == 0 and d % bn == 0 and f % bn == 0 and SUB % bn == 0
     assert programs <= min(d, f) // bn, "every program needs a first tile in every phase"
     kernel = functools.partial(_chain_kernel, d=d, f=f, bn=bn, bk=bk, prefetch=prefetch,
-                               interpret=interpret, phases=phases)
+                               interpret=interpret, phases=phases, loop_stages=loop_stages)
     kw = (dict(interpret=True) if interpret else
           triton_compat.compiler_params(num_warps=warps, num_stages=1))
     out_shape = [jax.ShapeDtypeStruct((1, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, f), jnp.bfloat16),
                  jax.ShapeDtypeStruct((1, d), jnp.bfloat16), jax.ShapeDtypeStruct((8,), jnp.int32)]
     h2, _, out, cnt = pl.pallas_call(
         kernel, grid=(programs,), out_shape=out_shape, input_output_aliases={9: 3},
-        name="mlp_chain", **kw)(x, h, wo, so, nw.astype(jnp.bfloat16).reshape(1, d), wgu, sgu,
+        name=_pipelined_name("mlp_chain", 1 if interpret else loop_stages), **kw)(x, h, wo, so, nw.astype(jnp.bfloat16).reshape(1, d), wgu, sgu,
                                 wd, sd, jnp.zeros((8,), jnp.int32))
     return out, h2, cnt
+
+
+# Triton software-pipelines loads that feed no dot only in loops that carry `tt.num_stages`
+# (`tl.range(..., num_stages=n)` in Triton's frontend), which Pallas cannot set. For this probe
+# only, a hook on Pallas' private Triton lowering sets it on every scf.for of kernels named by
+# `_pipelined_name` (session 6 used the same hook on the GEMV, commit 42fdfda).
+_LOOP_STAGES: dict[str, int] = {}
+_HOOKED: list[bool] = []
+
+
+def _pipelined_name(name: str, stages: int) -> str:
+    if stages <= 1:
+        return name
+    if not _HOOKED:
+        from jax._src.lib.mlir import ir
+        from jax._src.pallas.triton import lowering
+        original = lowering.lower_jaxpr_to_triton_module
+
+        def tag(op, attr):
+            for region in op.regions:
+                for block in region.blocks:
+                    for inner in block.operations:
+                        inner = inner.operation
+                        if inner.name == "scf.for":
+                            inner.attributes["tt.num_stages"] = attr
+                        tag(inner, attr)
+
+        def lower(jaxpr, *args, **kwargs):
+            result = original(jaxpr, *args, **kwargs)
+            n = _LOOP_STAGES.get(getattr(jaxpr.debug_info, "func_name", None))
+            if n:
+                with result.module.context:
+                    tag(result.module.operation, ir.IntegerAttr.get(ir.IntegerType.get_signless(32), n))
+            return result
+        lowering.lower_jaxpr_to_triton_module = lower
+        _HOOKED.append(True)
+    tagged = f"{name}_pipelined{stages}"
+    _LOOP_STAGES[tagged] = stages
+    return tagged
 
 
 def committed_chain(x, h, wo, so, nw, wgu, sgu, wd, sd, *, interpret=False):
@@ -257,14 +307,15 @@ def make_layer(key, d, f):
     return wo, so, nw, wgu, sgu, wd, sd
 
 
-def check(d=256, f=512, bn=8, bk=256):
+def check(d=256, f=512, bn=8, bk=256, loop_stages=1):
     """Interpret mode, one program: the chain kernel against the committed path."""
     key = jax.random.PRNGKey(0)
     layer = make_layer(key, d, f)
     x = jax.random.normal(jax.random.fold_in(key, 7), (1, d), jnp.float32).astype(jnp.bfloat16)
     h = jax.random.normal(jax.random.fold_in(key, 8), (1, d), jnp.float32).astype(jnp.bfloat16)
     ref_out, ref_h2 = committed_chain(x, h, *layer, interpret=True)
-    out, h2, cnt = mlp_chain(x, h, *layer, bn=bn, bk=bk, programs=1, interpret=True)
+    out, h2, cnt = mlp_chain(x, h, *layer, bn=bn, bk=bk, programs=1, interpret=True,
+                             loop_stages=loop_stages)
     return _compare(out, h2, cnt, ref_out, ref_h2, d, f, bn)
 
 
@@ -313,12 +364,14 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--check", action="store_true", help="interpret-mode check only (CPU)")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--configs", default="8,512,396,4,1;8,512,396,4,0;8,512,132,8,1;"
-                    "8,512,264,8,1;16,512,256,4,1",
-                    help="bn,bk,programs,warps,prefetch;... Every program must be resident at "
-                         "once (132 SMs): offline ptxas gives 159 registers at bn 8 / 4 warps (3 "
-                         "programs per SM: G <= 396), 128 at 8 warps (2: G <= 264), 255 at bn 16 / "
-                         "4 warps (2: G <= 264). bk 1024 compiles in ~4 min (ptxas).")
+    ap.add_argument("--configs", default="8,512,396,4,1;8,512,512,4,0,3;8,512,512,4,0,4;"
+                    "8,512,396,4,0,3;16,512,256,4,0,3",
+                    help="bn,bk,programs,warps,prefetch[,loop_stages];... Every program must be "
+                         "resident at once (132 SMs): offline ptxas gives 156-159 registers at bn 8 "
+                         "/ 4 warps with hand-carried tiles (3 programs per SM: G <= 396), 128 at "
+                         "8 warps (2: G <= 264), 255 at bn 16 / 4 warps (2: G <= 264); with "
+                         "loop_stages 3 / 4, 96 registers and 16.5 / 24.7 KB of shared memory at "
+                         "bn 8 (5 per SM; G <= d / bn = 512 by tiles). bk 1024 compiles in ~4 min.")
     args = ap.parse_args(argv)
     if args.check:
         r = check()
@@ -344,10 +397,11 @@ def main(argv=None):
     rows = []
     variants = [("committed fp8_gemv x3", committed_chain, None)]
     for spec in args.configs.split(";"):
-        bn, bk, progs, warps, pre = (int(v) for v in spec.split(","))
-        variants.append((f"chain bn{bn} bk{bk} G{progs} w{warps} pre{pre}",
+        bn, bk, progs, warps, pre, *st = (int(v) for v in spec.split(","))
+        st = st[0] if st else 1
+        variants.append((f"chain bn{bn} bk{bk} G{progs} w{warps} pre{pre}" + (f" st{st}" if st > 1 else ""),
                          functools.partial(mlp_chain, bn=bn, bk=bk, programs=progs, warps=warps,
-                                           prefetch=bool(pre)), (bn,)))
+                                           prefetch=bool(pre), loop_stages=st), (bn,)))
     ref = None
     for name, fn, extra in variants:
         row = dict(variant=name)

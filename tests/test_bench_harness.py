@@ -46,13 +46,15 @@ def test_gpu_events_reads_only_gpu_tracks(tmp_path):
         harness.gpu_events(str(tmp_path / "plugins" / "nothing"))
 
 
-def test_mlp_chain_probe_matches_the_committed_path():
+@pytest.mark.parametrize("loop_stages", [1, 3])
+def test_mlp_chain_probe_matches_the_committed_path(loop_stages):
     """benchmarks/mlp_chain_probe.py's persistent kernel, one program in interpret mode (its
     waits then find every earlier phase done), against the committed three `fp8_gemv` launches
     (same roundings; only the f32 summation order may differ with the tables' configs: h2 within
-    2^-6 relative, the output within 2^-5 of its amax), and every phase counted all its tiles."""
+    2^-6 relative, the output within 2^-5 of its amax), and every phase counted all its tiles;
+    with hand-carried next-step tiles (loop_stages 1) and with loads left to Triton's pipeliner."""
     import mlp_chain_probe
-    r = mlp_chain_probe.check(d=256, f=384, bn=8, bk=128)
+    r = mlp_chain_probe.check(d=256, f=384, bn=8, bk=128, loop_stages=loop_stages)
     assert r["ok"], r
     assert r["counters"][:3] == [256 // 8, 384 // 8, 256 // 8]
 
