@@ -55,13 +55,6 @@ def shapes():
   return out
 
 
-def bench(f, *args, calls=10, reps=5, min_batch_s=0.025):
-  """(median seconds per call over `reps` batches of >= `calls` calls, output), after a warm-up
-  call; batches last >= min_batch_s so host dispatch is amortised (harness.call_times)."""
-  times, out = harness.call_times(f, *args, calls=calls, reps=reps, min_batch_s=min_batch_s)
-  return statistics.median(times), out
-
-
 def make_operands(m, n, k, seed=0):
   """bf16 A, B and their FP8 quantizations in every layout (scales = amax / 448)."""
   ka, kb = jax.random.split(jax.random.PRNGKey(seed))
