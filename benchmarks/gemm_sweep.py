@@ -15,8 +15,8 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import statistics
+import sys
 import traceback
 
 import jax

@@ -67,9 +67,14 @@ def compile_sm90(ttir_bytes: bytes, path: str, num_warps: int, num_stages: int):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def sass_counts(cubin: bytes, path: str) -> collections.Counter:
+def cuobjdump() -> str:
+    """pip triton's bundled cuobjdump."""
     import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def sass_counts(cubin: bytes, path: str) -> collections.Counter:
+    tool = cuobjdump()
     with open(path + ".cubin", "wb") as f:
         f.write(cubin)
     sass = subprocess.run([tool, "-sass", path + ".cubin"], capture_output=True, text=True,
@@ -164,9 +169,8 @@ def chain(a):
     [ttir] = triton_ir(fn, *args)
     kernel = compile_sm90(ttir, base + ".ttir", a.warps, max(1, a.loop_stages))
     c = sass_counts(kernel.asm["cubin"], base)
-    tool = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    usage = subprocess.run([tool, "-res-usage", base + ".cubin"], capture_output=True, text=True).stdout
+    usage = subprocess.run([cuobjdump(), "-res-usage", base + ".cubin"], capture_output=True,
+                           text=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     with open(base + ".sass") as fh:
         body = longest_loop(fh.read())

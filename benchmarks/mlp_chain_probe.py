@@ -235,10 +235,11 @@ def mlp_chain(x, h, wo, so, nw, wgu, sgu, wd, sd, *, bn=8, bk=512, programs=396,
           triton_compat.compiler_params(num_warps=warps, num_stages=1))
     out_shape = [jax.ShapeDtypeStruct((1, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, f), jnp.bfloat16),
                  jax.ShapeDtypeStruct((1, d), jnp.bfloat16), jax.ShapeDtypeStruct((8,), jnp.int32)]
+    name = _pipelined_name("mlp_chain", 1 if interpret else loop_stages)
     h2, _, out, cnt = pl.pallas_call(
         kernel, grid=(programs,), out_shape=out_shape, input_output_aliases={9: 3},
-        name=_pipelined_name("mlp_chain", 1 if interpret else loop_stages), **kw)(x, h, wo, so, nw.astype(jnp.bfloat16).reshape(1, d), wgu, sgu,
-                                wd, sd, jnp.zeros((8,), jnp.int32))
+        name=name, **kw)(x, h, wo, so, nw.astype(jnp.bfloat16).reshape(1, d), wgu, sgu,
+                         wd, sd, jnp.zeros((8,), jnp.int32))
     return out, h2, cnt
 
 

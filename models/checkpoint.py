@@ -107,6 +107,7 @@ _LINEAR = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
 _NORM_RE = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
 _FP8_AUX = ("weight_scale_inv", "weight_scale", "input_scale")
+_FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
 
 
 def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -236,7 +237,7 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
         gran = None if recipe is None else recipe.weight_granularity_for("/".join(path))
         if scale is not None:  # an FP8 checkpoint tensor
             ck_gran, s_shape = _granularity_from_scale(name, w.shape, scale.shape, aux, fp8_block)
-            if w.dtype not in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+            if w.dtype not in _FP8_DTYPES:
                 raise ValueError(f"tensor {name}: has a {aux} so expected float8_e4m3fn/e5m2, got {w.dtype}")
             q = jfp8.from_parts(jnp.asarray(w), jnp.asarray(np.asarray(scale, np.float32).reshape(s_shape)),
                                 granularity=ck_gran)
@@ -250,7 +251,7 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
         else:
             if w.dtype.kind != "f" and w.dtype != np.dtype(ml_dtypes.bfloat16):
                 raise ValueError(f"tensor {name}: expected a floating dtype, got {w.dtype}")
-            if w.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+            if w.dtype in _FP8_DTYPES:
                 raise ValueError(f"tensor {name}: FP8 weight without a weight_scale_inv / weight_scale "
                                  f"tensor beside it")
             if gran is None:
@@ -258,6 +259,14 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
             else:
                 value = jfp8.quantize(jnp.asarray(w), recipe.weight_format, gran)
         _set(params, path, value)
+
+    def put_fp8_weight(name: str, w: np.ndarray):
+        """An FP8 weight tensor: put once its scale tensor has been seen too (either order)."""
+        entry = pending.setdefault(name, {})
+        entry["weight"] = w
+        if "scale" in entry:
+            put_linear(name, w, entry["scale"], entry["aux"])
+            del pending[name]
 
     for name, arr in items:
         arr = np.asarray(arr)
@@ -278,13 +287,9 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
             continue
         if name not in expected:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                if arr.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+                if arr.dtype in _FP8_DTYPES:
                     # a tied model's FP8 head saved by jfp8 (`llama.quantize_tied_head`): kept
-                    entry = pending.setdefault(name, {})
-                    entry["weight"] = arr
-                    if "scale" in entry:
-                        put_linear(name, arr, entry["scale"], entry["aux"])
-                        del pending[name]
+                    put_fp8_weight(name, arr)
                 continue  # some tied checkpoints store a float copy too: the embedding serves
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # old HF Llama saves; recomputed from the config
@@ -298,18 +303,13 @@ def _params_from_hf(cfg, tensors, recipe, *, dtype, progress, keep_fp8, fp8_bloc
         path = param_path(name)
         is_linear = path[-1] == "kernel"  # lm_head too: the recipe decides (BF16 by default)
         if is_linear:
-            fp8 = arr.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
-            if fp8:
-                entry = pending.setdefault(name, {})
-                entry["weight"] = arr
-                if "scale" in entry:
-                    put_linear(name, arr, entry["scale"], entry["aux"])
-                    del pending[name]
-                continue
-            put_linear(name, arr, None, None)
+            if arr.dtype in _FP8_DTYPES:
+                put_fp8_weight(name, arr)
+            else:
+                put_linear(name, arr, None, None)
         else:
             if arr.dtype.kind != "f" and arr.dtype != np.dtype(ml_dtypes.bfloat16) or \
-                    arr.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)):
+                    arr.dtype in _FP8_DTYPES:
                 raise ValueError(f"tensor {name!r}: expected bf16/f16/f32, got {arr.dtype}")
             value = jnp.asarray(arr).astype(dtype)
             _set(params, path, value.T if path[-1] == "kernel" else value)
