@@ -37,6 +37,10 @@ import harness  # noqa: E402
 
 SHAPES = [(6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"),
           (4096, 14336, "down"), (128256, 4096, "lm_head")]
+# Llama-3.2-1B's projections (d 2048, FFN 8192, 8 KV heads of 64): run only when --shapes names
+# them. Their grids are small for 132 SMs under the 8B-tuned classes (128-192 programs at M = 16).
+SHAPES_1B = [(3072, 2048, "qkv_1b"), (2048, 2048, "o_1b"), (16384, 2048, "gate_up_1b"),
+             (2048, 8192, "down_1b")]
 MS = [1, 8, 16, 32, 64]
 # Configs are swept at these M; M = 8 and 32 reuse the best config of M = 16 and 64 (same kernel
 # tile, fewer compiles on a scarce device).
@@ -99,7 +103,7 @@ def main():
     interpret = args.smoke
     shapes = [(200, 384, "odd")] if args.smoke else SHAPES
     if args.shapes:
-        shapes = [s for s in shapes if s[2] in args.shapes.split(",")]
+        shapes = [s for s in shapes + SHAPES_1B if s[2] in args.shapes.split(",")]
     ms = [int(x) for x in args.ms.split(",")] if args.ms else ([1, 7] if args.smoke else MS)
     dev = jax.devices()[0]
     ceiling = copy_ceiling_gbs(1 << 20 if args.smoke else 1 << 30)
@@ -251,7 +255,7 @@ def parse_config(text: str, m: int) -> G.GemvConfig:
 
 
 def dump(args, dev, ceiling, interpret, rows, final=False):
-    rows = sorted(rows, key=lambda r: ([s[2] for s in SHAPES + [(0, 0, "odd")]].index(r["name"]), r["M"]))
+    rows = sorted(rows, key=lambda r: ([s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd")]].index(r["name"]), r["M"]))
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   host=platform.node(), copy_ceiling_GBs=round(ceiling, 1), interpret=interpret,
@@ -314,7 +318,7 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = sorted({r["name"] for r in result["rows"]}, key=[s[2] for s in SHAPES + [(0, 0, "odd")]].index)
+    names = sorted({r["name"] for r in result["rows"]}, key=[s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd")]].index)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         rs = [r for r in result["rows"] if r["name"] == name]
