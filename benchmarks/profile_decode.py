@@ -26,19 +26,23 @@ import decode_e2e  # noqa: E402  (same directory: reuses its model and state set
 from harness import durations_by_name, gpu_events, timeline  # noqa: E402
 
 
-def profile_row(bench, preset, mode, B, ctx, steps):
+def profile_row(bench, preset, mode, B, ctx, steps, wall_calls=3):
     import jax
     import jax.numpy as jnp
     cfg, model, params = bench.model_params(preset, mode)
     dec, state, stops, max_new = decode_e2e.decode_setup(model, cfg, mode, B, ctx,
-                                                         ctx + 4 * steps + 8, 4 * steps)
+                                                         ctx + (wall_calls + 3) * steps + 8,
+                                                         (wall_calls + 3) * steps)
     state = dec.decode_fn(params, state, stops, max_new, jnp.asarray(2, jnp.int32))
     jax.block_until_ready(state.tokens)
-    u = jnp.asarray(int(state.step) + steps, jnp.int32)
-    t = time.perf_counter()
-    state = dec.decode_fn(params, state, stops, max_new, u)
-    jax.block_until_ready(state.tokens)
-    wall_ms = (time.perf_counter() - t) / steps * 1e3
+    walls = []
+    for _ in range(wall_calls):  # best of a few calls: one call's wall moves by 1-2%
+        u = jnp.asarray(int(state.step) + steps, jnp.int32)
+        t = time.perf_counter()
+        state = dec.decode_fn(params, state, stops, max_new, u)
+        jax.block_until_ready(state.tokens)
+        walls.append((time.perf_counter() - t) / steps * 1e3)
+    wall_ms = min(walls)
     with tempfile.TemporaryDirectory() as d:
         u = jnp.asarray(int(state.step) + steps, jnp.int32)
         with jax.profiler.trace(d, create_perfetto_trace=True):

@@ -134,6 +134,8 @@ class GemvConfig:
                 raise ValueError(f"GemvConfig.{name}: expected >= 1, got {getattr(self, name)}")
 
 
+#: Largest N of the "n_tiny" class (weights with too few row blocks to fill the GPU unsplit).
+N_TINY = 3072
 # Tuning table: (M class, N class, K class) -> config; classes from `_shape_class`. From
 # benchmarks/results/gemm_decode.json (H100 80GB HBM3, jax 0.11.2, block layout; M = 8 / 32 reuse
 # the M = 16 / 64 winner) and, for M <= 16 on N <= 8192, the split-K side sweep
@@ -175,6 +177,17 @@ TUNING[("m1", "n_small", "k_long")] = dataclasses.replace(_M1, block_n=16, block
 # programs per SM (25% occupancy), 896 programs are 1.7 waves, SMs active 80% of the kernel,
 # DRAM 64% of peak.
 TUNING[("m1", "n_large", "k_short")] = dataclasses.replace(_M1, block_n=16, split_k=1)
+# N <= 3072 (Llama-3.2-1B's qkv, o and down; Qwen2.5-0.5B's): few row blocks, so at M = 16 the
+# n_small tile ran 128-192 programs on 132 SMs and read at 30-50% of the copy ceiling. In the 1B
+# B=16 32K decode step on the H100 (results/profile_decode_h100_s13_1b.log), split-K 8 with bk256
+# (512-768 programs of one or four K steps): GPU busy 4.165 -> 4.098 ms per step (qkv 90.0 -> 78.6,
+# o 85.1 -> 72.1, down 195.9 -> 144.9 µs per step; split-K 4: 4.116; bn16 split-K 4: 4.294). The
+# standalone sweep agrees (results/gemm_decode_h100_1b_m16.md). Other M take the n_small entries.
+for (_m, _n, _k), _cfg in list(TUNING.items()):
+    if _n == "n_small":
+        TUNING[(_m, "n_tiny", _k)] = _cfg
+del _m, _n, _k, _cfg
+TUNING[("m16", "n_tiny", "k_short")] = dataclasses.replace(_M16, split_k=8)
 
 
 # f16 MMA operands (staged bf16 rows, `stage_f16_rows`, or f16 activations) at M <= 16 take
@@ -192,11 +205,12 @@ TUNING_F16: dict[tuple[str, str, str], GemvConfig] = {
     ("m16", "n_large", "k_short"): dataclasses.replace(_M16, block_n=128, num_warps=8),
     ("m16", "n_small", "k_long"): dataclasses.replace(_M16, block_n=128, split_k=8, num_warps=8),
 }
+TUNING_F16[("m16", "n_tiny", "k_long")] = TUNING_F16[("m16", "n_small", "k_long")]
 
 
 def _shape_class(m: int, n: int, k: int) -> tuple[str, str, str]:
     m_class = "m1" if m == 1 else ("m16" if m <= 16 else "m64")
-    n_class = "n_small" if n <= 8192 else "n_large"
+    n_class = "n_tiny" if n <= N_TINY else ("n_small" if n <= 8192 else "n_large")
     k_class = "k_short" if k <= 8192 else "k_long"
     return m_class, n_class, k_class
 

@@ -247,6 +247,26 @@ def test_config_for_is_valid_for_every_layout():
                     assert 128 % cfg.block_n == 0 and cfg.block_k % 128 == 0
 
 
+def test_tiny_n_class_changes_only_m16_short_k():
+    # N <= N_TINY is its own class so that only the measured case (M = 16, K <= 8192: more
+    # split-K for few row blocks) departs from the n_small tiles.
+    assert G._shape_class(16, G.N_TINY, 2048)[1] == "n_tiny"
+    assert G._shape_class(16, G.N_TINY + 1, 2048)[1] == "n_small"
+    for key, cfg in G.TUNING.items():
+        if key[1] == "n_tiny" and key != ("m16", "n_tiny", "k_short"):
+            assert cfg == G.TUNING[(key[0], "n_small", key[2])]
+    assert G.TUNING[("m16", "n_tiny", "k_short")].split_k == 8
+    # more split-K than K steps: the kernel drops the programs that would own no K
+    cfg = G.TUNING[("m16", "n_tiny", "k_short")]
+    a, w, _, w_scale, bias = make(16, 200, 384, "block", None, seed=5)
+    rows, scales = G.stage_f16_rows(a)
+    out = G.fp8_gemv(rows, w, scales, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
+                     config=cfg, interpret=True)
+    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout="block", bias=bias,
+                               out_dtype=jnp.float32)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_f16_activations_take_the_f16_table_at_m16():
     # Staged (f16) rows at M <= 16 on large weights use TUNING_F16's tile; bf16 ones keep TUNING.
     for m in (2, 16):
