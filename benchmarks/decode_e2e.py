@@ -36,13 +36,20 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 COPY_GBPS = 2936.0          # device-to-device copy ceiling; main() measures it on a GPU
 MEM_BUDGET = 70e9           # "largest batch of 32K-token sequences in 70 GB"
 WORKSPACE = 2e9             # activations / XLA workspace reserved in that estimate
-CAP_MODES = ("bf16", "fp8w", "fp8wkv")  # the 32K-capacity table (weights-only variants read the same bytes)
+CAP_MODES = ("bf16", "fp8w", "fp8wkv", "fp8wkvt")  # the 32K-capacity table (weights-only variants read the same bytes)
 
 # mode -> (weight recipe key, KV dtype). Recipes: block128 = FP8 weights per 128x128 block and FP8
 # activations per 1x128 group (W8A8, the recipe); w8a16 = the same weights with BF16
 # activations (Recipe.weights_only(PerBlock((128, 128)))); w8a16_head = that plus an FP8 lm_head.
+# "fp8wkvt" = an FP8 cache with one scale per layer (kv_scaling="per_tensor", like vLLM's
+# k_scale / v_scale; set from the first write) instead of per (token, head): no scale bytes read.
 MODES = {"bf16": ("bf16", "bf16"), "fp8w": ("block128", "bf16"), "fp8wkv": ("block128", "fp8"),
-         "fp8wkv_w8a16": ("w8a16", "fp8"), "fp8wkv_w8a16_head": ("w8a16_head", "fp8")}
+         "fp8wkv_w8a16": ("w8a16", "fp8"), "fp8wkv_w8a16_head": ("w8a16_head", "fp8"),
+         "fp8wkvt": ("block128", "fp8"), "fp8wkvt_w8a16_head": ("w8a16_head", "fp8")}
+
+
+def kv_scaling(mode):
+    return "per_tensor" if mode.startswith("fp8wkvt") else "per_token_head"
 
 
 def recipe_for(key):
@@ -73,7 +80,8 @@ def kv_bytes_per_token(cfg, mode):
     import jax.numpy as jnp
     import jfp8
     dt = jfp8.E4M3 if MODES[mode][1] == "fp8" else jnp.bfloat16
-    return kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dt)
+    return kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dt,
+                                    kv_scaling(mode))
 
 
 def weight_bytes_read(cfg, params):
@@ -91,7 +99,7 @@ def decode_setup(model, cfg, mode, B, ctx, max_len, max_new_tokens):
     import numpy as np
     from models import generate as G
     dec = G.Decoder(model, batch=B, max_len=max_len, max_new_tokens=max_new_tokens,
-                    kv_dtype=MODES[mode][1])
+                    kv_dtype=MODES[mode][1], kv_scaling=kv_scaling(mode))
     cache = dataclasses.replace(dec.init_cache(), lengths=jnp.full((B,), ctx, jnp.int32))
     N = dec.max_new_tokens
     state = G.DecodeState(cache=cache, tokens=jnp.zeros((B, N), jnp.int32),
@@ -189,7 +197,8 @@ class Bench:
         import numpy as np
         from models import generate as G
         cfg, model, params = self.model_params(preset, mode)
-        dec = G.Decoder(model, batch=B, max_len=T + 16, max_new_tokens=2, kv_dtype=MODES[mode][1])
+        dec = G.Decoder(model, batch=B, max_len=T + 16, max_new_tokens=2, kv_dtype=MODES[mode][1],
+                        kv_scaling=kv_scaling(mode))
         tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
         lens = jnp.full((B,), T, jnp.int32)
         stops, max_new = dec._stop_array(()), jnp.full((B,), 2, jnp.int32)
@@ -242,7 +251,8 @@ class Bench:
                 per_seq = kv_bytes_per_token(cfg, mode) * 32768
                 out[mode] = dict(weights_gb=total_w / 1e9, kv_gb_per_32k_seq=per_seq / 1e9,
                                  max_batch_32k_in_70gb=int((MEM_BUDGET - total_w - WORKSPACE) // per_seq))
-            out["fp8wkv_over_bf16"] = out["fp8wkv"]["max_batch_32k_in_70gb"] / max(1, out["bf16"]["max_batch_32k_in_70gb"])
+            for m in ("fp8wkv", "fp8wkvt"):
+                out[f"{m}_over_bf16"] = out[m]["max_batch_32k_in_70gb"] / max(1, out["bf16"]["max_batch_32k_in_70gb"])
             cap[preset] = out
         dev = jax.devices()[0]
         meta = dict(device=getattr(dev, "device_kind", str(dev)), platform=dev.platform,
@@ -277,7 +287,8 @@ def write_report(path_json, out_dir, stem=None):
              "Modes: bf16 = BF16 weights + BF16 KV; fp8w = FP8 weights (block128: 128x128 weight blocks, "
              "1x128 FP8 activations) + BF16 KV; fp8wkv = that + FP8 E4M3 KV (per token-head scales); "
              "_w8a16 = same FP8 weights with BF16 activations (weights_only_block128); _head = lm_head in "
-             "FP8 too (otherwise BF16).", "",
+             "FP8 too (otherwise BF16); fp8wkvt = FP8 KV with one scale per layer (per_tensor, set by the "
+             "first write) instead of per (token, head).", "",
              f"`{meta['command']}`; random weights; decode loop in one jit; best of {meta['reps']} calls of "
              f"{meta['steps']} steps; limit = bytes read per step / {meta['copy_gbps']:.0f} GB/s; "
              f"XLA_FLAGS='{meta.get('xla_flags', '')}'.", "",
@@ -307,11 +318,13 @@ def write_report(path_json, out_dir, stem=None):
     lines += ["", "Concurrent 32K-token sequences in 70 GB (weights + cache bytes, 2 GB workspace):", "",
               "| model | mode | weights GB | KV GB / 32K seq | max batch |", "|---|---|---|---|---|"]
     for preset, cap in res["capacity_32k"].items():
-        for mode in CAP_MODES:
+        for mode in (m for m in CAP_MODES if m in cap):
             c = cap[mode]
             lines.append(f"| {preset} | {mode} | {c['weights_gb']:.1f} | {c['kv_gb_per_32k_seq']:.2f} | "
                          f"{c['max_batch_32k_in_70gb']} |")
-        lines.append(f"| {preset} | fp8wkv / bf16 | | | {cap['fp8wkv_over_bf16']:.2f}x |")
+        for m in ("fp8wkv", "fp8wkvt"):
+            if f"{m}_over_bf16" in cap:  # older JSONs have no fp8wkvt
+                lines.append(f"| {preset} | {m} / bf16 | | | {cap[f'{m}_over_bf16']:.2f}x |")
     md = "\n".join(lines) + "\n"
     stem = stem or os.path.splitext(os.path.basename(path_json))[0]
     with open(os.path.join(out_dir, stem + ".md"), "w") as f:
