@@ -259,7 +259,7 @@ class Bench:
                     jax_version=jax.__version__, backend=self.jfp8.get_backend(),
                     modes={m: dict(weights=k, kv=kv) for m, (k, kv) in MODES.items()},
                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    xla_flags=os.environ.get("XLA_FLAGS", ""), copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps, fused=self.args.fused,
+                    xla_flags=os.environ.get("XLA_FLAGS", ""), variant=getattr(self.args, "variant", ""), copy_gbps=COPY_GBPS, steps=self.args.steps, reps=self.args.reps, fused=self.args.fused,
                     command=" ".join(sys.argv))
         with open(os.path.join(self.args.out, out_name(self.args, "json")), "w") as f:
             json.dump(dict(meta=meta, capacity_32k=cap, rows=self.rows), f, indent=1)
@@ -291,7 +291,8 @@ def write_report(path_json, out_dir, stem=None):
              "first write) instead of per (token, head).", "",
              f"`{meta['command']}`; random weights; decode loop in one jit; best of {meta['reps']} calls of "
              f"{meta['steps']} steps; limit = bytes read per step / {meta['copy_gbps']:.0f} GB/s; "
-             f"XLA_FLAGS='{meta.get('xla_flags', '')}'.", "",
+             f"XLA_FLAGS='{meta.get('xla_flags', '')}'"
+             + (f"; tuning variant `{meta['variant']}`" if meta.get("variant") else "") + ".", "",
              "| model | mode | B | ctx | ms/step | tokens/s | limit ms | frac of limit | vs bf16 | host ovh/token | peak GB | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rat = ratios(rows)
@@ -375,8 +376,14 @@ def main(argv=None):
     ap.add_argument("--rows", default=None,
                     help="only these decode rows: preset:mode:batch:ctx,... (overrides --only)")
     ap.add_argument("--tag", default="", help="suffix of the output names (decode_e2e_TAG.json)")
+    ap.add_argument("--variant", default="", help="tuning overrides for the whole run, in "
+                    "profile_decode.py's --variants syntax (one variant); '' = committed tables")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.variant:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import profile_decode
+        profile_decode.apply_overrides(args.variant)
     if args.plot:
         print(write_report(args.plot, args.out))
         return 0
