@@ -168,7 +168,7 @@ def render_md(result: dict) -> str:
         f"{result['calibration_text']}, disjoint from the eval text.",
         "",
         "W MB/tok: weight bytes a decode step reads (linear weights + scales, tied embedding as "
-        "lm_head in BF16, norms). KV B/tok: K+V bytes per token over all layers (+ f32 per-(token, "
+        "lm_head in BF16, norms). KV B/tok: K+V bytes per token over all layers (+ bf16 per-(token, "
         "head) scales). FP8 lin: fraction of linear-weight elements stored in FP8.",
         "",
         "```",

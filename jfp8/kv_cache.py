@@ -24,10 +24,16 @@ already committed per sequence:
     2352 -> 2443 µs, 1B B=16 32K 4040 -> 4248 µs).
 Scales (x ~ data * scale, scale = amax / fmax):
 
-* scaling="per_token_head" (default): `k_scale`, `v_scale` f32, k's shape without D, one per
-    written (token, head), from that row's amax over D. Keys with outlier channels keep their
-    other channels' precision relative to the row, and no scale ever changes after a write.
-    Costs 4 bytes per (token, head) per K/V: 3% of an FP8 cache at D = 128.
+* scaling="per_token_head" (default): `k_scale`, `v_scale` bfloat16 (`TOKEN_SCALE_DTYPE`), k's
+    shape without D, one per written (token, head), from that row's amax over D, rounded to bf16
+    before the row is quantized with it (data * scale is the dequantized row, exactly). Keys with
+    outlier channels keep their other channels' precision relative to the row, and no scale ever
+    changes after a write. Costs 2 bytes per (token, head) per K/V: 1.5% of an FP8 cache at
+    D = 128, 3% at D = 64, which attention reads every step (f32 scales, 4 bytes, cost the 1B
+    B=16 32K decode step ~0.27 GB of reads). bf16 keeps f32's exponent range, and the <= 2^-9
+    relative rounding moves a row's amax at most to fmax * (1 + 2^-8), which saturates to fmax
+    exactly as rounding to FP8 would (`pallas_kernels.quantize.round_scale`). Caches built with
+    f32 scales (`dataclasses.replace`) work too: appends round to the array's dtype.
 * scaling="per_tensor": `k_scale`, `v_scale` (L,) f32, one per layer, like vLLM's k_scale/v_scale.
     Static when given to `init`. Otherwise the first write into each layer (normally the prefill)
     sets it from that write's amax with a 2x headroom (one binade: FP8's relative precision is the
@@ -57,6 +63,7 @@ except AttributeError:  # pragma: no cover
 
 from jfp8.formats import Format, as_format, cast, is_fp8_dtype
 from jfp8.scaling import reciprocal, scale_from_amax
+from pallas_kernels.quantize import round_scale
 from pallas_kernels.decode_attention import cache_dims, to_token_major, v_shape_for
 from pallas_kernels.kv_append import rows_at
 
@@ -64,6 +71,8 @@ __all__ = ["KVCache", "append", "check_append", "advance", "tokens_per_gb", "byt
            "v_block", "SCALINGS"]
 
 SCALINGS = ("per_token_head", "per_tensor")
+#: dtype of per-(token, head) scales (module docstring).
+TOKEN_SCALE_DTYPE = jnp.bfloat16
 # Bytes of one V token block of an FP8 cache (`v_block`): 16 KB, the K/V bytes per step of the
 # attention kernel's tuned 128-token block at D = 128 (and of its 256-token block at D = 64,
 # results/decode_attention_h200_d64_sweep.md). Blocks are whole 128-byte lines: V rows padded to
@@ -129,8 +138,8 @@ class KVCache:
             if k_scale is not None or v_scale is not None:
                 raise ValueError("k_scale, v_scale: static scales need scaling='per_tensor', "
                                  "got scaling='per_token_head'")
-            ks = jnp.ones(shape[:-1], jnp.float32)
-            vs = jnp.ones(shape[:-1], jnp.float32)
+            ks = jnp.ones(shape[:-1], TOKEN_SCALE_DTYPE)
+            vs = jnp.ones(shape[:-1], TOKEN_SCALE_DTYPE)
         else:
             ks = _per_layer("k_scale", k_scale, L, default=1.0 if scaling == "none" else 0.0)
             vs = _per_layer("v_scale", v_scale, L, default=1.0 if scaling == "none" else 0.0)
@@ -234,13 +243,13 @@ def v_block(head_dim: int, dtype=jnp.float8_e4m3fn) -> int:
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=None,
                     scaling: str = "per_token_head") -> int:
-    """Cache bytes one token takes over all layers (K and V, plus per-(token, head) scales); an
+    """Cache bytes one token takes over all layers (K and V, plus per-(token, head) bf16 scales); an
     FP8 cache also pads V to whole blocks of `v_block(D)` tokens (< one block per sequence and
     head)."""
     data_dtype, _ = _resolve_dtype(dtype)
     per_head = head_dim * data_dtype.itemsize
     if data_dtype != jnp.bfloat16 and scaling == "per_token_head":
-        per_head += 4
+        per_head += jnp.dtype(TOKEN_SCALE_DTYPE).itemsize
     elif data_dtype != jnp.bfloat16 and scaling not in SCALINGS:
         raise ValueError(f"scaling: expected one of {SCALINGS}, got {scaling!r}")
     return num_layers * 2 * num_kv_heads * per_head
@@ -251,7 +260,7 @@ def tokens_per_gb(num_layers: int, num_kv_heads: int, head_dim: int, dtype=None,
     """How many tokens (summed over the batch) fit in 1 GB (1e9 bytes) of cache.
 
     Llama-3-8B shape (32 layers, 8 KV heads, D 128): bf16 7629, FP8 per-tensor 15258 (2x),
-    FP8 per-token-head 14796 (1.94x).
+    FP8 per-token-head (bf16 scales) 15024 (1.97x).
     """
     return int(1e9 // bytes_per_token(num_layers, num_kv_heads, head_dim, dtype, scaling))
 
@@ -281,8 +290,8 @@ def _quantize_rows(x, cache: KVCache, layer, scale_now):
     xf = x.astype(jnp.float32)
     if cache.scaling == "per_token_head":
         amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0), axis=-1)     # (B, T, Hkv)
-        scale = scale_from_amax(amax, fmt)
-        return cast(xf * reciprocal(scale)[..., None], fmt), scale
+        scale = round_scale(scale_from_amax(amax, fmt), cache.k_scale.dtype)
+        return cast(xf * reciprocal(scale)[..., None], fmt), scale.astype(cache.k_scale.dtype)
     return cast(xf * reciprocal(scale_now), fmt), None
 
 

@@ -272,12 +272,12 @@ def fp8_linear_fraction(params) -> float:
 
 
 def kv_bytes_per_token(cfg, kv_format, kv_scaling) -> float:
-    """K and V bytes per token over all layers: FP8 or BF16 values, plus f32 per-(token, head)
-    scales (a per-tensor scale is per layer, not per token)."""
-    per_head = cfg.head_dim * (1 if kv_format is not None else 2)
-    if kv_scaling == "per_token_head":
-        per_head += 4
-    return 2 * cfg.num_layers * cfg.num_kv_heads * per_head
+    """K and V bytes per token over all layers (`jfp8.kv_cache.bytes_per_token`): FP8 or BF16
+    values, plus the per-(token, head) scales (a per-tensor scale is per layer, not per token)."""
+    from jfp8 import kv_cache
+    dtype = kv_format.dtype if kv_format is not None else jnp.bfloat16
+    return kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype,
+                                    kv_scaling)
 
 
 # ---------------------------------------------------------------------------------------------

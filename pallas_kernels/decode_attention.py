@@ -76,17 +76,24 @@ MAX_QUERY_TOKENS = 16
 
 #: Dtypes of a cache that takes appends: FP8 with per-(token, head) scales, or bf16 without.
 CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2), jnp.dtype(jnp.bfloat16))
+#: Dtypes of per-(token, head) scales: bfloat16 (jfp8.KVCache's, 2 bytes per token and head:
+#: 3% of an FP8 cache's bytes at D = 64 instead of 6%) or float32. Appends round a new scale to
+#: the array's dtype before quantizing with it (`quantize.round_scale`).
+SCALE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 def check_cache_scales(k, k_scale, v_scale, k_name: str) -> bool:
-    """An appendable cache's scales: per-(token, head) float32 of k's shape without D for an FP8
-    cache, None for a bf16 one (errors name the argument and `k_name`). Returns whether k is FP8."""
+    """An appendable cache's scales: per-(token, head) bfloat16 or float32 (`SCALE_DTYPES`, one
+    dtype for both) of k's shape without D for an FP8 cache, None for a bf16 one (errors name
+    the argument and `k_name`). Returns whether k is FP8."""
     fp8 = jnp.dtype(k.dtype) != jnp.bfloat16
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if fp8 and (sc is None or tuple(sc.shape) != tuple(k.shape[:-1])
-                    or sc.dtype != jnp.float32):
-            raise ValueError(f"{name}: expected {tuple(k.shape[:-1])} float32 per-(token, head) "
-                             f"scales ({k_name}'s shape without D) for an FP8 cache, got "
+                    or jnp.dtype(sc.dtype) not in SCALE_DTYPES
+                    or jnp.dtype(sc.dtype) != jnp.dtype(k_scale.dtype)):
+            raise ValueError(f"{name}: expected {tuple(k.shape[:-1])} bfloat16 or float32 "
+                             f"per-(token, head) scales ({k_name}'s shape without D, k_scale's "
+                             f"dtype) for an FP8 cache, got "
                              f"{None if sc is None else (tuple(sc.shape), sc.dtype)}")
         if not fp8 and sc is not None:
             raise ValueError(f"{name}: expected None for a bf16 cache, got an array")
@@ -233,12 +240,13 @@ class _RowRope:
         return r.astype(self.ref.dtype).astype(jnp.float32)
 
 
-def _quantize_row(x, axis, append: _Append):
+def _quantize_row(x, axis, append: _Append, scale_dtype):
     """(data f32, scale (1,) f32 or None) of one token's head x (1, D) / (D, 1): kv_append's
-    per-(token, head) quantization (`quantize._quantize_along`); a bf16 cache keeps x."""
+    per-(token, head) quantization (`quantize._quantize_along`, the scale rounded to
+    `scale_dtype`, the dtype it is stored in); a bf16 cache keeps x."""
     if not append.fp8:
         return x, None
-    (data,), scale = _quantize_along([x], axis, append.fmax, not append.interpret)
+    (data,), scale = _quantize_along([x], axis, append.fmax, not append.interpret, scale_dtype)
     return data, scale
 
 
@@ -257,12 +265,14 @@ def _append_row(append: _Append, rope: _RowRope, h, D, v_block, cache_out, layer
         v = rope.raw(jnp.full((1,), v_head))
         v_at = v_out.at[layer, pl.ds(pos, 1), :]
     # Both rows loaded before either amax: a reduction's barriers would hold V's load back.
-    k, ks = _quantize_row(k, 1, append)
-    v, vs = _quantize_row(v, 0 if v_block else 1, append)
+    scale_dtype = scales_out[0].dtype if scales_out else jnp.float32
+    k, ks = _quantize_row(k, 1, append, scale_dtype)
+    v, vs = _quantize_row(v, 0 if v_block else 1, append, scale_dtype)
     _store(k_out.at[layer, pl.ds(pos, 1), :], k, mask=jnp.broadcast_to(writes, k.shape))
     _store(v_at, v, mask=jnp.broadcast_to(writes, v.shape))
     for scale, out in zip((ks, vs), scales_out):
-        _store(out.at[layer, pl.ds(pos, 1)], scale, mask=jnp.broadcast_to(writes, (1,)))
+        _store(out.at[layer, pl.ds(pos, 1)], scale.astype(out.dtype),
+               mask=jnp.broadcast_to(writes, (1,)))
 
 
 def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref, v_ref, *rest,
@@ -347,8 +357,9 @@ def _decode_attention_kernel(layer_ref, lengths_ref, qk_scale_ref, q_ref, k_ref,
     def load_scales(ref, off, bounded):
         """(block_k,) f32 per-token scales of tokens [off, off + block_k) (0 past S_max)."""
         if not bounded:
-            return ref[layer, pl.ds(off, block_k)]
-        return _load(ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len, other=0.0)
+            return ref[layer, pl.ds(off, block_k)].astype(jnp.float32)
+        return _load(ref.at[layer, pl.ds(off, block_k)], mask=(off + cols) < max_len,
+                     other=0.0).astype(jnp.float32)
 
     def step(j, carry, masked):
         m, l, acc = carry
@@ -490,6 +501,9 @@ def _scale_mode(name, scale, k_shape, stacked):
     if shape in ((), (1,)) or (stacked and shape == (L,)):
         return "tensor"
     if shape == tuple(k_shape[:-1]):
+        if jnp.dtype(jnp.result_type(scale)) not in SCALE_DTYPES:
+            raise TypeError(f"{name}: expected bfloat16 or float32 per-(token, head) scales, got "
+                            f"{jnp.result_type(scale)}")
         return "token"
     per_tensor = "(), (1,)" + (f" or (L,)=({L},)" if stacked else "")
     raise ValueError(f"{name}: expected a per-tensor scale of shape {per_tensor}, or a per-(token, "
@@ -627,7 +641,7 @@ def _decode_attention_jit(q, k, v, lengths, k_scale, v_scale, layer, cos=None, s
                       if layout == "hsd" else
                       pl.BlockSpec((L, None, S, None), lambda h, s, b: (0, b, 0, h)))
         in_specs += [scale_spec, scale_spec]
-        args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+        args += [k_scale, v_scale]
         caches += args[-2:]
         cache_specs += [scale_spec, scale_spec]
     if append is not None:   # cos, sin of the new position
@@ -713,7 +727,7 @@ def decode_attention(q, k, v, lengths, k_scale=None, v_scale=None, *, layer=None
             written): query t sits at position lengths[b] - T + t and sees positions <= it.
             Needs T <= lengths[b] <= S (checked when concrete; clamped to S under jit).
         k_scale, v_scale: None (data is the value), per tensor: () / (1,) / (L,) float32 (one per
-            layer), or per (token, head): k's shape without D, float32.
+            layer), or per (token, head): k's shape without D, bfloat16 or float32.
         layer: int or int32 scalar, required with a stacked cache.
         sm_scale: softmax scale, default D ** -0.5.
         config: override the tuned `config_for(B, S, D)` ("hsd": block_k at most VB).

@@ -2,14 +2,15 @@
 
 For every sequence b and new token t (position p = lengths[b] + t; positions >= S_max dropped):
 
-        scale[l, b, p, h] = amax_d |x[b, t, h, d]| * (1 / fmax)   (amax 0 -> 1)   FP8 cache
+        scale[l, b, p, h] = R(amax_d |x[b, t, h, d]| * (1 / fmax))  (amax 0 -> 1)  FP8 cache
         cache[l, b, p, h, :] = RNE-cast(clip(x[b, t, h, :] * (1 / scale), -fmax, fmax))
         cache[l, b, p, h, :] = x[b, t, h, :].astype(bf16)                         bf16 cache
 
 for x = k_new into (k_cache, k_scale) and x = v_new into (v_cache, v_scale), in one launch. The
 numerics are those of `pallas_kernels.quantize` (and so of `jfp8.quantize` with one scale per
 row of D): x times the reciprocal of its scale rounded once, NaN kept, ±inf saturated,
-non-finite values left out of the amax.
+non-finite values left out of the amax. R rounds the f32 scale to the scale array's dtype
+(bfloat16, RNE, or float32: `quantize.round_scale`), and the data are quantized with that value.
 
 Why a kernel: XLA runs the same update as a quantize fusion plus one dynamic-update-slice and
 select per array written (K, V and, for FP8, their scales), about ten launches per layer and
@@ -17,7 +18,7 @@ decode step. Here the cache buffers are aliased to the outputs (`input_output_al
 the T new rows are written and the rest of the cache is never touched.
 
 Layouts (`decode_attention.LAYOUTS`, stacked over layers): "sd": k_cache, v_cache (L, B, S_max,
-Hkv, D), scales (L, B, S_max, Hkv) f32 (jfp8.KVCache's bf16 layout); "hsd": k_cache (L, B, Hkv,
+Hkv, D), scales (L, B, S_max, Hkv) (jfp8.KVCache's bf16 layout); "hsd": k_cache (L, B, Hkv,
 S_max, D), v_cache (L, B, Hkv, NB, D, VB) (tokens in blocks of VB, tokens last), scales (L, B,
 Hkv, S_max) (the FP8 cache's layout). New rows (B, T, Hkv, D). Grid (B, T, 2): one program
 writes one token's Hkv x D values of K (one contiguous run for "sd", Hkv runs of D for "hsd") or
@@ -59,8 +60,8 @@ def _write_rows(xs, dsts, scale_dst, write_ok, *, fp8, fmax, exact_div):
     """Store f32 column blocks xs[i] (Hp, w_i) of the same Hp rows into the ref views dsts[i];
     FP8: one scale per row over all blocks, stored into scale_dst (Hp,)."""
     if fp8:
-        xs, scale = _quantize_along(xs, 1, fmax, exact_div)                    # scale (Hp,)
-        triton_compat.store(scale_dst, scale, write_ok)
+        xs, scale = _quantize_along(xs, 1, fmax, exact_div, scale_dst.dtype)   # scale (Hp,)
+        triton_compat.store(scale_dst, scale.astype(scale_dst.dtype), write_ok)
     for x, dst in zip(xs, dsts):
         triton_compat.store(dst, x.astype(dst.dtype), write_ok[:, None])
 
@@ -217,7 +218,7 @@ def kv_append(k_cache, v_cache, k_scale, v_scale, k_new, v_new, lengths, layer, 
         float8_e4m3fn / float8_e5m2 / bfloat16 (both the same). Inside a jit
         that donates them or carries them through a loop the update is in place; called eagerly,
         XLA first copies them (the caller's arrays stay valid).
-      k_scale, v_scale: float32 per-(token, head) scales for an FP8 cache, k_cache's shape
+      k_scale, v_scale: bfloat16 or float32 per-(token, head) scales for an FP8 cache, k_cache's shape
         without D; None for a bf16 cache.
       k_new, v_new: (B, T, Hkv, D) bfloat16 / float16 / float32.
       lengths: (B,) int32, the first position written for each sequence; rows landing at
@@ -271,9 +272,11 @@ def kv_append_reference(k_cache, v_cache, k_scale, v_scale, k_new, v_new, length
             amax = jnp.max(jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0.0), axis=-1)
             s = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1 / np.float32(fmax)),
                                                 np.finfo(np.float32).tiny), 1.0)
+            s = s.astype(scale.dtype).astype(jnp.float32)     # the value stored (bf16: RNE)
             y = xf * (1.0 / s)[..., None]
             data = jnp.where(jnp.isnan(y), y, jnp.clip(y, -fmax, fmax)).astype(cache.dtype)
-            scale = rows_at(scale, layer, b_idx, pos, S, layout).set(s, mode="drop")
+            scale = rows_at(scale, layer, b_idx, pos, S, layout).set(s.astype(scale.dtype),
+                                                                    mode="drop")
         else:
             data = xf.astype(cache.dtype)
         out += [at.set(data, mode="drop"), scale]

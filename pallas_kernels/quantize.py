@@ -139,18 +139,31 @@ def _scale_of(amax, fmax: float):
     return jnp.where(amax > 0, jnp.maximum(scale, _MIN_SCALE), 1.0)
 
 
+def round_scale(scale, scale_dtype):
+    """An f32 scale as it is stored in `scale_dtype` (float32: unchanged; bfloat16: rounded to
+    nearest even), back in f32. Quantizing with the stored value keeps data * scale the
+    dequantization. A bf16 scale rounded down by <= 2^-9 lets the row's amax reach at most
+    fmax * (1 + 2^-8), which the saturation maps to fmax: for E4M3 that is what rounding does
+    anyway (449.75 < 464, the midpoint of 448 and the next code), for E5M2 (57344, next code
+    61440) likewise, so the data lose nothing to the shorter scale."""
+    if jnp.dtype(scale_dtype) == jnp.float32:
+        return scale
+    return scale.astype(scale_dtype).astype(jnp.float32)
+
+
 def _saturate(y, fmax: float):
     clipped = jnp.minimum(jnp.maximum(y, -fmax), fmax)
     return jnp.where(y != y, y, clipped)  # keep NaN: Triton's max/min are maxnumf/minnumf
 
 
-def _quantize_along(xs, axis: int, fmax: float, exact_div: bool):
+def _quantize_along(xs, axis: int, fmax: float, exact_div: bool, scale_dtype=jnp.float32):
     """Quantize f32 tiles xs that share all axes but `axis` with one scale per slice along it:
-    amax of the finite values over every tile (`_finite_abs`), scale = `_scale_of(amax)`, data =
-    `_saturate(x * rcp(scale))`. Returns ([data f32 per tile], scale) with `axis` reduced away:
-    the (1, 128) groups of `quantize_fp8`, and a token's (head) rows in the K/V append kernels."""
+    amax of the finite values over every tile (`_finite_abs`), scale = `_scale_of(amax)` rounded
+    to `scale_dtype` (`round_scale`), data = `_saturate(x * rcp(scale))`. Returns ([data f32 per
+    tile], scale f32) with `axis` reduced away: the (1, 128) groups of `quantize_fp8`, and a
+    token's (head) rows in the K/V append kernels."""
     amax = functools.reduce(jnp.maximum, [jnp.max(_finite_abs(x), axis=axis) for x in xs])
-    scale = _scale_of(amax, fmax)
+    scale = round_scale(_scale_of(amax, fmax), scale_dtype)
     rcp = jnp.expand_dims(_rcp(scale, exact_div), axis)
     return [_saturate(x * rcp, fmax) for x in xs], scale
 

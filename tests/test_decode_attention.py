@@ -59,13 +59,18 @@ def _inputs(key, B, T, Hq, Hkv, D, S, dtype, per_token, L=None):
     (jnp.float8_e4m3fn, True, 8, 2, 64),      # G = 4, per-(token, head)
     (jnp.float8_e5m2, False, 8, 1, 128),      # G = 8, per-tensor, E5M2
     (jnp.bfloat16, False, 2, 2, 128),         # G = 1, bf16 cache, no scales
+    ("e4m3_bf16_scales", True, 8, 2, 64),     # per-(token, head) scales stored in bf16
 ])
 def test_ragged_lengths_match_reference(dtype, per_token, Hq, Hkv, D):
     # Lengths 1, 17, 128, 1000 in one batch; S_max = 1000 is no multiple of block_k.
+    bf16_scales = dtype == "e4m3_bf16_scales"
+    dtype = jnp.float8_e4m3fn if bf16_scales else dtype
     tol = TOL_BF16_CACHE if dtype == jnp.bfloat16 else TOL
     B, T, S = 4, 1, 1000
     q, k, v, ks, vs = _inputs(jax.random.key(np.random.randint(1 << 30)), B, T, Hq, Hkv, D, S,
                               dtype, per_token)
+    if bf16_scales:   # the kernel reads them as stored; the reference dequantizes with the same
+        ks, vs = ks.astype(jnp.bfloat16), vs.astype(jnp.bfloat16)
     lengths = jnp.array([1, 17, 128, 1000], jnp.int32)
     out = da.decode_attention(q, k, v, lengths, ks, vs, config=SMALL, interpret=True)
     ref = da.decode_attention_reference(q, k, v, lengths, ks, vs)

@@ -48,16 +48,17 @@ def _rows_apart(a, b, per_row):
 
 
 def _step(seed, *, L=2, B=5, S=45, Hq=6, Hkv=2, D=64, dtype=jnp.float8_e4m3fn, layout="hsd",
-          vb=16, qkv_dtype=jnp.bfloat16):
-    """A random stacked cache (scales None for bf16), the step's qkv and RoPE tables."""
+          vb=16, qkv_dtype=jnp.bfloat16, scale_dtype=jnp.float32):
+    """A random stacked cache (scales of `scale_dtype`, None for bf16), the step's qkv and RoPE
+    tables."""
     rng = np.random.default_rng(seed)
     k_shape = (L, B, Hkv, S, D) if layout == "hsd" else (L, B, S, Hkv, D)
     k = jnp.asarray(rng.normal(size=k_shape) * 2, jnp.float32).astype(dtype)
     v = jnp.asarray(rng.normal(size=da.v_shape_for(k_shape, layout, vb)), jnp.float32).astype(dtype)
     ks = vs = None
     if jnp.dtype(dtype) != jnp.bfloat16:
-        ks = jnp.asarray(rng.uniform(0.05, 0.2, size=k_shape[:-1]), jnp.float32)
-        vs = jnp.asarray(rng.uniform(0.05, 0.2, size=k_shape[:-1]), jnp.float32)
+        ks = jnp.asarray(rng.uniform(0.05, 0.2, size=k_shape[:-1]), scale_dtype)
+        vs = jnp.asarray(rng.uniform(0.05, 0.2, size=k_shape[:-1]), scale_dtype)
     qkv = rng.normal(size=(B, 1, (Hq + 2 * Hkv) * D)) * np.exp(rng.normal(size=(B, 1, 1)))
     angles = rng.uniform(0, 100, size=(B, 1, D // 2))
     return ((k, v, ks, vs), jnp.asarray(qkv, qkv_dtype), jnp.asarray(np.cos(angles), jnp.float32),
@@ -78,14 +79,17 @@ SMALL = da.DecodeAttentionConfig(block_k=16, target_programs=24, min_blocks_per_
 
 
 @pytest.mark.parametrize("layout", da.LAYOUTS)
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16])
-def test_matches_append_then_attend_bitwise(layout, dtype):
+@pytest.mark.parametrize("dtype,scale_dtype", [
+    (jnp.float8_e4m3fn, jnp.float32), (jnp.float8_e4m3fn, jnp.bfloat16),
+    (jnp.float8_e5m2, jnp.bfloat16), (jnp.bfloat16, None)])
+def test_matches_append_then_attend_bitwise(layout, dtype, scale_dtype):
     """Ragged positions: the first slot, the last of a 16-token block, the first of the next,
     the last slot of the cache, and a full cache (the write dropped, S tokens attended); S = 45
-    is no multiple of the block, so the last block runs past S_max."""
+    is no multiple of the block, so the last block runs past S_max. bf16 scales (jfp8.KVCache's)
+    are rounded before the new row is quantized, in the kernel and in both references."""
     S, Hq = 45, 6
     caches, qkv, cos, sin = _step(np.random.randint(1 << 30), S=S, Hq=Hq, dtype=dtype,
-                                  layout=layout)
+                                  layout=layout, scale_dtype=scale_dtype)
     lengths = jnp.array([0, 15, 16, S - 1, S], jnp.int32)
     got = da.decode_attention_qkv(qkv, cos, sin, *caches, lengths, layer=1, num_q_heads=Hq,
                                   config=SMALL, interpret=True, layout=layout)

@@ -80,7 +80,7 @@ def test_bytes_per_token(ev):
     scales = L * 4 * (4 * D + 2 * Hkv * D + 2 * d + 2 * CFG.intermediate_size)  # one f32 per row
     assert wo.weight_bytes_per_token == hp.weight_bytes_per_token - n_lin + scales
     kv = ev.evaluate(E.EVAL_RECIPES["w8a8_block+kv_token_head"], ref)
-    assert kv.kv_bytes_per_token == 2 * L * Hkv * (D + 4)
+    assert kv.kv_bytes_per_token == 2 * L * Hkv * (D + 2)
     assert ev.evaluate(E.EVAL_RECIPES["w8a8_block+kv_tensor"], ref).kv_bytes_per_token == 2 * L * Hkv * D
 
 

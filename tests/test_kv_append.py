@@ -16,17 +16,18 @@ from pallas_kernels import kv_append as K
 from pallas_kernels.decode_attention import cache_dims, to_token_major, v_shape_for
 
 
-def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, layout="hsd", vb=16):
+def _caches(dtype, L=2, B=3, S=19, H=3, D=64, seed=0, layout="hsd", vb=16,
+            scale_dtype=jnp.float32):
     """Random caches in `layout`; "hsd" V in blocks of vb tokens, the last block's padding
-    random bytes that must stay."""
+    random bytes that must stay; FP8 ones with per-(token, head) scales of `scale_dtype`."""
     rng = np.random.default_rng(seed)
     k_shape = (L, B, H, S, D) if layout == "hsd" else (L, B, S, H, D)
     k = jnp.asarray(rng.normal(size=k_shape), jnp.float32).astype(dtype)
     v = jnp.asarray(rng.normal(size=v_shape_for(k_shape, layout, vb)), jnp.float32).astype(dtype)
     if jnp.dtype(dtype) == jnp.bfloat16:
         return k, v, None, None
-    ks = jnp.asarray(rng.uniform(0.5, 2, size=k_shape[:-1]), jnp.float32)
-    vs = jnp.asarray(rng.uniform(0.5, 2, size=k_shape[:-1]), jnp.float32)
+    ks = jnp.asarray(rng.uniform(0.5, 2, size=k_shape[:-1]), scale_dtype)
+    vs = jnp.asarray(rng.uniform(0.5, 2, size=k_shape[:-1]), scale_dtype)
     return k, v, ks, vs
 
 
@@ -56,13 +57,16 @@ def _bits_equal(a, b):
     np.testing.assert_array_equal(ua, ub)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16])
+@pytest.mark.parametrize("dtype,scale_dtype", [
+    (jnp.float8_e4m3fn, jnp.float32), (jnp.float8_e4m3fn, jnp.bfloat16),
+    (jnp.float8_e5m2, jnp.float32), (jnp.float8_e5m2, jnp.bfloat16), (jnp.bfloat16, None)])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("layout", K.LAYOUTS)
-def test_kernel_matches_reference_bitwise(dtype, T, layout):
+def test_kernel_matches_reference_bitwise(dtype, scale_dtype, T, layout):
     """Every byte of the cache (written rows, untouched rows, dropped overflow, V's block
-    padding) equals the reference: the same f32 math, so exact equality is the right bound."""
-    caches = _caches(dtype, layout=layout)
+    padding) equals the reference: the same f32 math, so exact equality is the right bound.
+    bf16 scales (jfp8.KVCache's) are rounded before the row is quantized with them, in both."""
+    caches = _caches(dtype, layout=layout, scale_dtype=scale_dtype)
     _, S, H, D = cache_dims(caches[0].shape, layout)
     k_new, v_new = _new(3, T, H, D, seed=T)
     lengths = jnp.array([0, 7, S - 2], jnp.int32)       # the last one overflows when T > 2
@@ -165,7 +169,7 @@ def test_bad_inputs():
     kb, vb, _, _ = _caches(jnp.bfloat16)
     with pytest.raises(ValueError, match="k_scale"):
         append(kb, vb, ks, vs, k_new, v_new, lengths, 0)
-    with pytest.raises(ValueError, match=r"k_scale: expected \(2, 3, 3, 19\) float32"):
+    with pytest.raises(ValueError, match=r"k_scale: expected \(2, 3, 3, 19\) bfloat16 or float32"):
         append(k, v, jnp.swapaxes(ks, 2, 3), vs, k_new, v_new, lengths, 0)   # token-major scales
 
 
@@ -300,3 +304,31 @@ def test_kernels_lower_for_cuda(dtype, fused):
         new = sds((B, T, H, D), jnp.bfloat16)
         fn = functools.partial(K.kv_append, layer=1, layout=layout)
         jax.jit(fn).trace(k, v, sc, sc, new, new, lens).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("fmt", [jfp8.E4M3, jfp8.E5M2])
+def test_bf16_scales_lose_nothing_to_rounding(fmt):
+    """A bf16-rounded scale (<= 2^-9 relative) can push a row's amax past fmax by at most a
+    factor 1 + 2^-8; the saturation maps it to fmax, which is what the FP8 rounding of such a
+    value gives anyway (fmax's upper rounding midpoint is a whole FP8 ulp above it). So every
+    element's error against the exact value x stays within half an FP8 ulp of x / scale, the
+    same bound as with an f32 scale; rows whose scale rounds down are checked on purpose."""
+    rng = np.random.default_rng(3)
+    fmax = float(fmt.max)
+    x = rng.normal(size=(4096, 64)) * np.exp(rng.normal(size=(4096, 1)) * 4)
+    x = jnp.asarray(x, jnp.float32)
+    k = jnp.zeros((1, 1, 1, 4096, 64), fmt.dtype)
+    v = jnp.zeros(v_shape_for(k.shape, "hsd", 16), fmt.dtype)
+    scales = jnp.ones(k.shape[:-1], jnp.bfloat16)
+    new = x.reshape(1, 4096, 1, 64)
+    k2, _, ks, _ = K.kv_append_reference(k, v, scales, scales, new, new, jnp.zeros((1,), jnp.int32),
+                                         0, layout="hsd")
+    data = np.asarray(k2[0, 0, 0].astype(jnp.float32))
+    s = np.asarray(ks[0, 0, 0].astype(jnp.float32))[:, None]
+    exact = np.asarray(x) / s
+    amax_f32 = np.max(np.abs(np.asarray(x)), axis=1) / np.float32(fmax)
+    assert (s[:, 0] < amax_f32).any()          # some scales were rounded down
+    assert np.abs(data).max() <= fmax
+    mant = 3 if fmt is jfp8.E4M3 else 2
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 2.0 ** -6))) - mant)
+    assert (np.abs(data - exact) <= ulp / 2 * (1 + 2 ** -7)).all()

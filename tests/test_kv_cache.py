@@ -50,7 +50,8 @@ def test_init_shapes_and_nbytes(dtype, scaling):
     assert c.lengths.shape == (B,) and c.lengths.dtype == jnp.int32
     assert c.max_len == S and c.num_layers == L and c.num_kv_heads == HKV and c.head_dim == D
     data = L * B * (S + (nb * vb if fp8 else S)) * HKV * D * jnp.dtype(c.dtype).itemsize
-    scales = 2 * 4 * (L * B * S * HKV if c.scaling == "per_token_head" else L)
+    # per-(token, head) scales in bf16 (2 bytes), per-tensor ones f32 per layer
+    scales = 2 * (2 * L * B * S * HKV if c.scaling == "per_token_head" else 4 * L)
     assert c.nbytes == data + scales + B * 4 + B
     leaves = jax.tree_util.tree_leaves(c)
     assert len(leaves) == 6   # a pytree of arrays; scaling is static
@@ -173,7 +174,7 @@ def test_tokens_per_gb_8b_shape():
     fp8_tok = kvc.tokens_per_gb(32, 8, 128, jfp8.E4M3, "per_token_head")
     assert bf16 == int(1e9 // (32 * 2 * 8 * 128 * 2)) == 7629
     assert fp8 == 2 * bf16 or fp8 == 2 * bf16 + 1           # exactly 2x the bytes
-    assert fp8_tok == int(1e9 // (32 * 2 * 8 * (128 + 4)))   # + f32 scale per (token, head)
+    assert fp8_tok == int(1e9 // (32 * 2 * 8 * (128 + 2)))   # + bf16 scale per (token, head)
     # The calculator agrees with a real cache's bytes (max_len a multiple of the V block: no V
     # padding, which is < one block per (sequence, head) otherwise).
     vb = kvc.v_block(16)

@@ -39,7 +39,8 @@ def _bits(x):
 
 
 def test_matmul_defers_a_split_k_sum_and_materializes_the_same_bits(deferred):
-    """M = 4 on a K = 1024 weight: the decode kernel splits K (m16 table: split-K 2), so
+    """M = 4 on a K = 1024 weight: the decode kernel splits K (m16 n_tiny table: split-K 8,
+    four K steps here, so 4 parts), so
     defer_sum returns a PendingSum whose value is the matmul's own output, bit for bit, with the
     leading dims kept; without split-K (K = 256) the array itself comes back."""
     wq = _weight(384, 1024, 1)
@@ -49,7 +50,7 @@ def test_matmul_defers_a_split_k_sum_and_materializes_the_same_bits(deferred):
         got = jfp8.matmul(x, wq, recipe=W8A16, residual=r, defer_sum=True)
         plain = jfp8.matmul(x[..., :256], _weight(384, 256, 4), recipe=W8A16, defer_sum=True)
     assert isinstance(got, jfp8.PendingSum) and got.shape == (2, 2, 384)
-    assert got.dtype == jnp.bfloat16 and got.parts.parts.shape[0] == 2
+    assert got.dtype == jnp.bfloat16 and got.parts.parts.shape[0] == 4
     np.testing.assert_array_equal(_bits(got.materialize()), _bits(want))
     assert got.summed
     assert not isinstance(plain, jfp8.PendingSum) and plain.shape == (2, 2, 384)
