@@ -64,6 +64,8 @@ def attention_inputs(cache):
     """The dequantized keys as attention sees them (L=0, first S tokens)."""
     k, _, ks, _ = cache.layer_kv(0)
     kd = k[:, :S].astype(jnp.float32)
+    if ks is None:                                  # bf16 cache: no scales
+        return kd
     if cache.scaling == "per_token_head":
         return kd * ks[:, :S, :, None]
     return kd * ks
