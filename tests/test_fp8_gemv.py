@@ -247,6 +247,19 @@ def test_config_for_is_valid_for_every_layout():
                     assert 128 % cfg.block_n == 0 and cfg.block_k % 128 == 0
 
 
+def check_staged_rows(cfg, m, seed, n=200, k=384):
+    """`cfg` on staged (f16) rows of M x K block-scaled activations against the f32 reference.
+    Staging is exact (bf16 values and power-of-two group scales fit f16 rows), so the only error
+    is the f32 order of summation over K: 1e-5 relative."""
+    a, w, _, w_scale, bias = make(m, n, k, "block", None, seed=seed)
+    rows, scales = G.stage_f16_rows(a)
+    out = G.fp8_gemv(rows, w, scales, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
+                     config=cfg, interpret=True)
+    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout="block", bias=bias,
+                               out_dtype=jnp.float32)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_tiny_n_class_changes_only_m16_short_k():
     # N <= N_TINY is its own class so that only the measured case (M = 16, K <= 8192: more
     # split-K for few row blocks) departs from the n_small tiles.
@@ -257,14 +270,7 @@ def test_tiny_n_class_changes_only_m16_short_k():
             assert cfg == G.TUNING[(key[0], "n_small", key[2])]
     assert G.TUNING[("m16", "n_tiny", "k_short")].split_k == 8
     # more split-K than K steps: the kernel drops the programs that would own no K
-    cfg = G.TUNING[("m16", "n_tiny", "k_short")]
-    a, w, _, w_scale, bias = make(16, 200, 384, "block", None, seed=5)
-    rows, scales = G.stage_f16_rows(a)
-    out = G.fp8_gemv(rows, w, scales, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
-                     config=cfg, interpret=True)
-    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout="block", bias=bias,
-                               out_dtype=jnp.float32)
-    assert rel_err(out, ref) < 1e-5
+    check_staged_rows(G.TUNING[("m16", "n_tiny", "k_short")], m=16, seed=5)
 
 
 def test_f16_activations_take_the_f16_table_at_m16():
@@ -284,13 +290,7 @@ def test_f16_activations_take_the_f16_table_at_m16():
 def test_f16_table_tiles_match_reference_on_staged_rows(cfg):
     """Each TUNING_F16 tile (bn128, 8 warps; split-K 1 and 8) on staged bf16 rows, N=200, K=384
     (masked N, K shorter than the split), M=9: f32 sums of exact products."""
-    a, w, _, w_scale, bias = make(9, 200, 384, "block", None, seed=3)
-    rows, scales = G.stage_f16_rows(a)
-    out = G.fp8_gemv(rows, w, scales, w_scale, layout="block", bias=bias, out_dtype=jnp.float32,
-                     config=cfg, interpret=True)
-    ref = G.fp8_gemv_reference(a, w, None, w_scale, layout="block", bias=bias,
-                               out_dtype=jnp.float32)
-    assert rel_err(out, ref) < 1e-5
+    check_staged_rows(cfg, m=9, seed=3)
 
 
 @pytest.mark.parametrize("m,cfg,out_dtype,res_dtype", [

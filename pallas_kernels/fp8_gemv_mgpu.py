@@ -1,0 +1,321 @@
+"""Decode-shaped FP8 matmul (M <= 16) through Pallas Mosaic GPU (Hopper): TMA-streamed weights.
+
+Same contract as the staged W8A16 mode of `pallas_kernels.fp8_gemv.fp8_gemv` (Triton):
+
+    C[m, n] = sum_k (rows[m, k] * row_scale[m]) * (W[n, k] * sw) + bias[n]   (+ residual)
+
+`rows: (M, K) float16` and `row_scale: (M, 1) float32` come from `fp8_gemv.stage_f16_rows(x)` of
+bf16 activations (exact down to amax * 2^-31); `w: (N, K) float8_e4m3fn` (out, in), K-major,
+with `w_scale` float32 in the layouts of `fp8_gemm`: "tensor" (1, 1), "row" (N, 1), "block"
+(ceil(N/128), ceil(K/128)). Reference: `fp8_gemv.fp8_gemv_reference` (the Triton module's).
+
+Why a second backend. At M <= 16 the matmul reads its FP8 weight once and does almost no math,
+so its speed is the rate at which a kernel keeps HBM reads in flight. The Triton kernels hold
+their in-flight weight tiles in registers, which caps the bytes in flight per SM (the persistent
+chain of session 11, results/decode_e2e_notes.md: 0.7-1.7 TB/s); here the weight tiles travel
+by TMA into a `max_concurrent_steps`-deep ring of shared-memory stages (12 KB a stage at 64 rows,
+up to four CTAs per SM), so registers hold only the tile being multiplied.
+
+Technique. Grid (N / tile_n, split_k), one warpgroup per CTA; a CTA walks its K range in 128-wide
+steps through `plgpu.emit_pipeline` (TMA loads of the (tile_n, 128) weight tile and the
+(m_pad, 128) row tile, `max_concurrent_steps` in flight). Each step computes the transposed
+product on the tensor cores, swap-AB: the weight tile is loaded from shared memory into
+registers, upcast e4m3 -> f16 (exact; one instruction per pair, the only FP8 conversion Hopper
+has), and fed to wgmma as the register A operand (M = tile_n rows of W) against the f16 row tile
+as a transposed shared-memory B operand (N = m_pad, 8 or 16), f32 accumulation into a fresh
+accumulator per step, which is scaled by the step's weight-block scale and added to the running
+f32 sum (the DeepGEMM promotion; "block" layout only, "row" / "tensor" scales are applied once
+after the sum). The CTA stores its f32 (tile_n, m_pad) partial; XLA sums the split_k partials
+in split order, transposes, applies the rows' staging scales, per-row / per-tensor weight scales
+and bias, casts, and adds the residual (`fp8_gemv.add_residual`): one small fusion, as the Triton
+kernel's split-K epilogue.
+
+`prefetch` (optional): a second FP8 weight (N2, K2), the next matmul's; each CTA, once its own
+K range is issued, asks TMA to bring `prefetch_rows` rows of it into L2
+(`plgpu.async_prefetch`, cp.async.bulk.prefetch), so that the next launch's first reads hit L2
+while HBM keeps streaming during this launch's tail. It changes no value; whether it pays is for
+the benchmark (benchmarks/gemm_decode.py --mgpu) to say.
+
+Shapes: N a multiple of tile_n and K of 128 (every Llama / Qwen / Mistral projection), so no
+weight is ever copied to pad it; `supports` says whether a shape qualifies, and dispatch keeps
+the Triton kernel otherwise. K <= 32768 (one TMA box holds a weight-block row's scales).
+
+Runs only on Hopper with jax >= 0.10 (developed against jax 0.10.2 / 0.11.2); importing this
+module never fails (guarded imports). `interpret=True` runs the kernel in Pallas' Mosaic GPU
+interpreter on the CPU (TMA pipeline, barriers, shared memory, indexing and scales simulated),
+with the one wgmma replaced by an f32 `jnp.dot` of the same operands: the interpreter's wgmma
+takes its A operand from shared memory only. The GPU tests check the real wgmma.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.fp8_gemv import (
+    SCALE_BLOCK, _check_inputs, _shape_class, _sum_in_order, add_residual,
+    fp8_gemv_reference)
+
+try:
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  _IMPORT_ERROR = None
+  for _name in ("emit_pipeline", "kernel", "wgmma", "ACC", "async_prefetch", "transpose_ref",
+                "find_swizzle", "TilingTransform", "SwizzleTransform", "LoweringSemantics"):
+    if not hasattr(plgpu, _name):
+      _IMPORT_ERROR = f"jax.experimental.pallas.mosaic_gpu has no {_name}"
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+except Exception as e:  # jax without Mosaic GPU Pallas or its interpreter
+  pl = plgpu = InterpretGPUParams = None
+  _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+__all__ = ["fp8_gemv_mgpu", "fp8_gemv_reference", "MgpuGemvConfig", "config_for", "supports",
+           "available", "unavailable_reason", "TUNING", "MAX_M"]
+
+TILE_K = 128  # K per pipeline step: one 128-byte swizzled FP8 row, one weight-scale block
+#: Largest M this kernel takes (rows padded to 8 or 16, the wgmma N of the transposed product).
+MAX_M = 16
+#: Largest K: a weight-block row's scales (K / 128 of them) must fit one TMA box (256 elements).
+MAX_K = 256 * TILE_K
+_SMS = 132  # H100 SXM; the split-K rule below sizes the grid to whole waves of it
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuGemvConfig:
+  """Tile and pipeline parameters of the Mosaic GPU decode kernel.
+
+  Attributes:
+    tile_n: weight rows per CTA (64 or 128: one or two 64-row wgmma A tiles).
+    max_concurrent_steps: TMA pipeline depth (shared-memory stages in flight per CTA).
+    ctas_per_sm: CTAs the grid is sized for per SM (split-K is the largest divisor of K / 128
+      that keeps (N / tile_n) * split_k <= ctas_per_sm * 132).
+    split_k: fixed split-K (a divisor of K / 128), or 0 for the rule above.
+  """
+  tile_n: int = 64
+  max_concurrent_steps: int = 4
+  ctas_per_sm: int = 4
+  split_k: int = 0
+
+  def __post_init__(self):
+    if self.tile_n not in (64, 128):
+      raise ValueError(f"MgpuGemvConfig.tile_n: expected 64 or 128, got {self.tile_n}")
+    if self.max_concurrent_steps < 1 or self.ctas_per_sm < 1 or self.split_k < 0:
+      raise ValueError(f"MgpuGemvConfig: expected max_concurrent_steps, ctas_per_sm >= 1 and "
+                       f"split_k >= 0, got {self}")
+
+
+# Tuning table keyed by `fp8_gemv._shape_class` (only the M <= 16 classes apply). Not yet timed
+# on a GPU: every class starts from the default; benchmarks/gemm_decode.py --mgpu sweeps it.
+TUNING: dict[tuple[str, str, str], MgpuGemvConfig] = {
+    (m_class, n_class, k_class): MgpuGemvConfig()
+    for m_class in ("m1", "m16") for n_class in ("n_tiny", "n_small", "n_large")
+    for k_class in ("k_short", "k_long")
+}
+
+
+def config_for(m: int, n: int, k: int) -> MgpuGemvConfig:
+  """The tuned config for an (M, N, K) decode matmul (M > 16 takes the M <= 16 entry; the
+  kernel refuses such M anyway)."""
+  _, n_class, k_class = _shape_class(m, n, k)
+  return TUNING[("m1" if m == 1 else "m16", n_class, k_class)]
+
+
+def _split_k(cfg: MgpuGemvConfig, n: int, k: int) -> int:
+  num_k = k // TILE_K
+  if cfg.split_k:
+    return cfg.split_k
+  budget = max(1, cfg.ctas_per_sm * _SMS // (n // cfg.tile_n))
+  return max(s for s in range(1, num_k + 1) if num_k % s == 0 and s <= budget)
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernel can run here on a GPU, else why not."""
+  if _IMPORT_ERROR is not None:
+    return _IMPORT_ERROR
+  try:
+    device = jax.devices()[0]
+  except RuntimeError as e:
+    return str(e)
+  if device.platform != "gpu":
+    return f"needs a Hopper GPU, default device is {device.platform}"
+  cc = getattr(device, "compute_capability", "")
+  if not str(cc).startswith("9"):
+    return f"needs compute capability 9.x (wgmma), got {cc}"
+  return None
+
+
+def available() -> bool:
+  return unavailable_reason() is None
+
+
+def supports(m: int, n: int, k: int, *, config: MgpuGemvConfig | None = None) -> bool:
+  """Whether this kernel takes the shape as it is (no weight padding): 1 <= M <= 16, N a
+  multiple of the tile, K a multiple of 128 up to MAX_K."""
+  cfg = config or config_for(max(m, 1), max(n, 1), max(k, 1))
+  return 1 <= m <= MAX_M and n > 0 and n % cfg.tile_n == 0 and 0 < k <= MAX_K and k % TILE_K == 0
+
+
+def _transforms(row_bytes: int, itemsize: int):
+  swizzle = plgpu.find_swizzle(row_bytes * 8)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(rows_g, w_g, *rest, tile_n, m_pad, steps, block_scaled, prefetch_rows,
+            max_concurrent_steps, interpret):
+  """One CTA: weight rows [i_n * tile_n, +tile_n) over K steps [i_s * steps, +steps)."""
+  rest = list(rest)
+  scale_g = rest.pop(0) if block_scaled else None
+  next_g = rest.pop(0) if prefetch_rows else None
+  out_g = rest.pop(0)
+  scale_smem, scale_barrier = rest if block_scaled else (None, None)
+  i_n = lax.axis_index("n")
+  i_s = lax.axis_index("s")
+  k0 = i_s * (steps * TILE_K)
+  if block_scaled:
+    # The weight-block row of this CTA's tile: its K / 128 scales (padded to 4), one TMA.
+    plgpu.copy_gmem_to_smem(scale_g.at[pl.ds(i_n * tile_n // SCALE_BLOCK, 1)], scale_smem,
+                            scale_barrier)
+    plgpu.barrier_wait(scale_barrier)
+
+  def body(idx, rows_s, w_s, acc):
+    (j,) = idx
+    w_f16 = w_s[...].astype(jnp.float16)          # e4m3 -> f16: exact
+    if interpret:  # the interpreter's wgmma reads A from shared memory only
+      part = jnp.dot(w_f16.astype(jnp.float32), rows_s[...].astype(jnp.float32).T,
+                     precision=lax.Precision.HIGHEST)
+    else:
+      def mma(acc_ref):
+        plgpu.wgmma(acc_ref, w_f16, plgpu.transpose_ref(rows_s, (1, 0)))
+        return acc_ref[...]
+      part = pl.run_scoped(mma, plgpu.ACC((tile_n, m_pad), jnp.float32))
+    if block_scaled:
+      part = part * scale_smem[0, i_s * steps + j]
+    return acc + part
+
+  acc = plgpu.emit_pipeline(
+      body,
+      grid=(steps,),
+      in_specs=[
+          plgpu.BlockSpec((m_pad, TILE_K), lambda j: (0, j),
+                          transforms=_transforms(TILE_K * 2, 2)),
+          plgpu.BlockSpec((tile_n, TILE_K), lambda j: (0, j),
+                          transforms=_transforms(TILE_K, 1)),
+      ],
+      max_concurrent_steps=max_concurrent_steps,
+      init_carry=jnp.zeros((tile_n, m_pad), jnp.float32),
+  )(rows_g.at[:, pl.ds(k0, steps * TILE_K)],
+    w_g.at[pl.ds(i_n * tile_n, tile_n), pl.ds(k0, steps * TILE_K)])
+  if prefetch_rows and not interpret:  # no effect on values; the interpreter has no L2
+    cta = i_n * lax.axis_size("s") + i_s
+    k2 = next_g.shape[1]
+    for c0 in range(0, k2, 256):  # one TMA box is at most 256 elements wide
+      plgpu.async_prefetch(next_g.at[pl.ds(cta * prefetch_rows, prefetch_rows),
+                                     pl.ds(c0, min(256, k2 - c0))])
+  out_g[i_s, pl.ds(i_n * tile_n, tile_n), :] = acc
+
+
+def fp8_gemv_mgpu(rows, w, row_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
+                  residual=None, prefetch=None, prefetch_bytes: int = 8 << 20,
+                  config: MgpuGemvConfig | None = None, interpret: bool = False):
+  """C = (rows · row_scale) · (w · sw)ᵀ + bias (+ residual) for M <= 16, Mosaic GPU kernel.
+
+  Args:
+    rows: (M, K) float16 staged activations (`fp8_gemv.stage_f16_rows`).
+    w: (N, K) float8_e4m3fn weights (out, in).
+    row_scale: (M, 1) float32, the rows' staging scales.
+    w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
+      "tensor" | "row" | "block".
+    layout: the weight scale layout.
+    bias: optional (N,) array, added in f32 before the output cast.
+    out_dtype: bfloat16 (default), float16 or float32.
+    residual: optional (M, N) float array: C rounded to out_dtype, plus residual in f32, rounded
+      again (`fp8_gemv.add_residual`).
+    prefetch: optional (N2, K2) float8 array (the next matmul's weight) to warm in L2 at the
+      end of each CTA; no effect on the result.
+    prefetch_bytes: about how many bytes of `prefetch` the whole grid brings into L2.
+    config: MgpuGemvConfig override; default `config_for(M, N, K)`.
+    interpret: run in the Mosaic GPU interpreter on the CPU (wgmma replaced, see the module).
+  Returns: (M, N) out_dtype.
+  """
+  _check_inputs(rows, w, row_scale, w_scale, layout, bias, out_dtype, residual=residual)
+  m, k = rows.shape
+  n = w.shape[0]
+  if jnp.dtype(rows.dtype) != jnp.float16 or row_scale is None or row_scale.shape != (m, 1):
+    raise TypeError(f"rows: expected float16 staged rows (M, K) with row_scale (M, 1) float32 "
+                    f"(fp8_gemv.stage_f16_rows), got {rows.dtype} with row_scale "
+                    f"{getattr(row_scale, 'shape', None)}")
+  if jnp.dtype(w.dtype) != jnp.float8_e4m3fn:
+    raise TypeError(f"w: expected float8_e4m3fn (Hopper converts only e4m3 to f16 in one "
+                    f"instruction), got {w.dtype}")
+  cfg = config or config_for(m, n, k)
+  if not supports(m, n, k, config=cfg):
+    raise ValueError(f"w: expected (N, K) with N a multiple of {cfg.tile_n}, K a multiple of "
+                     f"{TILE_K} up to {MAX_K}, and 1 <= M <= {MAX_M}; got w {w.shape}, rows "
+                     f"{rows.shape} (fp8_gemv takes any shape)")
+  if cfg.split_k and (k // TILE_K) % cfg.split_k:
+    raise ValueError(f"config: split_k must divide K / {TILE_K} = {k // TILE_K}, got "
+                     f"{cfg.split_k}")
+  prefetch_rows = 0
+  if prefetch is not None:
+    if not hasattr(prefetch, "shape") or len(prefetch.shape) != 2 or \
+        jnp.dtype(prefetch.dtype).itemsize != 1:
+      raise ValueError(f"prefetch: expected a 2-D one-byte (FP8) weight, got "
+                       f"{getattr(prefetch, 'dtype', None)} {getattr(prefetch, 'shape', None)}")
+    num_cta = (n // cfg.tile_n) * _split_k(cfg, n, k)
+    prefetch_rows = min(256, prefetch.shape[0] // num_cta,
+                        max(1, prefetch_bytes // (num_cta * prefetch.shape[1])))
+    if prefetch_rows < 1 or prefetch.shape[1] % 16:
+      prefetch, prefetch_rows = None, 0   # too small to share out (or not TMA-aligned): skip
+  if interpret and _IMPORT_ERROR is not None:
+    raise RuntimeError(f"fp8_gemv_mgpu: no Mosaic GPU interpreter in this jax: {_IMPORT_ERROR}")
+  if not interpret:
+    reason = unavailable_reason()
+    if reason is not None:
+      raise RuntimeError(f"fp8_gemv_mgpu: cannot run here: {reason}")
+  return _fp8_gemv_mgpu_jit(rows, w, row_scale, w_scale, bias, residual, prefetch,
+                            layout=layout, out_dtype=jnp.dtype(out_dtype), cfg=cfg,
+                            prefetch_rows=prefetch_rows, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "out_dtype", "cfg", "prefetch_rows",
+                                             "interpret"))
+def _fp8_gemv_mgpu_jit(rows, w, row_scale, w_scale, bias, residual, prefetch, *, layout,
+                       out_dtype, cfg, prefetch_rows, interpret):
+  m, k = rows.shape
+  n = w.shape[0]
+  m_pad = 8 if m <= 8 else 16
+  split_k = _split_k(cfg, n, k)
+  steps = k // TILE_K // split_k
+  block_scaled = layout == "block"
+  operands = [jnp.pad(rows, ((0, m_pad - m), (0, 0))), w]
+  scratch = []
+  if block_scaled:
+    num_k4 = -(-(k // TILE_K) // 4) * 4   # a TMA row is a multiple of 16 bytes
+    operands.append(jnp.pad(w_scale, ((0, 0), (0, num_k4 - w_scale.shape[1]))))
+    scratch = [plgpu.SMEM((1, num_k4), jnp.float32), plgpu.Barrier()]
+  if prefetch_rows:
+    operands.append(prefetch)
+  body = functools.partial(
+      _kernel, tile_n=cfg.tile_n, m_pad=m_pad, steps=steps, block_scaled=block_scaled,
+      prefetch_rows=prefetch_rows, max_concurrent_steps=min(cfg.max_concurrent_steps, steps),
+      interpret=interpret)
+  call = plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((split_k, n, m_pad), jnp.float32),
+      grid=(n // cfg.tile_n, split_k),
+      grid_names=("n", "s"),
+      scratch_types=scratch,
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=InterpretGPUParams() if interpret else None,
+  )
+  parts = call(*operands)
+  acc = _sum_in_order(parts)[:, :m].T * row_scale           # (M, N) f32
+  if layout in ("tensor", "row"):
+    acc = acc * w_scale.reshape(1, -1)
+  if bias is not None:
+    acc = acc + bias.astype(jnp.float32)
+  return add_residual(acc.astype(out_dtype), residual)
