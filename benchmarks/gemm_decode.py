@@ -99,9 +99,15 @@ def main():
                    help="activations the W8A16 sweep runs on at M > 1: bf16 rows, or bf16 rows "
                    "staged into f16 by stage_f16_rows (staging timed), as jfp8.matmul runs them")
     p.add_argument("--tag", default="", help="suffix for the output files (a side sweep)")
+    p.add_argument("--mgpu", default="", help="also time pallas_kernels.fp8_gemv_mgpu (Mosaic GPU, "
+                   "staged rows, staging timed) at M <= 16 in these configs: "
+                   "'tile_n,stages,ctas_per_sm[,split_k[,p]];...' (p: L2-prefetch the next "
+                   "weight), or 'default' for MGPU_SWEEP")
     args = p.parse_args()
     interpret = args.smoke
     shapes = [(200, 384, "odd")] if args.smoke else SHAPES
+    if args.smoke and args.mgpu:   # the Mosaic kernel takes N a multiple of 64 only
+        shapes.append((256, 384, "odd64"))
     if args.shapes:
         shapes = [s for s in shapes + SHAPES_1B if s[2] in args.shapes.split(",")]
     ms = [int(x) for x in args.ms.split(",")] if args.ms else ([1, 7] if args.smoke else MS)
@@ -193,6 +199,8 @@ def main():
                 t = timed(lambda a, w, s: gemv(a, w, s, cfg, staged=True), a, w8, ws_block,
                           interpret=interpret)
                 rec("w8a16_block_staged", t, fp8_bytes)
+            if args.mgpu and m <= 16:
+                time_mgpu(row, args.mgpu, a, w8, ws_block, fp8_bytes, rec, interpret)
             if args.quick and args.xla:
                 # The best config on a per-tensor weight scale (the XLA FP8-upcast row's scaling):
                 # what the per-128-K block scales cost.
@@ -244,6 +252,52 @@ def main():
     dump(args, dev, ceiling, interpret, rows, final=True)
 
 
+# The Mosaic GPU decode kernel's first sweep (not yet timed anywhere): pipeline depth, CTAs per
+# SM (grid size through the split-K rule), two wgmma tiles per CTA, and the L2 prefetch.
+MGPU_SWEEP = "64,4,4;64,2,4;64,6,4;64,4,2;64,4,8;128,4,4;64,4,4,0,p"
+
+
+def time_mgpu(row, spec, a, w8, ws_block, fp8_bytes, rec, interpret):
+    """Rows `mgpu_<tile_n>_<stages>_<ctas>[_s<split>][_p]` of `row`: fp8_gemv_mgpu on `a` staged
+    by stage_f16_rows (timed with it), every weight in `w8` back to back in one jit; with p, each
+    call prefetches the next weight of the list into L2. Errors are recorded, not raised."""
+    from pallas_kernels import fp8_gemv_mgpu as MG
+    n, k = w8[0].shape
+    ref = G.fp8_gemv_reference(a, w8[0], None, ws_block, layout="block", out_dtype=jnp.float32)
+    for item in (MGPU_SWEEP if spec == "default" else spec).split(";"):
+        vals = item.split(",")
+        tile_n, stages, ctas = (int(v) for v in vals[:3])
+        split = int(vals[3]) if len(vals) > 3 else 0
+        pref = len(vals) > 4 and vals[4] == "p"
+        key = f"mgpu_{tile_n}_{stages}_{ctas}" + (f"_s{split}" if split else "") + ("_p" if pref else "")
+        try:
+            cfg = MG.MgpuGemvConfig(tile_n=tile_n, max_concurrent_steps=stages, ctas_per_sm=ctas,
+                                    split_k=split)
+
+            def op(a, w, s, nxt=None, cfg=cfg):
+                rows, scale = G.stage_f16_rows(a)
+                return MG.fp8_gemv_mgpu(rows, w, scale, s, layout="block", config=cfg,
+                                        prefetch=nxt, interpret=interpret)
+            if not MG.supports(a.shape[0], n, k, config=cfg):
+                row[key] = dict(error=f"shape {n}x{k} at M={a.shape[0]} not taken")
+                continue
+            rows, scale = G.stage_f16_rows(a)
+            err = rel_err(MG.fp8_gemv_mgpu(rows, w8[0], scale, ws_block, layout="block",
+                                           out_dtype=jnp.float32, config=cfg, interpret=interpret),
+                          ref)
+            if pref:
+                f = jax.jit(lambda a, ws, s: tuple(op(a, w, s, ws[(i + 1) % len(ws)])
+                                                   for i, w in enumerate(ws)))
+                t = bench(f, a, w8, ws_block, reps=2 if interpret else 5) / len(w8)
+            else:
+                t = timed(op, a, w8, ws_block, interpret=interpret)
+        except Exception as e:  # record the failure, keep going
+            row[key] = dict(error=repr(e)[:300])
+            continue
+        rec(key, t, fp8_bytes)
+        row[key].update(rel_err=err, split_k=MG._split_k(cfg, n, k))
+
+
 def parse_config(text: str, m: int) -> G.GemvConfig:
     """'bn,bk,sk[,warps[,stages[,fma[,field=int...]]]]' (the defaults 4 warps, 3 stages, dot; the
     extra fields as in gemv_layout.parse_config); fma only at M = 1."""
@@ -255,7 +309,7 @@ def parse_config(text: str, m: int) -> G.GemvConfig:
 
 
 def dump(args, dev, ceiling, interpret, rows, final=False):
-    rows = sorted(rows, key=lambda r: ([s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd")]].index(r["name"]), r["M"]))
+    rows = sorted(rows, key=lambda r: ([s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd"), (0, 0, "odd64")]].index(r["name"]), r["M"]))
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   host=platform.node(), copy_ceiling_GBs=round(ceiling, 1), interpret=interpret,
@@ -300,6 +354,24 @@ def write_markdown(result, path):
             f"{g('w8a8_block_incl_quant', '{us}')} | "
             f"{g('fp8_gemm_block_incl_quant', '{us}')} | "
             f"{r.get('ratio_w8a16_vs_xla_bf16', '-')} | {r.get('ratio_w8a16_vs_xla_fp8_upcast', '-')} | {cfg_s} |")
+    mgpu = sorted({key for r in result["rows"] for key in r if key.startswith("mgpu_")})
+    if mgpu:
+        lines += ["", "## Mosaic GPU decode kernel (fp8_gemv_mgpu, staged rows, staging timed)", "",
+                  "Key: mgpu_<tile_n>_<pipeline stages>_<CTAs per SM>[_s<split-K>][_p = L2 prefetch "
+                  "of the next weight]. µs (GB/s, % copy) [split-K]; Triton staged = the best "
+                  "fp8_gemv config on the same staged rows.", "",
+                  "| weight | M | Triton staged µs | " + " | ".join(mgpu) + " |",
+                  "|---|---|---|" + "---|" * len(mgpu)]
+        for r in result["rows"]:
+            if not any(key in r for key in mgpu):
+                continue
+            cells = []
+            for key in mgpu:
+                v = r.get(key, {})
+                cells.append(f"{v['us']} ({v['GBs']}, {v['pct_copy']}%) [s{v['split_k']}]"
+                             if "us" in v else ("error" if "error" in v else "-"))
+            staged = r.get("w8a16_block_staged", r.get("w8a16_block", {})).get("us", "-")
+            lines.append(f"| {r['name']} | {r['M']} | {staged} | " + " | ".join(cells) + " |")
     lines += ["", "## Every W8A16 variant tried (µs)", "",
               "| weight | M | config | µs | GB/s | rel err |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -318,7 +390,7 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = sorted({r["name"] for r in result["rows"]}, key=[s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd")]].index)
+    names = sorted({r["name"] for r in result["rows"]}, key=[s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd"), (0, 0, "odd64")]].index)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         rs = [r for r in result["rows"] if r["name"] == name]

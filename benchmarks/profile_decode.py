@@ -73,7 +73,8 @@ def apply_overrides(spec: str) -> None:
     `normstage:0|1` / `swiglustage:0|1` (jfp8._matmul_pallas.NORM_STAGE_FUSED /
     SWIGLU_STAGE_FUSED), `appendattn:0|1` (jfp8.attention.APPEND_IN_ATTENTION), `combine:N`
     (pallas_kernels.decode_attention.COMBINE_MIN_PROGRAMS; 1 = one program per KV head) or
-    `defer:0|1` (jfp8._matmul_pallas.DEFER_SPLIT_K_SUMS: split-K sums left to the next norm)."""
+    `defer:0|1` (jfp8._matmul_pallas.DEFER_SPLIT_K_SUMS: split-K sums left to the next norm)
+    or `mgpu:0|1` (jfp8._matmul_pallas.MGPU_GEMV: staged rows to the Mosaic GPU decode kernel)."""
     import decode_attention as bench_attn
     import gemv_layout
     import jfp8
@@ -94,6 +95,9 @@ def apply_overrides(spec: str) -> None:
             continue
         if kind == "swiglustage":
             _matmul_pallas.SWIGLU_STAGE_FUSED = bool(int(rest))
+            continue
+        if kind == "mgpu":
+            _matmul_pallas.MGPU_GEMV = bool(int(rest))
             continue
         if kind == "vblock":
             kv_cache.V_BLOCK_BYTES = int(rest)
@@ -140,7 +144,8 @@ def main(argv=None):
     switches = [(_matmul_pallas, "FUSED_PROLOGUES"), (_matmul_pallas, "F16_STAGING_MIN_WEIGHT"),
                 (_matmul_pallas, "NORM_STAGE_FUSED"), (_matmul_pallas, "SWIGLU_STAGE_FUSED"),
                 (kv_cache, "V_BLOCK_BYTES"), (da, "COMBINE_MIN_PROGRAMS"),
-                (attention, "APPEND_IN_ATTENTION"), (_matmul_pallas, "DEFER_SPLIT_K_SUMS")]
+                (attention, "APPEND_IN_ATTENTION"), (_matmul_pallas, "DEFER_SPLIT_K_SUMS"),
+                (_matmul_pallas, "MGPU_GEMV")]
     committed_tables = [dict(t) for t in tables]
     committed_switches = [getattr(module, name) for module, name in switches]
     for variant in args.variants.split("|"):

@@ -250,3 +250,52 @@ def test_prologue_bad_inputs():
     xq = jfp8.quantize(x.astype(jnp.float32), jfp8.E4M3, jfp8.PerTensor())
     with pytest.raises(TypeError, match="x: a prologue"):
         jfp8.matmul(xq, wq, prologue=jfp8.SwiGLU())
+
+
+# MGPU_GEMV: staged f16 rows go to the Mosaic GPU decode kernel (pallas_kernels.fp8_gemv_mgpu;
+# interpreted on the CPU, wgmma replaced by an f32 dot there), M = 1 included. N = 256 here
+# because the kernel takes N multiples of 64 only (N = 200 stays on fp8_gemv).
+@pytest.mark.parametrize("lead,kind", [((5,), None), ((1,), "rmsnorm"), ((3,), "swiglu"),
+                                       ((1,), None)])
+def test_mgpu_gemv_dispatch(monkeypatch, lead, kind):
+    from pallas_kernels import fp8_gemv_mgpu
+    if fp8_gemv_mgpu._IMPORT_ERROR is not None:
+        pytest.skip(fp8_gemv_mgpu._IMPORT_ERROR)
+    calls = []
+    kernel = fp8_gemv_mgpu.fp8_gemv_mgpu
+    monkeypatch.setattr(fp8_gemv_mgpu, "fp8_gemv_mgpu",
+                        lambda a, *args, **kw: calls.append(a.shape) or kernel(a, *args, **kw))
+    monkeypatch.setattr(_matmul_pallas, "MGPU_GEMV", True)
+    monkeypatch.setattr(_matmul_pallas, "F16_STAGING_MIN_WEIGHT", 0)
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    width = 2 * K if kind == "swiglu" else K
+    x = (jax.random.normal(jax.random.key(12), (*lead, width)) * 2).astype(jnp.bfloat16)
+    norm_w = jax.random.uniform(jax.random.key(13), (K,), jnp.float32, 0.5, 2).astype(jnp.bfloat16)
+    prologue = {None: None, "rmsnorm": jfp8.RMSNorm(norm_w, 1e-5), "swiglu": jfp8.SwiGLU()}[kind]
+    r = jax.random.normal(jax.random.key(14), (*lead, 256), jnp.bfloat16)
+    y, y_xla = both(x, weights(recipe, seed=9, n=256), out_dtype=jnp.float32, recipe=recipe,
+                    prologue=prologue, residual=r)
+    assert calls == [(lead[0], K)]
+    # a prologue's bf16 output may flip one ulp (bound as for the prologue tests above)
+    assert rel_err(y, y_xla) < (1e-5 if kind is None else 1e-3)
+    calls.clear()   # N = 200 is not the kernel's: fp8_gemv takes it, same function
+    y, y_xla = both(x, weights(recipe, seed=9), out_dtype=jnp.float32, recipe=recipe,
+                    prologue=prologue)
+    assert calls == [] and rel_err(y, y_xla) < (1e-5 if kind is None else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_mgpu_gemv_matches_float64(monkeypatch, m):
+    # MGPU_GEMV on the GPU at an 8B shape (M = 1 staged too): same bound as the other gemvs.
+    from pallas_kernels import fp8_gemv_mgpu
+    if not fp8_gemv_mgpu.available():
+        pytest.skip(fp8_gemv_mgpu.unavailable_reason())
+    monkeypatch.setattr(_matmul_pallas, "MGPU_GEMV", True)
+    monkeypatch.setattr(_matmul_pallas, "F16_STAGING_MIN_WEIGHT", 0)
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    x = jax.random.normal(jax.random.key(m), (m, 4096), jnp.bfloat16)
+    wq = weights(recipe, n=6144, k=4096)
+    with jfp8.use_backend("pallas"):
+        y = jax.jit(lambda x: jfp8.matmul(x, wq, out_dtype=jnp.float32, recipe=recipe))(x)
+    assert rel_err(y, _float64_reference(x, wq, recipe)) < 1e-4
