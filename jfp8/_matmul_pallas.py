@@ -158,7 +158,8 @@ def _mgpu_takes(a, a_scale, wq: QArray, w_layout: str, interpret: bool) -> bool:
             and tuple(a_scale.shape) == (m, 1) and wq.data.ndim == 2
             and jnp.dtype(wq.dtype) == _E4M3 and w_layout is not None
             and fp8_gemv_mgpu.supports(m, wq.shape[0], k)
-            and (interpret or fp8_gemv_mgpu.available()))
+            and (fp8_gemv_mgpu._INTERPRET_ERROR is None if interpret
+                 else fp8_gemv_mgpu.available()))
 
 
 def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,

@@ -63,14 +63,19 @@ try:
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
   _IMPORT_ERROR = None
-  for _name in ("emit_pipeline", "kernel", "wgmma", "ACC", "async_prefetch", "transpose_ref",
-                "find_swizzle", "TilingTransform", "SwizzleTransform", "LoweringSemantics"):
+  for _name in ("emit_pipeline", "kernel", "wgmma", "ACC", "async_prefetch", "find_swizzle",
+                "TilingTransform", "SwizzleTransform", "LoweringSemantics"):
     if not hasattr(plgpu, _name):
       _IMPORT_ERROR = f"jax.experimental.pallas.mosaic_gpu has no {_name}"
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-except Exception as e:  # jax without Mosaic GPU Pallas or its interpreter
-  pl = plgpu = InterpretGPUParams = None
+except Exception as e:  # jax without Mosaic GPU Pallas
+  pl = plgpu = None
   _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+try:  # the CPU interpreter (private module; tests only), separately: the kernel runs without it
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  _INTERPRET_ERROR = _IMPORT_ERROR
+except Exception as e:
+  InterpretGPUParams = None
+  _INTERPRET_ERROR = f"no Mosaic GPU interpreter in this jax: {type(e).__name__}: {e}"
 
 __all__ = ["fp8_gemv_mgpu", "fp8_gemv_reference", "MgpuGemvConfig", "config_for", "supports",
            "available", "unavailable_reason", "TUNING", "MAX_M"]
@@ -188,7 +193,7 @@ def _kernel(rows_g, w_g, *rest, tile_n, m_pad, steps, block_scaled, prefetch_row
                      precision=lax.Precision.HIGHEST)
     else:
       def mma(acc_ref):
-        plgpu.wgmma(acc_ref, w_f16, plgpu.transpose_ref(rows_s, (1, 0)))
+        plgpu.wgmma(acc_ref, w_f16, rows_s.T)
         return acc_ref[...]
       part = pl.run_scoped(mma, plgpu.ACC((tile_n, m_pad), jnp.float32))
     if block_scaled:
@@ -269,8 +274,8 @@ def fp8_gemv_mgpu(rows, w, row_scale, w_scale, *, layout, bias=None, out_dtype=j
                         max(1, prefetch_bytes // (num_cta * prefetch.shape[1])))
     if prefetch_rows < 1 or prefetch.shape[1] % 16:
       prefetch, prefetch_rows = None, 0   # too small to share out (or not TMA-aligned): skip
-  if interpret and _IMPORT_ERROR is not None:
-    raise RuntimeError(f"fp8_gemv_mgpu: no Mosaic GPU interpreter in this jax: {_IMPORT_ERROR}")
+  if interpret and _INTERPRET_ERROR is not None:
+    raise RuntimeError(f"fp8_gemv_mgpu: cannot interpret here: {_INTERPRET_ERROR}")
   if not interpret:
     reason = unavailable_reason()
     if reason is not None:

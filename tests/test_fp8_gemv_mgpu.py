@@ -27,6 +27,8 @@ TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2.0**-7}
 GPU_TOL = {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 2.0**-7}
 needs_mosaic = pytest.mark.skipif(MG._IMPORT_ERROR is not None,
                                   reason=f"no Mosaic GPU Pallas here: {MG._IMPORT_ERROR}")
+needs_interpreter = pytest.mark.skipif(MG._INTERPRET_ERROR is not None,
+                                       reason=str(MG._INTERPRET_ERROR))
 
 
 def rel_err(out, ref):
@@ -62,7 +64,7 @@ CASES = [
 ]
 
 
-@needs_mosaic
+@needs_interpreter
 @pytest.mark.parametrize("m,n,k,layout,cfg,use_bias,use_res,out_dtype", CASES)
 def test_matches_reference_interpret(m, n, k, layout, cfg, use_bias, use_res, out_dtype):
   x, w, w_scale, bias, residual = make(m, n, k, layout, seed=m + n + k)
@@ -77,7 +79,7 @@ def test_matches_reference_interpret(m, n, k, layout, cfg, use_bias, use_res, ou
   assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
 
 
-@needs_mosaic
+@needs_interpreter
 def test_block_scales_reach_their_blocks():
   # One weight block of scale 1 among zeros: a mis-indexed scale (wrong row block, wrong K step,
   # wrong split) moves the only non-zero block's contribution.

@@ -259,8 +259,8 @@ def test_prologue_bad_inputs():
                                        ((1,), None)])
 def test_mgpu_gemv_dispatch(monkeypatch, lead, kind):
     from pallas_kernels import fp8_gemv_mgpu
-    if fp8_gemv_mgpu._IMPORT_ERROR is not None:
-        pytest.skip(fp8_gemv_mgpu._IMPORT_ERROR)
+    if fp8_gemv_mgpu._INTERPRET_ERROR is not None:
+        pytest.skip(fp8_gemv_mgpu._INTERPRET_ERROR)
     calls = []
     kernel = fp8_gemv_mgpu.fp8_gemv_mgpu
     monkeypatch.setattr(fp8_gemv_mgpu, "fp8_gemv_mgpu",
