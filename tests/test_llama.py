@@ -315,6 +315,46 @@ def test_fp8_decode_step_kernels_match_xla(backend, batch):
             assert out[backend][b, -1].argmax() == out["xla"][b, -1].argmax()
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
+def test_fp8_decode_step_mgpu_matches_xla(monkeypatch, backend, batch):
+    """The same decode step with `_matmul_pallas.MGPU_GEMV` on (every projection of the tiny
+    model on staged f16 rows, B = 1 included, through `pallas_kernels.fp8_gemv_mgpu`; the Mosaic
+    GPU interpreter on "interpret"): same bound and argument as the test above."""
+    import jfp8
+    from jfp8 import _matmul_pallas, kv_cache
+    from pallas_kernels import fp8_gemv_mgpu
+    if (fp8_gemv_mgpu._INTERPRET_ERROR if backend == "interpret"
+            else fp8_gemv_mgpu.unavailable_reason()) is not None:
+        pytest.skip("no Mosaic GPU kernel or interpreter here")
+    calls = []
+    kernel = fp8_gemv_mgpu.fp8_gemv_mgpu
+    monkeypatch.setattr(fp8_gemv_mgpu, "fp8_gemv_mgpu",
+                        lambda a, w, *args, **kw: calls.append(w.shape) or kernel(a, w, *args, **kw))
+    monkeypatch.setattr(_matmul_pallas, "MGPU_GEMV", True)
+    monkeypatch.setattr(_matmul_pallas, "F16_STAGING_MIN_WEIGHT", 0)
+    cfg = CONFIGS["tiny"]
+    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
+    model = llama.Llama(cfg)
+    params = llama.init_params(model, jax.random.PRNGKey(12))
+    model, params = llama.fuse(llama.Llama(cfg, recipe=recipe),
+                               llama.quantize_params(params, recipe))
+    cache = kv_cache.advance(kv_cache.KVCache.init(cfg.num_layers, batch, 16, cfg.num_kv_heads,
+                                                   cfg.head_dim), jnp.array([5, 9, 2, 12][:batch]))
+    tokens = jnp.asarray(np.random.default_rng().integers(3, cfg.vocab_size, (batch, 1)))
+
+    def step(p, c):
+        return model.apply({"params": p}, tokens, c.lengths[:, None], c, None, "decode")
+    out = {}
+    for name in ("xla", backend):
+        with jfp8.use_backend(name):
+            logits = jax.jit(lambda p, c: step(p, c))(params, cache)[0]
+            out[name] = np.asarray(logits, np.float32)
+    # qkv, o, gate_up, down per layer (the head stays BF16 in this recipe)
+    assert len(calls) == 4 * cfg.num_layers, calls
+    assert rel_err(out[backend], out["xla"]) < 2 ** -4
+
+
 def _head_only_recipe():
     """Weights-only block128 that quantizes the lm_head and nothing else (so logits differ from the
     BF16 model's by the head's rounding alone)."""
