@@ -23,7 +23,7 @@ else
   timeout 260 python3 benchmarks/decode_e2e.py --out $OUT --budget-s 220 --device-mem $mem \
     --reps 3 --variant "mgpu:1" --tag h100_s14_mgpu --rows $rows,llama3.1-8b:bf16:1:4096 \
     > $OUT/e2e.log 2>&1
-  echo "== profile (GPU busy per step)"; grep -iE "variant|busy" $OUT/profile_mgpu.log | head -12
+  echo "== profile (wall, GPU busy per step)"; grep -E "^## " $OUT/profile_mgpu.log | cut -c1-230
   echo "== e2e mgpu:1"; grep -E "^\| llama" $OUT/decode_e2e_h100_s14_mgpu.md | head -6 || tail -5 $OUT/e2e.log
 fi
 true
