@@ -3,6 +3,7 @@ spills, ptxas warnings (a serialised wgmma pipeline is reported there) and SASS 
 
     PYTHONPATH=$PWD python3 benchmarks/mgpu_sass.py --out $OUT \
         --configs "64,128,m,4,m,8;64,128,m,4,m,8,parts=2,lag=1;64,256,m,3,m,8,parts=4,lag=0"
+    PYTHONPATH=$PWD python3 benchmarks/mgpu_sass.py --kernel gemv --out $OUT --configs "64,4,4;128,4,4"
 
 Needs the GPU machine (Mosaic GPU compiles through the CUDA plugin). Each config is compiled and
 run once on a 1024 x 1024 x 1024 block-scaled problem (checked against the reference) with
@@ -55,7 +56,7 @@ def summarize(dump_dir: str) -> dict:
                        if "warning" in line.lower() or "(C75" in line})
     ops = collections.Counter(m.group(1) for m in re.finditer(r"\b(HGMMA|QGMMA|WARPGROUP\.DEPBAR|"
                                                                r"WARPGROUP\.ARRIVE|FFMA|FMUL|"
-                                                               r"STL|LDL)\b", sass))
+                                                               r"STL|LDL|F2FP|LDS|SHFL)\b", sass))
     return dict(files=sorted(os.path.relpath(p, dump_dir) for p in text), registers=regs,
                 spills=spills, warnings=warnings[:20], sass_ops=dict(ops))
 
@@ -66,7 +67,12 @@ def main():
     ap.add_argument("--configs", required=True, help="';'-separated config specs")
     ap.add_argument("--module", default="", help="path of another copy of fp8_gemm_mgpu.py")
     ap.add_argument("--layout", default="block")
+    ap.add_argument("--kernel", default="gemm", choices=("gemm", "gemv"),
+                    help="gemv: pallas_kernels.fp8_gemv_mgpu at M = 16 on a 4096 x 4096 weight, "
+                    "configs 'tile_n,stages,ctas_per_sm[,split_k]'")
     args = ap.parse_args()
+    if args.kernel == "gemv":
+        return main_gemv(args)
     import jax
     import jax.numpy as jnp
     if args.module:
@@ -104,16 +110,59 @@ def main():
         row.update(summarize(dump))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    json.dump(rows, open(os.path.join(args.out, "mgpu_sass.json"), "w"), indent=1)
+    report(args, rows)
+
+
+def main_gemv(args):
+    """The same dumps for the Mosaic GPU decode kernel (staged rows, M = 16, 4096 x 4096)."""
+    import jax
+    import jax.numpy as jnp
+    from pallas_kernels import fp8_gemv as G
+    from pallas_kernels import fp8_gemv_mgpu as MG
+    m, n, k = 16, 4096, 4096
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(ka, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kb, (n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+    ws = jax.random.uniform(kb, (n // 128, k // 128), jnp.float32, 0.5, 2.0)
+    rows_f16, row_scale = G.stage_f16_rows(x)
+    ref = G.fp8_gemv_reference(x, w, None, ws, layout="block", out_dtype=jnp.float32)
+    rows = []
+    for spec in filter(None, args.configs.split(";")):
+        vals = [int(v) for v in spec.split(",")]
+        cfg = MG.MgpuGemvConfig(tile_n=vals[0], max_concurrent_steps=vals[1], ctas_per_sm=vals[2],
+                                split_k=vals[3] if len(vals) > 3 else 0)
+        dump = os.path.join(args.out, "gemv_" + re.sub(r"[^A-Za-z0-9]+", "_", spec))
+        os.makedirs(dump, exist_ok=True)
+        os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1",
+                          MOSAIC_GPU_DUMP_TO=dump)
+        row = dict(config="gemv " + spec)
+        try:
+            out = MG.fp8_gemv_mgpu(rows_f16, w, row_scale, ws, layout="block",
+                                   out_dtype=jnp.float32, config=cfg)
+            row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        except Exception as e:  # report and go on with the next config
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        for path in glob.glob(f"{dump}/*"):
+            if not path.endswith((".ptx", ".ptxas", ".resources.txt", ".sass")):
+                os.remove(path)
+        row.update(summarize(dump))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report(args, rows)
+
+
+def report(args, rows):
+    json.dump(rows, open(os.path.join(args.out, f"mgpu_sass_{args.kernel}.json"), "w"), indent=1)
     print("\n| config | rel err | registers | spills (st, ld) | HGMMA/QGMMA | DEPBAR | FFMA | "
-          "STL/LDL | ptxas warnings and remarks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "STL/LDL | F2FP / LDS / SHFL | ptxas warnings and remarks |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o = r["sass_ops"]
         print(f"| {r['config']} | {r.get('rel_err', r.get('error', ''))!s:.8} | "
               f"{','.join(r['registers'])} | {r['spills']} | "
               f"{o.get('HGMMA', 0) + o.get('QGMMA', 0)} | {o.get('WARPGROUP.DEPBAR', 0)} | "
               f"{o.get('FFMA', 0)} | {o.get('STL', 0)}/{o.get('LDL', 0)} | "
+              f"{o.get('F2FP', 0)} / {o.get('LDS', 0)} / {o.get('SHFL', 0)} | "
               f"{'; '.join(r['warnings'])[:300]} |")
 
 

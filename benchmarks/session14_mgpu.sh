@@ -1,7 +1,7 @@
 # The Mosaic GPU decode kernel (pallas_kernels.fp8_gemv_mgpu, session 14, built without a GPU):
 # its GPU tests, then standalone against the Triton kernel and XLA, then inside the decode step.
 # Two device calls (each < 10 min), repository root:
-#   bash benchmarks/session14_mgpu.sh gemv     # GPU tests + gemm_decode --mgpu (8B shapes, M 1/16)
+#   bash benchmarks/session14_mgpu.sh gemv     # GPU tests, ptxas/SASS, gemm_decode --mgpu (8B, M 1/16)
 #   bash benchmarks/session14_mgpu.sh step     # profile_decode "|mgpu:1" + decode_e2e --variant mgpu:1
 # Writes under $OUT; prints a short summary last. On a gain: switch MGPU_GEMV on (or per class),
 # fill fp8_gemv_mgpu.TUNING from the sweep, rerun decode_e2e, and write the figures in the notes.
@@ -10,9 +10,12 @@ part=${1:-gemv}
 if [ "$part" = gemv ]; then
   timeout 150 python3 -m pytest -q -m gpu tests/test_fp8_gemv_mgpu.py tests/test_ops_dispatch.py \
     tests/test_llama.py -k "mgpu" > $OUT/gpu_tests_mgpu.log 2>&1
-  timeout 420 python3 benchmarks/gemm_decode.py --out $OUT --quick --xla --sweep-act staged \
+  timeout 90 python3 benchmarks/mgpu_sass.py --kernel gemv --out /tmp/sass --configs \
+    "64,4,4;128,4,4;64,2,4" > $OUT/sass_gemv.log 2>&1   # registers, spills, HGMMA / F2FP / LDS
+  timeout 380 python3 benchmarks/gemm_decode.py --out $OUT --quick --xla --sweep-act staged \
     --ms 1,16 --mgpu default --tag h100_s14_mgpu > $OUT/gemm_decode.log 2>&1
   echo "== gpu tests"; tail -3 $OUT/gpu_tests_mgpu.log
+  echo "== ptxas / SASS"; grep "^|" $OUT/sass_gemv.log | cut -c1-300 || tail -5 $OUT/sass_gemv.log
   echo "== mgpu vs triton (µs)"; sed -n '/Mosaic GPU decode kernel/,/^## Every/p' \
     $OUT/gemm_decode_h100_s14_mgpu.md | grep "^|" | cut -c1-400 || tail -5 $OUT/gemm_decode.log
 else
