@@ -252,9 +252,9 @@ def main():
     dump(args, dev, ceiling, interpret, rows, final=True)
 
 
-# The Mosaic GPU decode kernel's first sweep (not yet timed anywhere): pipeline depth, CTAs per
-# SM (grid size through the split-K rule), two wgmma tiles per CTA, and the L2 prefetch.
-MGPU_SWEEP = "64,4,4;64,2,4;64,6,4;64,4,2;64,4,8;128,4,4;64,4,4,0,p"
+# The Mosaic GPU decode kernel's first sweep (not yet timed anywhere): pipeline depth, two
+# wgmma tiles per CTA, and the L2 prefetch (CTAs per SM: add e.g. "64,4,8" by hand).
+MGPU_SWEEP = "64,4,4;64,2,4;64,6,4;128,4,4;64,4,4,0,p"
 
 
 def time_mgpu(row, spec, a, w8, ws_block, fp8_bytes, rec, interpret):

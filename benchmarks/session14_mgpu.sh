@@ -8,12 +8,12 @@
 export PYTHONPATH=$PWD
 part=${1:-gemv}
 if [ "$part" = gemv ]; then
-  timeout 150 python3 -m pytest -q -m gpu tests/test_fp8_gemv_mgpu.py tests/test_ops_dispatch.py \
+  timeout 120 python3 -m pytest -q -m gpu tests/test_fp8_gemv_mgpu.py tests/test_ops_dispatch.py \
     tests/test_llama.py -k "mgpu" > $OUT/gpu_tests_mgpu.log 2>&1
-  timeout 90 python3 benchmarks/mgpu_sass.py --kernel gemv --out /tmp/sass --configs \
+  timeout 60 python3 benchmarks/mgpu_sass.py --kernel gemv --out /tmp/sass --configs \
     "64,4,4;128,4,4;64,2,4" > $OUT/sass_gemv.log 2>&1   # registers, spills, HGMMA / F2FP / LDS
-  timeout 380 python3 benchmarks/gemm_decode.py --out $OUT --quick --xla --sweep-act staged \
-    --ms 1,16 --mgpu default --tag h100_s14_mgpu > $OUT/gemm_decode.log 2>&1
+  timeout 390 python3 benchmarks/gemm_decode.py --out $OUT --quick --xla --sweep-act staged \
+    --ms 1,16 --shapes qkv,o,gate_up,down --mgpu default --tag h100_s14_mgpu > $OUT/gemm_decode.log 2>&1
   echo "== gpu tests"; tail -3 $OUT/gpu_tests_mgpu.log
   echo "== ptxas / SASS"; grep "^|" $OUT/sass_gemv.log | cut -c1-300 || tail -5 $OUT/sass_gemv.log
   echo "== mgpu vs triton (µs)"; sed -n '/Mosaic GPU decode kernel/,/^## Every/p' \
