@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -95,8 +96,8 @@ class MgpuGemvConfig:
   Attributes:
     tile_n: weight rows per CTA (64 or 128: one or two 64-row wgmma A tiles).
     max_concurrent_steps: TMA pipeline depth (shared-memory stages in flight per CTA).
-    ctas_per_sm: CTAs the grid is sized for per SM (split-K is the largest divisor of K / 128
-      that keeps (N / tile_n) * split_k <= ctas_per_sm * 132).
+    ctas_per_sm: CTAs the grid is sized for per SM: split-K is the divisor of K / 128 that
+      brings (N / tile_n) * split_k closest (by ratio) to ctas_per_sm * 132.
     split_k: fixed split-K (a divisor of K / 128), or 0 for the rule above.
   """
   tile_n: int = 64
@@ -132,8 +133,9 @@ def _split_k(cfg: MgpuGemvConfig, n: int, k: int) -> int:
   num_k = k // TILE_K
   if cfg.split_k:
     return cfg.split_k
-  budget = max(1, cfg.ctas_per_sm * _SMS // (n // cfg.tile_n))
-  return max(s for s in range(1, num_k + 1) if num_k % s == 0 and s <= budget)
+  target = cfg.ctas_per_sm * _SMS
+  return min((s for s in range(1, num_k + 1) if num_k % s == 0),
+             key=lambda s: abs(math.log((n // cfg.tile_n) * s / target)))
 
 
 def unavailable_reason() -> str | None:

@@ -96,10 +96,11 @@ def test_block_scales_reach_their_blocks():
 
 
 def test_split_k_rule_fills_the_grid():
-  # The largest divisor of K / 128 that keeps the grid within ctas_per_sm waves of 132 SMs.
+  # The divisor of K / 128 that brings the grid closest (by ratio) to ctas_per_sm x 132 CTAs:
+  # e.g. Qwen2.5-0.5B's 4864 x 896 has 76 row tiles and 7 K steps: split 7 (532 CTAs), not 1 (76).
   cfg = Cfg()
   for n, k, expect in ((6144, 4096, 4), (4096, 4096, 8), (28672, 4096, 1), (4096, 14336, 8),
-                       (3072, 2048, 8), (128256, 4096, 1)):
+                       (3072, 2048, 8), (128256, 4096, 1), (4864, 896, 7)):
     s = MG._split_k(cfg, n, k)
     assert s == expect, (n, k, s)
     assert (k // 128) % s == 0
