@@ -52,8 +52,9 @@ def make(m, n, k, layout, *, seed):
 
 Cfg = MG.MgpuGemvConfig
 # (M, N, K, layout, config, bias, residual, out dtype): M in {1, 7, 9, 16} (rows padded to 8 or
-# 16), one and two 64-row wgmma tiles per CTA, split-K 1 / 3 / 5 and the rule (0), pipelines
-# deeper than, equal to and shorter than a CTA's K steps, the three scale layouts, bias,
+# 16), one and two 64-row wgmma tiles per CTA, split-K 1 / 2 / 3 / 5 and the rule (0), pipelines
+# deeper than, equal to and shorter than a CTA's K steps (10 steps through a 3-stage ring: the
+# ring wraps three times), the three scale layouts, bias,
 # residual, both output dtypes; N and K multiples of 64 and 128 (what the kernel takes).
 CASES = [
     (1, 64, 128, "tensor", Cfg(max_concurrent_steps=2), False, False, jnp.float32),
@@ -61,6 +62,7 @@ CASES = [
     (9, 256, 384, "block", Cfg(tile_n=128, split_k=3), False, True, jnp.bfloat16),
     (16, 128, 1024, "block", Cfg(max_concurrent_steps=3), True, True, jnp.float32),
     (4, 320, 768, "block", Cfg(split_k=2, max_concurrent_steps=2), False, False, jnp.bfloat16),
+    (2, 128, 1280, "block", Cfg(split_k=1, max_concurrent_steps=3), True, False, jnp.float32),
 ]
 
 
