@@ -170,8 +170,12 @@ def config_for(m: int, n: int, k: int, layout: str) -> MgpuConfig:
 
 def unavailable_reason() -> str | None:
   """None when the kernel can run here, else why not."""
-  if _IMPORT_ERROR is not None:
-    return _IMPORT_ERROR
+  return _IMPORT_ERROR or hopper_device_reason()
+
+
+def hopper_device_reason() -> str | None:
+  """None when the default device is a Hopper GPU (wgmma, TMA), else why not: the device half
+  of every Mosaic GPU kernel's `unavailable_reason`."""
   try:
     device = jax.devices()[0]
   except RuntimeError as e:

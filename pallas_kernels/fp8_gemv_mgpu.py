@@ -31,7 +31,7 @@ and bias, casts, and adds the residual (`fp8_gemv.add_residual`): one small fusi
 kernel's split-K epilogue.
 
 `prefetch` (optional): a second FP8 weight (N2, K2), the next matmul's; each CTA, once its own
-K range is issued, asks TMA to bring `prefetch_rows` rows of it into L2
+K range is done, asks TMA to bring `prefetch_rows` rows of it into L2
 (`plgpu.async_prefetch`, cp.async.bulk.prefetch), so that the next launch's first reads hit L2
 while HBM keeps streaming during this launch's tail. It changes no value; whether it pays is for
 the benchmark (benchmarks/gemm_decode.py --mgpu) to say.
@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.fp8_gemm_mgpu import hopper_device_reason
 from pallas_kernels.fp8_gemv import (
     SCALE_BLOCK, _check_inputs, _shape_class, _sum_in_order, add_residual,
     fp8_gemv_reference)
@@ -86,7 +87,7 @@ TILE_K = 128  # K per pipeline step: one 128-byte swizzled FP8 row, one weight-s
 MAX_M = 16
 #: Largest K: a weight-block row's scales (K / 128 of them) must fit one TMA box (256 elements).
 MAX_K = 256 * TILE_K
-_SMS = 132  # H100 SXM; the split-K rule below sizes the grid to whole waves of it
+_SMS = 132  # H100 SXM and H200 alike; the split-K rule sizes the grid in CTAs per SM of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +141,7 @@ def _split_k(cfg: MgpuGemvConfig, n: int, k: int) -> int:
 
 def unavailable_reason() -> str | None:
   """None when the kernel can run here on a GPU, else why not."""
-  if _IMPORT_ERROR is not None:
-    return _IMPORT_ERROR
-  try:
-    device = jax.devices()[0]
-  except RuntimeError as e:
-    return str(e)
-  if device.platform != "gpu":
-    return f"needs a Hopper GPU, default device is {device.platform}"
-  cc = getattr(device, "compute_capability", "")
-  if not str(cc).startswith("9"):
-    return f"needs compute capability 9.x (wgmma), got {cc}"
-  return None
+  return _IMPORT_ERROR or hopper_device_reason()
 
 
 def available() -> bool:
