@@ -93,24 +93,33 @@ def main():
     rows = []
     for spec in filter(None, args.configs.split(";")):
         cfg = parse_config(spec, MG)
-        dump = os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "_", spec))
-        os.makedirs(dump, exist_ok=True)
-        os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1",
-                          MOSAIC_GPU_DUMP_TO=dump)
-        row = dict(config=spec)
-        try:
-            out = MG.fp8_gemm(a, b, sa, sb, layout=args.layout, out_dtype=jnp.float32, config=cfg)
-            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-            row["rel_err"] = err
-        except Exception as e:  # report and go on with the next config
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        for path in glob.glob(f"{dump}/*"):   # keep the PTX and ptxas' report, not the MLIR
-            if not path.endswith((".ptx", ".ptxas", ".resources.txt", ".sass")):
-                os.remove(path)
-        row.update(summarize(dump))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(compile_and_dump(
+            args.out, spec, ref,
+            lambda cfg=cfg: MG.fp8_gemm(a, b, sa, sb, layout=args.layout, out_dtype=jnp.float32,
+                                        config=cfg)))
     report(args, rows)
+
+
+def compile_and_dump(out_dir: str, name: str, ref, run) -> dict:
+    """Run `run()` (compiles one kernel config) with Mosaic GPU's PTX / ptxas / SASS dumps under
+    out_dir/<name>/, keep those (not the MLIR), and return its row: rel. error against `ref` (or
+    the error raised) and `summarize` of the dumps."""
+    import jax.numpy as jnp
+    dump = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9]+", "_", name))
+    os.makedirs(dump, exist_ok=True)
+    os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_TO=dump)
+    row = dict(config=name)
+    try:
+        out = run()
+        row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    except Exception as e:  # report and go on with the next config
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    for path in glob.glob(f"{dump}/*"):
+        if not path.endswith((".ptx", ".ptxas", ".resources.txt", ".sass")):
+            os.remove(path)
+    row.update(summarize(dump))
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main_gemv(args):
@@ -131,23 +140,10 @@ def main_gemv(args):
         vals = [int(v) for v in spec.split(",")]
         cfg = MG.MgpuGemvConfig(tile_n=vals[0], max_concurrent_steps=vals[1], ctas_per_sm=vals[2],
                                 split_k=vals[3] if len(vals) > 3 else 0)
-        dump = os.path.join(args.out, "gemv_" + re.sub(r"[^A-Za-z0-9]+", "_", spec))
-        os.makedirs(dump, exist_ok=True)
-        os.environ.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1",
-                          MOSAIC_GPU_DUMP_TO=dump)
-        row = dict(config="gemv " + spec)
-        try:
-            out = MG.fp8_gemv_mgpu(rows_f16, w, row_scale, ws, layout="block",
-                                   out_dtype=jnp.float32, config=cfg)
-            row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        except Exception as e:  # report and go on with the next config
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        for path in glob.glob(f"{dump}/*"):
-            if not path.endswith((".ptx", ".ptxas", ".resources.txt", ".sass")):
-                os.remove(path)
-        row.update(summarize(dump))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(compile_and_dump(
+            args.out, "gemv " + spec, ref,
+            lambda cfg=cfg: MG.fp8_gemv_mgpu(rows_f16, w, row_scale, ws, layout="block",
+                                             out_dtype=jnp.float32, config=cfg)))
     report(args, rows)
 
 

@@ -276,24 +276,15 @@ def test_fused_decode_step_equals_separate(backend):
                        np.asarray(getattr(wc, name), np.float32)) < 2 ** -7, name
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("backend", ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
-def test_fp8_decode_step_kernels_match_xla(backend, batch):
-    """Decode of a fused W8A16 model on "interpret" / "pallas" runs every projection in
-    `fp8_gemv`: at B=1 with the RMSNorms and the SwiGLU fused as prologues
-    (`_matmul_pallas.FUSED_PROLOGUES`), at B=4 after the RMSNorm / SwiGLU + f16 staging kernels
-    (`pallas_kernels.prologue_stage`) on f16 operands; XLA applies the same formulas first. Both round bf16 activations from f32 sums taken in another order (and
-    the kernel's 1 / rms and exp may differ in the last f32 bit), so activations move by a bf16
-    ulp (2^-8) here and there, and the moves grow through the layers: measured up to 0.021 of
-    max|logit| over nine tokens (2 layers, random weights); bound 2^-4. The greedy token agrees
-    where the top two logits are further apart than twice that."""
+def _tiny_w8a16_decode_logits(backend, batch, seed):
+    """{"xla": logits, backend: logits} (f32 numpy) of one decode step of the fused tiny model
+    with W8A16 block-128 weights, B = batch sequences of different lengths."""
     import jfp8
-    from jfp8 import _matmul_pallas, kv_cache
-    assert jfp8.RMSNorm in _matmul_pallas.FUSED_PROLOGUES  # the path this test is for
+    from jfp8 import kv_cache
     cfg = CONFIGS["tiny"]
     recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
     model = llama.Llama(cfg)
-    params = llama.init_params(model, jax.random.PRNGKey(11))
+    params = llama.init_params(model, jax.random.PRNGKey(seed))
     model, params = llama.fuse(llama.Llama(cfg, recipe=recipe),
                                llama.quantize_params(params, recipe))
     cache = kv_cache.advance(kv_cache.KVCache.init(cfg.num_layers, batch, 16, cfg.num_kv_heads,
@@ -308,6 +299,24 @@ def test_fp8_decode_step_kernels_match_xla(backend, batch):
             # a fresh function per backend: jit's cache would reuse the other backend's trace
             logits = jax.jit(lambda p, c: step(p, c))(params, cache)[0]
             out[name] = np.asarray(logits, np.float32)
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
+def test_fp8_decode_step_kernels_match_xla(backend, batch):
+    """Decode of a fused W8A16 model on "interpret" / "pallas" runs every projection in
+    `fp8_gemv`: at B=1 with the RMSNorms and the SwiGLU fused as prologues
+    (`_matmul_pallas.FUSED_PROLOGUES`), at B=4 after the RMSNorm / SwiGLU + f16 staging kernels
+    (`pallas_kernels.prologue_stage`) on f16 operands; XLA applies the same formulas first. Both round bf16 activations from f32 sums taken in another order (and
+    the kernel's 1 / rms and exp may differ in the last f32 bit), so activations move by a bf16
+    ulp (2^-8) here and there, and the moves grow through the layers: measured up to 0.021 of
+    max|logit| over nine tokens (2 layers, random weights); bound 2^-4. The greedy token agrees
+    where the top two logits are further apart than twice that."""
+    import jfp8
+    from jfp8 import _matmul_pallas
+    assert jfp8.RMSNorm in _matmul_pallas.FUSED_PROLOGUES  # the path this test is for
+    out = _tiny_w8a16_decode_logits(backend, batch, seed=11)
     assert rel_err(out[backend], out["xla"]) < 2 ** -4
     for b in range(batch):
         top2 = np.sort(out["xla"][b, -1])[-2:]
@@ -321,8 +330,7 @@ def test_fp8_decode_step_mgpu_matches_xla(monkeypatch, backend, batch):
     """The same decode step with `_matmul_pallas.MGPU_GEMV` on (every projection of the tiny
     model on staged f16 rows, B = 1 included, through `pallas_kernels.fp8_gemv_mgpu`; the Mosaic
     GPU interpreter on "interpret"): same bound and argument as the test above."""
-    import jfp8
-    from jfp8 import _matmul_pallas, kv_cache
+    from jfp8 import _matmul_pallas
     from pallas_kernels import fp8_gemv_mgpu
     if (fp8_gemv_mgpu._INTERPRET_ERROR if backend == "interpret"
             else fp8_gemv_mgpu.unavailable_reason()) is not None:
@@ -333,25 +341,9 @@ def test_fp8_decode_step_mgpu_matches_xla(monkeypatch, backend, batch):
                         lambda a, w, *args, **kw: calls.append(w.shape) or kernel(a, w, *args, **kw))
     monkeypatch.setattr(_matmul_pallas, "MGPU_GEMV", True)
     monkeypatch.setattr(_matmul_pallas, "F16_STAGING_MIN_WEIGHT", 0)
-    cfg = CONFIGS["tiny"]
-    recipe = jfp8.Recipe.weights_only(jfp8.PerBlock((128, 128)))
-    model = llama.Llama(cfg)
-    params = llama.init_params(model, jax.random.PRNGKey(12))
-    model, params = llama.fuse(llama.Llama(cfg, recipe=recipe),
-                               llama.quantize_params(params, recipe))
-    cache = kv_cache.advance(kv_cache.KVCache.init(cfg.num_layers, batch, 16, cfg.num_kv_heads,
-                                                   cfg.head_dim), jnp.array([5, 9, 2, 12][:batch]))
-    tokens = jnp.asarray(np.random.default_rng().integers(3, cfg.vocab_size, (batch, 1)))
-
-    def step(p, c):
-        return model.apply({"params": p}, tokens, c.lengths[:, None], c, None, "decode")
-    out = {}
-    for name in ("xla", backend):
-        with jfp8.use_backend(name):
-            logits = jax.jit(lambda p, c: step(p, c))(params, cache)[0]
-            out[name] = np.asarray(logits, np.float32)
+    out = _tiny_w8a16_decode_logits(backend, batch, seed=12)
     # qkv, o, gate_up, down per layer (the head stays BF16 in this recipe)
-    assert len(calls) == 4 * cfg.num_layers, calls
+    assert len(calls) == 4 * CONFIGS["tiny"].num_layers, calls
     assert rel_err(out[backend], out["xla"]) < 2 ** -4
 
 
