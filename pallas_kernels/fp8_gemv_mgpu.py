@@ -307,7 +307,7 @@ def _fp8_gemv_mgpu_jit(rows, w, row_scale, w_scale, bias, residual, prefetch, *,
       scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=InterpretGPUParams() if interpret else None,
+      **(dict(interpret=InterpretGPUParams()) if interpret else {}),  # the GPU call as before
   )
   parts = call(*operands)
   acc = _sum_in_order(parts)[:, :m].T * row_scale           # (M, N) f32
