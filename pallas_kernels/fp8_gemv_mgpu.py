@@ -160,69 +160,111 @@ def _transforms(row_bytes: int, itemsize: int):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(rows_g, w_g, *rest, tile_n, m_pad, steps, block_scaled, prefetch_rows,
+def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, barriers, fma, tile_n, m_pad,
+            steps, block_scaled, final, has_bias, has_residual, out_dtype, prefetch_rows,
             max_concurrent_steps, interpret):
-  """One CTA: weight rows [i_n * tile_n, +tile_n) over K steps [i_s * steps, +steps)."""
+  """One CTA: weight rows [i_n * tile_n, +tile_n) over K steps [i_s * steps, +steps).
+
+  fma (M = 1, bf16 / f16 row): f32 multiply-add of the upcast weight tile with the row tile
+  broadcast over its rows, reduced along K per step; the (tile_n,) sum is a row of the output.
+  Else (staged rows): swap-AB wgmma, the (tile_n, m_pad) sum a transposed tile of it.
+  final (fma, split_k 1, block scales): bias, output cast and residual in the kernel, which
+  writes (1, N) out_dtype; else f32 partials for XLA's epilogue.
+  """
   rest = list(rest)
   scale_g = rest.pop(0) if block_scaled else None
+  bias_g = rest.pop(0) if has_bias else None
+  res_g = rest.pop(0) if has_residual else None
   next_g = rest.pop(0) if prefetch_rows else None
-  out_g = rest.pop(0)
-  scale_smem, scale_barrier = rest if block_scaled else (None, None)
+  (out_g,) = rest
   i_n = lax.axis_index("n")
   i_s = lax.axis_index("s")
+  n0 = i_n * tile_n
   k0 = i_s * (steps * TILE_K)
-  if block_scaled:
-    # The weight-block row of this CTA's tile: its K / 128 scales (padded to 4), one TMA.
-    plgpu.copy_gmem_to_smem(scale_g.at[pl.ds(i_n * tile_n // SCALE_BLOCK, 1)], scale_smem,
-                            scale_barrier)
-    plgpu.barrier_wait(scale_barrier)
 
-  def body(idx, rows_s, w_s, acc):
+  def hint(x, layout):  # register layouts for Mosaic's inference; the interpreter has none
+    return x if interpret else plgpu.layout_cast(x, layout)
+  row_layout = plgpu.Layout.WGMMA.reduce(1)     # a (tile_n,) vector along the tile's rows
+
+  # One-off loads (TMA): the weight-block row of this CTA's scales (K / 128, padded to 4),
+  # and for the in-kernel epilogue its slices of bias and residual.
+  loads = []
+  if block_scaled:
+    loads.append((scale_g.at[pl.ds(n0 // SCALE_BLOCK, 1)], scale_smem))
+  if final and has_bias:
+    loads.append((bias_g.at[:, pl.ds(n0, tile_n)], bias_smem))
+  if final and has_residual:
+    loads.append((res_g.at[:, pl.ds(n0, tile_n)], res_smem))
+  for i, (src, dst) in enumerate(loads):
+    plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
+  for i in range(len(loads)):
+    plgpu.barrier_wait(barriers.at[i])
+
+  def body(idx, a_s, w_s, acc):
     (j,) = idx
     w_f16 = w_s[...].astype(jnp.float16)          # e4m3 -> f16: exact
-    if interpret:  # the interpreter's wgmma reads A from shared memory only
-      part = jnp.dot(w_f16.astype(jnp.float32), rows_s[...].astype(jnp.float32).T,
+    if fma:
+      w32 = hint(w_f16, plgpu.Layout.WGMMA).astype(jnp.float32)
+      x32 = hint(a_s.at[0][...], plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+      part = jnp.sum(w32 * lax.broadcast_in_dim(x32, (tile_n, TILE_K), [1]), axis=1)
+    elif interpret:  # the interpreter's wgmma reads A from shared memory only
+      part = jnp.dot(w_f16.astype(jnp.float32), a_s[...].astype(jnp.float32).T,
                      precision=lax.Precision.HIGHEST)
     else:
       def mma(acc_ref):
-        plgpu.wgmma(acc_ref, w_f16, rows_s.T)
+        plgpu.wgmma(acc_ref, w_f16, a_s.T)
         return acc_ref[...]
       part = pl.run_scoped(mma, plgpu.ACC((tile_n, m_pad), jnp.float32))
     if block_scaled:
       part = part * scale_smem[0, i_s * steps + j]
     return acc + part
 
+  if fma:
+    a_spec = plgpu.BlockSpec((1, TILE_K), lambda j: (0, j))
+    acc0 = hint(jnp.zeros((tile_n,), jnp.float32), row_layout)
+  else:
+    a_spec = plgpu.BlockSpec((m_pad, TILE_K), lambda j: (0, j),
+                             transforms=_transforms(TILE_K * 2, 2))
+    acc0 = jnp.zeros((tile_n, m_pad), jnp.float32)
   acc = plgpu.emit_pipeline(
       body,
       grid=(steps,),
-      in_specs=[
-          plgpu.BlockSpec((m_pad, TILE_K), lambda j: (0, j),
-                          transforms=_transforms(TILE_K * 2, 2)),
-          plgpu.BlockSpec((tile_n, TILE_K), lambda j: (0, j),
-                          transforms=_transforms(TILE_K, 1)),
-      ],
+      in_specs=[a_spec, plgpu.BlockSpec((tile_n, TILE_K), lambda j: (0, j),
+                                        transforms=_transforms(TILE_K, 1))],
       max_concurrent_steps=max_concurrent_steps,
-      init_carry=jnp.zeros((tile_n, m_pad), jnp.float32),
-  )(rows_g.at[:, pl.ds(k0, steps * TILE_K)],
-    w_g.at[pl.ds(i_n * tile_n, tile_n), pl.ds(k0, steps * TILE_K)])
+      init_carry=acc0,
+  )(a_g.at[:, pl.ds(k0, steps * TILE_K)], w_g.at[pl.ds(n0, tile_n), pl.ds(k0, steps * TILE_K)])
   if prefetch_rows and not interpret:  # no effect on values; the interpreter has no L2
     cta = i_n * lax.axis_size("s") + i_s
     k2 = next_g.shape[1]
     for c0 in range(0, k2, 256):  # one TMA box is at most 256 elements wide
       plgpu.async_prefetch(next_g.at[pl.ds(cta * prefetch_rows, prefetch_rows),
                                      pl.ds(c0, min(256, k2 - c0))])
-  out_g[i_s, pl.ds(i_n * tile_n, tile_n), :] = acc
+  if not final:
+    if fma:
+      out_g.at[i_s][pl.ds(n0, tile_n)] = acc
+    else:
+      out_g[i_s, pl.ds(n0, tile_n), :] = acc
+    return
+  if has_bias:
+    acc = acc + hint(bias_smem.at[0][...], row_layout)
+  y = acc.astype(out_dtype)
+  if has_residual:   # fp8_gemv.add_residual: the rounded output plus the residual in f32
+    res = hint(res_smem.at[0][...], row_layout).astype(jnp.float32)
+    y = (y.astype(jnp.float32) + res).astype(out_dtype)
+  out_g.at[0][pl.ds(n0, tile_n)] = y
 
 
-def fp8_gemv_mgpu(rows, w, row_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
+def fp8_gemv_mgpu(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
                   residual=None, prefetch=None, prefetch_bytes: int = 8 << 20,
                   config: MgpuGemvConfig | None = None, interpret: bool = False):
-  """C = (rows · row_scale) · (w · sw)ᵀ + bias (+ residual) for M <= 16, Mosaic GPU kernel.
+  """C = (a · sa) · (w · sw)ᵀ + bias (+ residual) for M <= 16, Mosaic GPU kernel.
 
   Args:
-    rows: (M, K) float16 staged activations (`fp8_gemv.stage_f16_rows`).
+    a: (M, K) float16 staged activations with `a_scale` (`fp8_gemv.stage_f16_rows`; the wgmma
+      kernel), or a single (1, K) bfloat16 / float16 row with `a_scale` None (the FMA kernel).
     w: (N, K) float8_e4m3fn weights (out, in).
-    row_scale: (M, 1) float32, the rows' staging scales.
+    a_scale: (M, 1) float32, the rows' staging scales, or None (one row, W8A16).
     w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
       "tensor" | "row" | "block".
     layout: the weight scale layout.
@@ -237,21 +279,24 @@ def fp8_gemv_mgpu(rows, w, row_scale, w_scale, *, layout, bias=None, out_dtype=j
     interpret: run in the Mosaic GPU interpreter on the CPU (wgmma replaced, see the module).
   Returns: (M, N) out_dtype.
   """
-  _check_inputs(rows, w, row_scale, w_scale, layout, bias, out_dtype, residual=residual)
-  m, k = rows.shape
+  _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, residual=residual)
+  m, k = a.shape
   n = w.shape[0]
-  if jnp.dtype(rows.dtype) != jnp.float16 or row_scale is None or row_scale.shape != (m, 1):
-    raise TypeError(f"rows: expected float16 staged rows (M, K) with row_scale (M, 1) float32 "
-                    f"(fp8_gemv.stage_f16_rows), got {rows.dtype} with row_scale "
-                    f"{getattr(row_scale, 'shape', None)}")
+  staged = jnp.dtype(a.dtype) == jnp.float16 and a_scale is not None and a_scale.shape == (m, 1)
+  fma = m == 1 and a_scale is None
+  if not (staged or fma):
+    raise TypeError(f"a: expected float16 staged rows (M, K) with a_scale (M, 1) float32 "
+                    f"(fp8_gemv.stage_f16_rows), or one bfloat16 / float16 row with a_scale "
+                    f"None; got {a.dtype} {a.shape} with a_scale "
+                    f"{getattr(a_scale, 'shape', None)}")
   if jnp.dtype(w.dtype) != jnp.float8_e4m3fn:
     raise TypeError(f"w: expected float8_e4m3fn (Hopper converts only e4m3 to f16 in one "
                     f"instruction), got {w.dtype}")
   cfg = config or config_for(m, n, k)
   if not supports(m, n, k, config=cfg):
     raise ValueError(f"w: expected (N, K) with N a multiple of {cfg.tile_n}, K a multiple of "
-                     f"{TILE_K} up to {MAX_K}, and 1 <= M <= {MAX_M}; got w {w.shape}, rows "
-                     f"{rows.shape} (fp8_gemv takes any shape)")
+                     f"{TILE_K} up to {MAX_K}, and 1 <= M <= {MAX_M}; got w {w.shape}, a "
+                     f"{a.shape} (fp8_gemv takes any shape)")
   if cfg.split_k and (k // TILE_K) % cfg.split_k:
     raise ValueError(f"config: split_k must divide K / {TILE_K} = {k // TILE_K}, got "
                      f"{cfg.split_k}")
@@ -272,47 +317,76 @@ def fp8_gemv_mgpu(rows, w, row_scale, w_scale, *, layout, bias=None, out_dtype=j
     reason = unavailable_reason()
     if reason is not None:
       raise RuntimeError(f"fp8_gemv_mgpu: cannot run here: {reason}")
-  return _fp8_gemv_mgpu_jit(rows, w, row_scale, w_scale, bias, residual, prefetch,
+  return _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, residual, prefetch,
                             layout=layout, out_dtype=jnp.dtype(out_dtype), cfg=cfg,
                             prefetch_rows=prefetch_rows, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "out_dtype", "cfg", "prefetch_rows",
                                              "interpret"))
-def _fp8_gemv_mgpu_jit(rows, w, row_scale, w_scale, bias, residual, prefetch, *, layout,
+def _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, residual, prefetch, *, layout,
                        out_dtype, cfg, prefetch_rows, interpret):
-  m, k = rows.shape
+  m, k = a.shape
   n = w.shape[0]
-  m_pad = 8 if m <= 8 else 16
+  fma = a_scale is None
+  m_pad = 1 if fma else (8 if m <= 8 else 16)
   split_k = _split_k(cfg, n, k)
   steps = k // TILE_K // split_k
   block_scaled = layout == "block"
-  operands = [jnp.pad(rows, ((0, m_pad - m), (0, 0))), w]
-  scratch = []
+  # The FMA kernel writes the (1, N) output itself where nothing but bias, cast and residual
+  # follows the sum: one split, block scales (applied in the loop).
+  final = fma and split_k == 1 and block_scaled
+  operands = [a if fma else jnp.pad(a, ((0, m_pad - m), (0, 0))), w]
+  f32 = jnp.float32
+  scratch = dict(scale_smem=None, bias_smem=None, res_smem=None)
   if block_scaled:
     num_k4 = -(-(k // TILE_K) // 4) * 4   # a TMA row is a multiple of 16 bytes
     operands.append(jnp.pad(w_scale, ((0, 0), (0, num_k4 - w_scale.shape[1]))))
-    scratch = [plgpu.SMEM((1, num_k4), jnp.float32), plgpu.Barrier()]
+    scratch["scale_smem"] = plgpu.SMEM((1, num_k4), f32)
+  has_bias = final and bias is not None
+  has_residual = final and residual is not None
+  if has_bias:
+    operands.append(bias.astype(f32).reshape(1, n))
+    scratch["bias_smem"] = plgpu.SMEM((1, cfg.tile_n), f32)
+  if has_residual:
+    operands.append(residual)
+    scratch["res_smem"] = plgpu.SMEM((1, cfg.tile_n), residual.dtype)
   if prefetch_rows:
     operands.append(prefetch)
+  scratch["barriers"] = plgpu.Barrier(num_barriers=3)
   body = functools.partial(
-      _kernel, tile_n=cfg.tile_n, m_pad=m_pad, steps=steps, block_scaled=block_scaled,
+      _kernel, fma=fma, tile_n=cfg.tile_n, m_pad=m_pad, steps=steps, block_scaled=block_scaled,
+      final=final, has_bias=has_bias, has_residual=has_residual, out_dtype=out_dtype,
       prefetch_rows=prefetch_rows, max_concurrent_steps=min(cfg.max_concurrent_steps, steps),
       interpret=interpret)
+  if final:
+    out_type = jax.ShapeDtypeStruct((1, n), out_dtype)
+  elif fma:
+    out_type = jax.ShapeDtypeStruct((split_k, n), f32)
+  else:
+    out_type = jax.ShapeDtypeStruct((split_k, n, m_pad), f32)
+  used = [key for key, value in scratch.items() if value is not None]
+
+  def kernel(*refs):  # operands and output, then the scratch buffers this call allocates
+    given = dict(zip(used, refs[len(refs) - len(used):]))
+    body(*refs[:len(refs) - len(used)], **{key: given.get(key) for key in scratch})
   call = plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((split_k, n, m_pad), jnp.float32),
+      kernel,
+      out_type=out_type,
       grid=(n // cfg.tile_n, split_k),
       grid_names=("n", "s"),
-      scratch_types=scratch,
+      scratch_types=[scratch[key] for key in used],
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       **(dict(interpret=InterpretGPUParams()) if interpret else {}),  # the GPU call as before
   )
-  parts = call(*operands)
-  acc = _sum_in_order(parts)[:, :m].T * row_scale           # (M, N) f32
+  out = call(*operands)
+  if final:
+    return out
+  acc = _sum_in_order(out)                                   # (N,) or (N, m_pad) f32
+  acc = acc.reshape(1, n) if fma else acc[:, :m].T * a_scale   # (M, N)
   if layout in ("tensor", "row"):
     acc = acc * w_scale.reshape(1, -1)
   if bias is not None:
-    acc = acc + bias.astype(jnp.float32)
+    acc = acc + bias.astype(f32)
   return add_residual(acc.astype(out_dtype), residual)

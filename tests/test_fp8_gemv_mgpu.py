@@ -81,6 +81,35 @@ def test_matches_reference_interpret(m, n, k, layout, cfg, use_bias, use_res, ou
   assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
 
 
+# The FMA kernel (M = 1, bf16 / f16 row, no staging): block scales with split-K 1 finish in
+# the kernel (bias, cast, residual: (1, N) written by it), else XLA sums the partials.
+FMA_CASES = [
+    (256, 512, "block", Cfg(split_k=1, max_concurrent_steps=3), True, True, jnp.bfloat16,
+     jnp.bfloat16),
+    (128, 1280, "block", Cfg(split_k=1, tile_n=128), False, True, jnp.float32, jnp.float16),
+    (192, 384, "block", Cfg(split_k=3), True, True, jnp.float32, jnp.bfloat16),
+    (64, 640, "row", Cfg(split_k=1, max_concurrent_steps=2), True, False, jnp.float32,
+     jnp.bfloat16),
+    (128, 256, "tensor", Cfg(split_k=2), False, True, jnp.bfloat16, jnp.bfloat16),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n,k,layout,cfg,use_bias,use_res,out_dtype,a_dtype", FMA_CASES)
+def test_fma_row_matches_reference_interpret(n, k, layout, cfg, use_bias, use_res, out_dtype,
+                                             a_dtype):
+  x, w, w_scale, bias, residual = make(1, n, k, layout, seed=n + k)
+  x = x.astype(a_dtype)
+  bias = bias if use_bias else None
+  residual = residual if use_res else None
+  out = MG.fp8_gemv_mgpu(x, w, None, w_scale, layout=layout, bias=bias, residual=residual,
+                         out_dtype=out_dtype, config=cfg, interpret=True)
+  ref = G.fp8_gemv_reference(x, w, None, w_scale, layout=layout, bias=bias, residual=residual,
+                             out_dtype=out_dtype)
+  assert out.shape == (1, n) and out.dtype == jnp.dtype(out_dtype)
+  assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
+
+
 @needs_interpreter
 def test_block_scales_reach_their_blocks():
   # One weight block of scale 1 among zeros: a mis-indexed scale (wrong row block, wrong K step,
@@ -125,11 +154,11 @@ def test_supports_and_config():
 def _good(m=4, n=128, k=256):
   x, w, w_scale, _, _ = make(m, n, k, "block", seed=1)
   rows, row_scale = G.stage_f16_rows(x)
-  return dict(rows=rows, w=w, row_scale=row_scale, w_scale=w_scale, layout="block")
+  return dict(a=rows, w=w, a_scale=row_scale, w_scale=w_scale, layout="block")
 
 
 @pytest.mark.parametrize("change,match,error", [
-    (dict(rows=jnp.ones((4, 256), jnp.bfloat16), row_scale=None), "rows: expected float16",
+    (dict(a=jnp.ones((4, 256), jnp.bfloat16), a_scale=None), "a: expected float16 staged",
      TypeError),
     (dict(w=jnp.ones((128, 256), jnp.float8_e5m2)), "w: expected float8_e4m3fn", TypeError),
     (dict(w=jnp.ones((128, 128), E4M3)), r"w: expected \(N, K\)", ValueError),
@@ -153,20 +182,28 @@ def test_refuses_to_run_without_a_hopper_gpu():
 
 
 @needs_mosaic
-@pytest.mark.parametrize("m,tile_n,layout,prefetch", [
-    (16, 64, "block", False), (1, 128, "block", True), (9, 64, "row", True)])
-def test_lowers_for_cuda(m, tile_n, layout, prefetch):
-  # Traces the real kernel (wgmma with the f16 weight tile in registers, the L2 prefetch) and
-  # lowers it for CUDA without a GPU: Mosaic GPU's own passes run here, so kernel-body errors
-  # show on CPU CI; the gpu-marked tests check what it computes.
+@pytest.mark.parametrize("m,tile_n,layout,prefetch,fma,split_k", [
+    (16, 64, "block", False, False, 0), (1, 128, "block", True, False, 0),
+    (9, 64, "row", True, False, 0),
+    (1, 64, "block", True, True, 1), (1, 128, "block", False, True, 1),   # FMA, in-kernel end
+    (1, 64, "block", False, True, 2), (1, 64, "row", False, True, 1)])   # FMA, XLA's end
+def test_lowers_for_cuda(m, tile_n, layout, prefetch, fma, split_k):
+  # Traces the real kernel (wgmma with the f16 weight tile in registers, or the FMA loop with
+  # its register layouts; the L2 prefetch; the in-kernel epilogue) and lowers it for CUDA
+  # without a GPU: Mosaic GPU's own passes run here, so kernel-body errors show on CPU CI; the
+  # gpu-marked tests check what it computes.
   n, k = 512, 1024
   shape = {"row": (n, 1), "block": (n // 128, k // 128)}[layout]
-  args = (jax.ShapeDtypeStruct((m, k), jnp.float16), jax.ShapeDtypeStruct((n, k), E4M3),
-          jax.ShapeDtypeStruct((m, 1), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
-          None, None, jax.ShapeDtypeStruct((1024, 512), E4M3) if prefetch else None)
+  a = jax.ShapeDtypeStruct((m, k), jnp.bfloat16 if fma else jnp.float16)
+  args = (a, jax.ShapeDtypeStruct((n, k), E4M3),
+          None if fma else jax.ShapeDtypeStruct((m, 1), jnp.float32),
+          jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+          jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+          jax.ShapeDtypeStruct((1024, 512), E4M3) if prefetch else None)
   MG._fp8_gemv_mgpu_jit.trace(
-      *args, layout=layout, out_dtype=jnp.dtype(jnp.bfloat16), cfg=Cfg(tile_n=tile_n),
-      prefetch_rows=2 if prefetch else 0, interpret=False).lower(lowering_platforms=("cuda",))
+      *args, layout=layout, out_dtype=jnp.dtype(jnp.bfloat16),
+      cfg=Cfg(tile_n=tile_n, split_k=split_k), prefetch_rows=2 if prefetch else 0,
+      interpret=False).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.gpu
