@@ -87,6 +87,8 @@ TILE_K = 128  # K per pipeline step: one 128-byte swizzled FP8 row, one weight-s
 MAX_M = 16
 #: Largest K: a weight-block row's scales (K / 128 of them) must fit one TMA box (256 elements).
 MAX_K = 256 * TILE_K
+#: Largest K of the fused RMSNorm: the row and the norm weight wait in shared memory (4 K bytes).
+MAX_RMS_K = 8192
 _SMS = 132  # H100 SXM and H200 alike; the split-K rule sizes the grid in CTAs per SM of it
 
 
@@ -160,9 +162,9 @@ def _transforms(row_bytes: int, itemsize: int):
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, barriers, fma, tile_n, m_pad,
-            steps, block_scaled, final, has_bias, has_residual, out_dtype, prefetch_rows,
-            max_concurrent_steps, interpret):
+def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, row_smem, norm_smem, barriers,
+            fma, prologue, eps, k, tile_n, m_pad, steps, block_scaled, final, has_bias,
+            has_residual, out_dtype, prefetch_rows, max_concurrent_steps, interpret):
   """One CTA: weight rows [i_n * tile_n, +tile_n) over K steps [i_s * steps, +steps).
 
   fma (M = 1, bf16 / f16 row): f32 multiply-add of the upcast weight tile with the row tile
@@ -170,11 +172,16 @@ def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, barriers, fma, til
   Else (staged rows): swap-AB wgmma, the (tile_n, m_pad) sum a transposed tile of it.
   final (fma, split_k 1, block scales): bias, output cast and residual in the kernel, which
   writes (1, N) out_dtype; else f32 partials for XLA's epilogue.
+  prologue (fma): "rmsnorm": the whole row and the norm weight, (K / 128, 128) each, come into
+  shared memory first, 1 / rms is reduced from them and each step normalises its slice as
+  `fp8_gemv.rms_norm_reference` does (two roundings to the row's dtype); "swiglu": a_g is
+  [gate | up] and each step takes both slices, silu(gate) * up rounded once.
   """
   rest = list(rest)
   scale_g = rest.pop(0) if block_scaled else None
   bias_g = rest.pop(0) if has_bias else None
   res_g = rest.pop(0) if has_residual else None
+  norm_g = rest.pop(0) if prologue == "rmsnorm" else None
   next_g = rest.pop(0) if prefetch_rows else None
   (out_g,) = rest
   i_n = lax.axis_index("n")
@@ -195,45 +202,78 @@ def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, barriers, fma, til
     loads.append((bias_g.at[:, pl.ds(n0, tile_n)], bias_smem))
   if final and has_residual:
     loads.append((res_g.at[:, pl.ds(n0, tile_n)], res_smem))
+  if prologue == "rmsnorm":
+    loads += [(a_g, row_smem), (norm_g, norm_smem)]
   for i, (src, dst) in enumerate(loads):
     plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
   for i in range(len(loads)):
     plgpu.barrier_wait(barriers.at[i])
+  f32 = jnp.float32
+  a_dtype = a_g.dtype
+  col_layout = plgpu.Layout.WGMMA.reduce(0)     # a (128,) vector along the tile's columns
+  if prologue == "rmsnorm":   # fp8_gemv.rms_inv_reference: rsqrt(mean(x^2) + eps) in f32
+    row = row_smem[...].astype(f32)
+    rms_inv = lax.rsqrt(jnp.sum(row * row) / k + eps)
 
-  def body(idx, a_s, w_s, acc):
+  def activations(j, a_refs):
+    """The (128,) f32 activations of this CTA's K step j (after the prologue)."""
+    if prologue == "rmsnorm":
+      step = i_s * steps + j
+      x = hint(row_smem.at[step][...], col_layout).astype(f32)
+      y = (x * rms_inv).astype(a_dtype).astype(f32)
+      return (y * hint(norm_smem.at[step][...], col_layout).astype(f32)).astype(a_dtype
+                                                                             ).astype(f32)
+    x = hint(a_refs[0].at[0][...], col_layout).astype(f32)
+    if prologue == "swiglu":   # fp8_gemv.swiglu_reference
+      up = hint(a_refs[1].at[0][...], col_layout).astype(f32)
+      return (x / (1.0 + jnp.exp(-x)) * up).astype(a_dtype).astype(f32)
+    return x
+
+  def body(idx, *refs):
     (j,) = idx
+    *a_refs, w_s, acc = refs
     w_f16 = w_s[...].astype(jnp.float16)          # e4m3 -> f16: exact
     if fma:
-      w32 = hint(w_f16, plgpu.Layout.WGMMA).astype(jnp.float32)
-      x32 = hint(a_s.at[0][...], plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+      w32 = hint(w_f16, plgpu.Layout.WGMMA).astype(f32)
+      x32 = activations(j, a_refs)
       part = jnp.sum(w32 * lax.broadcast_in_dim(x32, (tile_n, TILE_K), [1]), axis=1)
     elif interpret:  # the interpreter's wgmma reads A from shared memory only
-      part = jnp.dot(w_f16.astype(jnp.float32), a_s[...].astype(jnp.float32).T,
+      part = jnp.dot(w_f16.astype(f32), a_refs[0][...].astype(f32).T,
                      precision=lax.Precision.HIGHEST)
     else:
       def mma(acc_ref):
-        plgpu.wgmma(acc_ref, w_f16, a_s.T)
+        plgpu.wgmma(acc_ref, w_f16, a_refs[0].T)
         return acc_ref[...]
       part = pl.run_scoped(mma, plgpu.ACC((tile_n, m_pad), jnp.float32))
     if block_scaled:
       part = part * scale_smem[0, i_s * steps + j]
     return acc + part
 
-  if fma:
-    a_spec = plgpu.BlockSpec((1, TILE_K), lambda j: (0, j))
-    acc0 = hint(jnp.zeros((tile_n,), jnp.float32), row_layout)
+  k_range = pl.ds(k0, steps * TILE_K)
+  row_spec = plgpu.BlockSpec((1, TILE_K), lambda j: (0, j))
+  if not fma:
+    a_specs = [plgpu.BlockSpec((m_pad, TILE_K), lambda j: (0, j),
+                               transforms=_transforms(TILE_K * 2, 2))]
+    a_srcs = [a_g.at[:, k_range]]
+  elif prologue == "rmsnorm":   # the row is in shared memory already
+    a_specs, a_srcs = [], []
+  elif prologue == "swiglu":    # [gate | up]: both slices of the step
+    a_specs = [row_spec, row_spec]
+    a_srcs = [a_g.at[:, k_range], a_g.at[:, pl.ds(k + k0, steps * TILE_K)]]
   else:
-    a_spec = plgpu.BlockSpec((m_pad, TILE_K), lambda j: (0, j),
-                             transforms=_transforms(TILE_K * 2, 2))
-    acc0 = jnp.zeros((tile_n, m_pad), jnp.float32)
+    a_specs, a_srcs = [row_spec], [a_g.at[:, k_range]]
+  if fma:
+    acc0 = hint(jnp.zeros((tile_n,), f32), row_layout)
+  else:
+    acc0 = jnp.zeros((tile_n, m_pad), f32)
   acc = plgpu.emit_pipeline(
       body,
       grid=(steps,),
-      in_specs=[a_spec, plgpu.BlockSpec((tile_n, TILE_K), lambda j: (0, j),
-                                        transforms=_transforms(TILE_K, 1))],
+      in_specs=a_specs + [plgpu.BlockSpec((tile_n, TILE_K), lambda j: (0, j),
+                                          transforms=_transforms(TILE_K, 1))],
       max_concurrent_steps=max_concurrent_steps,
       init_carry=acc0,
-  )(a_g.at[:, pl.ds(k0, steps * TILE_K)], w_g.at[pl.ds(n0, tile_n), pl.ds(k0, steps * TILE_K)])
+  )(*a_srcs, w_g.at[pl.ds(n0, tile_n), k_range])
   if prefetch_rows and not interpret:  # no effect on values; the interpreter has no L2
     cta = i_n * lax.axis_size("s") + i_s
     k2 = next_g.shape[1]
@@ -256,13 +296,15 @@ def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, barriers, fma, til
 
 
 def fp8_gemv_mgpu(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bfloat16,
+                  prologue: str | None = None, norm_weight=None, eps: float = 1e-6,
                   residual=None, prefetch=None, prefetch_bytes: int = 8 << 20,
                   config: MgpuGemvConfig | None = None, interpret: bool = False):
   """C = (a · sa) · (w · sw)ᵀ + bias (+ residual) for M <= 16, Mosaic GPU kernel.
 
   Args:
     a: (M, K) float16 staged activations with `a_scale` (`fp8_gemv.stage_f16_rows`; the wgmma
-      kernel), or a single (1, K) bfloat16 / float16 row with `a_scale` None (the FMA kernel).
+      kernel), or a single (1, K) bfloat16 / float16 row with `a_scale` None (the FMA kernel;
+      (1, 2K) = [gate | up] for the swiglu prologue).
     w: (N, K) float8_e4m3fn weights (out, in).
     a_scale: (M, 1) float32, the rows' staging scales, or None (one row, W8A16).
     w_scale: float32, (1, 1) | (N, 1) | (ceil(N/128), ceil(K/128)) for layout
@@ -270,6 +312,9 @@ def fp8_gemv_mgpu(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bf
     layout: the weight scale layout.
     bias: optional (N,) array, added in f32 before the output cast.
     out_dtype: bfloat16 (default), float16 or float32.
+    prologue: None, "rmsnorm" or "swiglu" (FMA kernel: one row): the activation transform of
+      `fp8_gemv.fp8_gemv`'s prologues, with the same roundings, inside this kernel.
+    norm_weight: (K,) RMSNorm weight (prologue "rmsnorm"); eps: its epsilon.
     residual: optional (M, N) float array: C rounded to out_dtype, plus residual in f32, rounded
       again (`fp8_gemv.add_residual`).
     prefetch: optional (N2, K2) float8 array (the next matmul's weight) to warm in L2 at the
@@ -279,11 +324,19 @@ def fp8_gemv_mgpu(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bf
     interpret: run in the Mosaic GPU interpreter on the CPU (wgmma replaced, see the module).
   Returns: (M, N) out_dtype.
   """
-  _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, residual=residual)
-  m, k = a.shape
-  n = w.shape[0]
+  _check_inputs(a, w, a_scale, w_scale, layout, bias, out_dtype, prologue, norm_weight,
+                residual)
+  m = a.shape[0]
+  n, k = w.shape
   staged = jnp.dtype(a.dtype) == jnp.float16 and a_scale is not None and a_scale.shape == (m, 1)
   fma = m == 1 and a_scale is None
+  if prologue == "rmsnorm" and k > MAX_RMS_K:
+    raise ValueError(f"prologue: the fused RMSNorm keeps the row in shared memory, K <= "
+                     f"{MAX_RMS_K}; got K={k}")
+  if prologue is not None and not fma:
+    raise ValueError(f"prologue: the Mosaic GPU kernel fuses {prologue!r} for one bf16 / f16 "
+                     f"row (a_scale None) only, got a {a.shape} with a_scale "
+                     f"{getattr(a_scale, 'shape', None)}")
   if not (staged or fma):
     raise TypeError(f"a: expected float16 staged rows (M, K) with a_scale (M, 1) float32 "
                     f"(fp8_gemv.stage_f16_rows), or one bfloat16 / float16 row with a_scale "
@@ -317,17 +370,18 @@ def fp8_gemv_mgpu(a, w, a_scale, w_scale, *, layout, bias=None, out_dtype=jnp.bf
     reason = unavailable_reason()
     if reason is not None:
       raise RuntimeError(f"fp8_gemv_mgpu: cannot run here: {reason}")
-  return _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, residual, prefetch,
-                            layout=layout, out_dtype=jnp.dtype(out_dtype), cfg=cfg,
+  return _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, prefetch,
+                            layout=layout, out_dtype=jnp.dtype(out_dtype), prologue=prologue,
+                            eps=float(eps) if prologue == "rmsnorm" else 0.0, cfg=cfg,
                             prefetch_rows=prefetch_rows, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "out_dtype", "cfg", "prefetch_rows",
-                                             "interpret"))
-def _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, residual, prefetch, *, layout,
-                       out_dtype, cfg, prefetch_rows, interpret):
-  m, k = a.shape
-  n = w.shape[0]
+@functools.partial(jax.jit, static_argnames=("layout", "out_dtype", "prologue", "eps", "cfg",
+                                             "prefetch_rows", "interpret"))
+def _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, norm_weight, residual, prefetch, *,
+                       layout, out_dtype, prologue, eps, cfg, prefetch_rows, interpret):
+  m = a.shape[0]
+  n, k = w.shape
   fma = a_scale is None
   m_pad = 1 if fma else (8 if m <= 8 else 16)
   split_k = _split_k(cfg, n, k)
@@ -336,9 +390,11 @@ def _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, residual, prefetch, *, layo
   # The FMA kernel writes the (1, N) output itself where nothing but bias, cast and residual
   # follows the sum: one split, block scales (applied in the loop).
   final = fma and split_k == 1 and block_scaled
+  if prologue == "rmsnorm":   # the row as (K / 128, 128): one TMA box brings all of it
+    a = a.reshape(k // TILE_K, TILE_K)
   operands = [a if fma else jnp.pad(a, ((0, m_pad - m), (0, 0))), w]
   f32 = jnp.float32
-  scratch = dict(scale_smem=None, bias_smem=None, res_smem=None)
+  scratch = dict(scale_smem=None, bias_smem=None, res_smem=None, row_smem=None, norm_smem=None)
   if block_scaled:
     num_k4 = -(-(k // TILE_K) // 4) * 4   # a TMA row is a multiple of 16 bytes
     operands.append(jnp.pad(w_scale, ((0, 0), (0, num_k4 - w_scale.shape[1]))))
@@ -351,11 +407,15 @@ def _fp8_gemv_mgpu_jit(a, w, a_scale, w_scale, bias, residual, prefetch, *, layo
   if has_residual:
     operands.append(residual)
     scratch["res_smem"] = plgpu.SMEM((1, cfg.tile_n), residual.dtype)
+  if prologue == "rmsnorm":
+    operands.append(norm_weight.astype(a.dtype).reshape(k // TILE_K, TILE_K))
+    scratch["row_smem"] = plgpu.SMEM((k // TILE_K, TILE_K), a.dtype)
+    scratch["norm_smem"] = plgpu.SMEM((k // TILE_K, TILE_K), a.dtype)
   if prefetch_rows:
     operands.append(prefetch)
-  scratch["barriers"] = plgpu.Barrier(num_barriers=3)
+  scratch["barriers"] = plgpu.Barrier(num_barriers=5)
   body = functools.partial(
-      _kernel, fma=fma, tile_n=cfg.tile_n, m_pad=m_pad, steps=steps, block_scaled=block_scaled,
+      _kernel, fma=fma, prologue=prologue, eps=eps, k=k, tile_n=cfg.tile_n, m_pad=m_pad, steps=steps, block_scaled=block_scaled,
       final=final, has_bias=has_bias, has_residual=has_residual, out_dtype=out_dtype,
       prefetch_rows=prefetch_rows, max_concurrent_steps=min(cfg.max_concurrent_steps, steps),
       interpret=interpret)

@@ -110,6 +110,36 @@ def test_fma_row_matches_reference_interpret(n, k, layout, cfg, use_bias, use_re
   assert rel_err(out, ref) < TOL[jnp.dtype(out_dtype)]
 
 
+# Prologues fused into the FMA kernel, against fp8_gemv_reference's prologue (the same
+# formulas): the prologue's bf16 output can flip one ulp where the kernel's f32 value (1 / rms
+# summed in another order, exp) differs in its last bit, as in tests/test_fp8_gemv.py: f32
+# output < 1e-3, bf16 < 2**-7.
+PROLOGUE_TOL = {jnp.dtype(jnp.float32): 1e-3, jnp.dtype(jnp.bfloat16): 2.0**-7}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("prologue,n,k,layout,cfg,use_res,out_dtype", [
+    ("rmsnorm", 128, 640, "block", Cfg(split_k=1, max_concurrent_steps=2), True, jnp.bfloat16),
+    ("rmsnorm", 192, 512, "block", Cfg(split_k=2), False, jnp.float32),   # 1/rms per split
+    ("swiglu", 256, 384, "block", Cfg(split_k=1), True, jnp.float32),
+    ("swiglu", 64, 512, "row", Cfg(split_k=4, max_concurrent_steps=1), False, jnp.bfloat16),
+])
+def test_fma_prologue_matches_reference_interpret(prologue, n, k, layout, cfg, use_res,
+                                                  out_dtype):
+  width = 2 * k if prologue == "swiglu" else k
+  x, w, w_scale, bias, residual = make(1, n, k, layout, seed=n + k + 1)
+  x = (jax.random.normal(jax.random.key(k), (1, width)) * 3).astype(jnp.bfloat16)
+  kw = dict(layout=layout, bias=bias, residual=residual if use_res else None,
+            out_dtype=out_dtype, prologue=prologue)
+  if prologue == "rmsnorm":
+    kw.update(norm_weight=jax.random.uniform(jax.random.key(1), (k,), jnp.float32, 0.5, 2.0
+                                             ).astype(jnp.bfloat16), eps=1e-5)
+  out = MG.fp8_gemv_mgpu(x, w, None, w_scale, config=cfg, interpret=True, **kw)
+  ref = G.fp8_gemv_reference(x, w, None, w_scale, **kw)
+  assert out.shape == (1, n) and out.dtype == jnp.dtype(out_dtype)
+  assert rel_err(out, ref) < PROLOGUE_TOL[jnp.dtype(out_dtype)]
+
+
 @needs_interpreter
 def test_block_scales_reach_their_blocks():
   # One weight block of scale 1 among zeros: a mis-indexed scale (wrong row block, wrong K step,
@@ -167,6 +197,14 @@ def _good(m=4, n=128, k=256):
     (dict(bias=jnp.ones((7,))), "bias: expected", ValueError),
     (dict(prefetch=jnp.ones((128,), E4M3)), "prefetch: expected", ValueError),
     (dict(config=Cfg(split_k=3)), "split_k must divide", ValueError),
+    (dict(prologue="swiglu"), r"a: the swiglu prologue takes \(M, 2K\)", ValueError),
+    (dict(a=jnp.ones((4, 512), jnp.bfloat16), a_scale=None, prologue="swiglu"),
+     "one bf16 / f16 row", ValueError),
+    (dict(a=jnp.ones((1, 16384), jnp.bfloat16), a_scale=None, prologue="rmsnorm",
+          norm_weight=jnp.ones((16384,)), w=jnp.ones((128, 16384), E4M3),
+          w_scale=jnp.ones((1, 128))), "K <= 8192", ValueError),
+    (dict(a=jnp.ones((1, 256), jnp.bfloat16), a_scale=None, prologue="rmsnorm"),
+     "norm_weight: expected shape", ValueError),
 ])
 def test_bad_input_names_the_argument(change, match, error):
   kwargs = {**_good(), **change}
@@ -182,28 +220,31 @@ def test_refuses_to_run_without_a_hopper_gpu():
 
 
 @needs_mosaic
-@pytest.mark.parametrize("m,tile_n,layout,prefetch,fma,split_k", [
-    (16, 64, "block", False, False, 0), (1, 128, "block", True, False, 0),
-    (9, 64, "row", True, False, 0),
-    (1, 64, "block", True, True, 1), (1, 128, "block", False, True, 1),   # FMA, in-kernel end
-    (1, 64, "block", False, True, 2), (1, 64, "row", False, True, 1)])   # FMA, XLA's end
-def test_lowers_for_cuda(m, tile_n, layout, prefetch, fma, split_k):
+@pytest.mark.parametrize("m,tile_n,layout,prefetch,fma,split_k,prologue", [
+    (16, 64, "block", False, False, 0, None), (1, 128, "block", True, False, 0, None),
+    (9, 64, "row", True, False, 0, None),
+    (1, 64, "block", True, True, 1, None), (1, 128, "block", False, True, 1, None),  # FMA, own end
+    (1, 64, "block", False, True, 2, None), (1, 64, "row", False, True, 1, None),   # XLA's end
+    (1, 64, "block", False, True, 1, "rmsnorm"), (1, 64, "block", False, True, 2, "swiglu")])
+def test_lowers_for_cuda(m, tile_n, layout, prefetch, fma, split_k, prologue):
   # Traces the real kernel (wgmma with the f16 weight tile in registers, or the FMA loop with
   # its register layouts; the L2 prefetch; the in-kernel epilogue) and lowers it for CUDA
   # without a GPU: Mosaic GPU's own passes run here, so kernel-body errors show on CPU CI; the
   # gpu-marked tests check what it computes.
   n, k = 512, 1024
   shape = {"row": (n, 1), "block": (n // 128, k // 128)}[layout]
-  a = jax.ShapeDtypeStruct((m, k), jnp.bfloat16 if fma else jnp.float16)
+  width = 2 * k if prologue == "swiglu" else k
+  a = jax.ShapeDtypeStruct((m, width), jnp.bfloat16 if fma else jnp.float16)
   args = (a, jax.ShapeDtypeStruct((n, k), E4M3),
           None if fma else jax.ShapeDtypeStruct((m, 1), jnp.float32),
           jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+          jax.ShapeDtypeStruct((k,), jnp.bfloat16) if prologue == "rmsnorm" else None,
           jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
           jax.ShapeDtypeStruct((1024, 512), E4M3) if prefetch else None)
   MG._fp8_gemv_mgpu_jit.trace(
-      *args, layout=layout, out_dtype=jnp.dtype(jnp.bfloat16),
-      cfg=Cfg(tile_n=tile_n, split_k=split_k), prefetch_rows=2 if prefetch else 0,
-      interpret=False).lower(lowering_platforms=("cuda",))
+      *args, layout=layout, out_dtype=jnp.dtype(jnp.bfloat16), prologue=prologue,
+      eps=1e-5 if prologue == "rmsnorm" else 0.0, cfg=Cfg(tile_n=tile_n, split_k=split_k),
+      prefetch_rows=2 if prefetch else 0, interpret=False).lower(lowering_platforms=("cuda",))
 
 
 @pytest.mark.gpu
