@@ -97,11 +97,11 @@ SWIGLU_STAGE_FUSED = True
 # 8B B=16 4K step those sums (o's and down's, with the skip connection) take ~100 µs of GPU time
 # (results/profile_decode_h200_r14_sums.log). Off until timed in the step: built without a GPU.
 DEFER_SPLIT_K_SUMS = False
-# Staged f16 rows (M <= 16, no prologue left for the kernel) go to the Mosaic GPU decode kernel
-# (`pallas_kernels.fp8_gemv_mgpu`: TMA-streamed weight tiles, wgmma) where it takes the shape,
-# and with it on, M = 1 rows are staged too (by the norm / SwiGLU staging launch, or for weights
-# >= F16_STAGING_MIN_WEIGHT elements by `stage_f16_rows`). Off until timed: built without a GPU
-# (session 14); benchmarks/profile_decode.py's `mgpu:1` variant and gemm_decode.py --mgpu time it.
+# W8A16 decode matmuls go to the Mosaic GPU decode kernel (`pallas_kernels.fp8_gemv_mgpu`:
+# TMA-streamed weight tiles) where it takes the shape: staged f16 rows (2 <= M <= 16) to its
+# wgmma kernel, one bf16 row (M = 1) to its FMA kernel with the RMSNorm / SwiGLU prologue and
+# the residual fused as in fp8_gemv. Off until timed: built without a GPU (session 14);
+# benchmarks/profile_decode.py's `mgpu:1` variant and gemm_decode.py --mgpu time it.
 MGPU_GEMV = False
 
 _E4M3 = jnp.dtype(jnp.float8_e4m3fn)
@@ -149,15 +149,21 @@ def quantize_activations(x2, recipe: Recipe, *, interpret: bool) -> QArray:
     return QArray(data=data, scale=scale, format=fmt, granularity=gran)
 
 
-def _mgpu_takes(a, a_scale, wq: QArray, w_layout: str, interpret: bool) -> bool:
+def _mgpu_takes(a, a_scale, wq: QArray, w_layout: str, interpret: bool, prologue=None,
+                **_) -> bool:
     """Whether `fp8_gemv_mgpu` runs this decode matmul: staged f16 rows with their (M, 1)
-    scales, an e4m3 (N, K) weight of a shape it takes, and a Hopper GPU (or the interpreter)."""
+    scales and no prologue, or one bf16 / f16 row (a prologue allowed); an e4m3 (N, K) weight
+    of a shape it takes; a Hopper GPU (or the interpreter)."""
     from pallas_kernels import fp8_gemv_mgpu
-    m, k = a.shape
-    return (jnp.dtype(a.dtype) == jnp.float16 and a_scale is not None
-            and tuple(a_scale.shape) == (m, 1) and wq.data.ndim == 2
+    m = a.shape[0]
+    n, k = wq.shape
+    staged = (jnp.dtype(a.dtype) == jnp.float16 and a_scale is not None
+              and tuple(a_scale.shape) == (m, 1) and prologue is None)
+    one_row = m == 1 and a_scale is None and jnp.dtype(a.dtype) in fp8_gemv.ACT_DTYPES
+    return ((staged or one_row) and wq.data.ndim == 2
             and jnp.dtype(wq.dtype) == _E4M3 and w_layout is not None
-            and fp8_gemv_mgpu.supports(m, wq.shape[0], k)
+            and fp8_gemv_mgpu.supports(m, n, k)
+            and (prologue != "rmsnorm" or k <= fp8_gemv_mgpu.MAX_RMS_K)
             and (fp8_gemv_mgpu._INTERPRET_ERROR is None if interpret
                  else fp8_gemv_mgpu.available()))
 
@@ -177,11 +183,11 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
                                               recipe=recipe))
 
     def gemv(a, a_scale, **kw):
-        if MGPU_GEMV and not kw and _mgpu_takes(a, a_scale, wq, w_layout, interpret):
+        if MGPU_GEMV and _mgpu_takes(a, a_scale, wq, w_layout, interpret, **kw):
             from pallas_kernels import fp8_gemv_mgpu
             return fp8_gemv_mgpu.fp8_gemv_mgpu(a, wq.data, a_scale, wq.scale, layout=w_layout,
                                                bias=bias, out_dtype=out_dtype, residual=residual,
-                                               interpret=interpret)
+                                               interpret=interpret, **kw)
         y = fp8_gemv.fp8_gemv(a, wq.data, a_scale, wq.scale, layout=w_layout, bias=bias,
                               out_dtype=out_dtype, residual=residual, interpret=interpret,
                               defer_sum=defer_sum and DEFER_SPLIT_K_SUMS, **kw)
@@ -191,8 +197,7 @@ def matmul(x2, wq: QArray, *, bias, out_dtype, recipe: Recipe, interpret: bool,
     gemv_w8a16 = (w_layout is not None and 0 < m <= DECODE_MAX_M and recipe.act_format is None
                   and not isinstance(x2, QArray) and jnp.dtype(x2.dtype) in fp8_gemv.ACT_DTYPES)
     # W8A16 rows the f16 staging applies to (a prologue keeps x2's dtype).
-    f16_rows = (gemv_w8a16 and (2 if not MGPU_GEMV else 1) <= m <= F16_STAGING_MAX_M
-                and jnp.dtype(x2.dtype) == jnp.bfloat16)
+    f16_rows = gemv_w8a16 and 2 <= m <= F16_STAGING_MAX_M and jnp.dtype(x2.dtype) == jnp.bfloat16
     if prologue is not None:
         staged = None
         if f16_rows and NORM_STAGE_FUSED and isinstance(prologue, RMSNorm) and \

@@ -117,9 +117,13 @@ class MgpuGemvConfig:
 
 
 # Tuning table keyed by `fp8_gemv._shape_class` (only the M <= 16 classes apply). Not yet timed
-# on a GPU: every class starts from the default; benchmarks/gemm_decode.py --mgpu sweeps it.
+# on a GPU; benchmarks/gemm_decode.py --mgpu sweeps it. Starting points: at M = 1 (the FMA
+# kernel) one split, so that the kernel ends the matmul itself (no XLA epilogue launch: what
+# batch-1 decode loses is per-launch time), with a deeper ring to keep bytes in flight on the
+# fewer CTAs; at M <= 16 the split-K rule.
 TUNING: dict[tuple[str, str, str], MgpuGemvConfig] = {
-    (m_class, n_class, k_class): MgpuGemvConfig()
+    (m_class, n_class, k_class): (MgpuGemvConfig(split_k=1, max_concurrent_steps=6)
+                                  if m_class == "m1" else MgpuGemvConfig())
     for m_class in ("m1", "m16") for n_class in ("n_tiny", "n_small", "n_large")
     for k_class in ("k_short", "k_long")
 }

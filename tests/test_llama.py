@@ -327,9 +327,10 @@ def test_fp8_decode_step_kernels_match_xla(backend, batch):
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("backend", ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
 def test_fp8_decode_step_mgpu_matches_xla(monkeypatch, backend, batch):
-    """The same decode step with `_matmul_pallas.MGPU_GEMV` on (every projection of the tiny
-    model on staged f16 rows, B = 1 included, through `pallas_kernels.fp8_gemv_mgpu`; the Mosaic
-    GPU interpreter on "interpret"): same bound and argument as the test above."""
+    """The same decode step with `_matmul_pallas.MGPU_GEMV` on: every projection of the tiny
+    model through `pallas_kernels.fp8_gemv_mgpu` (B = 1: its FMA kernel with the norms, the
+    SwiGLU and the residuals fused; B = 4: its wgmma kernel on staged rows), in the Mosaic GPU
+    interpreter on "interpret": same bound and argument as the test above."""
     from jfp8 import _matmul_pallas
     from pallas_kernels import fp8_gemv_mgpu
     if (fp8_gemv_mgpu._INTERPRET_ERROR if backend == "interpret"

@@ -252,9 +252,10 @@ def test_prologue_bad_inputs():
         jfp8.matmul(xq, wq, prologue=jfp8.SwiGLU())
 
 
-# MGPU_GEMV: staged f16 rows go to the Mosaic GPU decode kernel (pallas_kernels.fp8_gemv_mgpu;
-# interpreted on the CPU, wgmma replaced by an f32 dot there), M = 1 included. N = 256 here
-# because the kernel takes N multiples of 64 only (N = 200 stays on fp8_gemv).
+# MGPU_GEMV: W8A16 decode matmuls go to the Mosaic GPU decode kernel
+# (pallas_kernels.fp8_gemv_mgpu, interpreted on the CPU): staged f16 rows at M >= 2 (wgmma,
+# replaced by an f32 dot in the interpreter), one bf16 row at M = 1 (FMA, prologue fused). N = 256
+# here because the kernel takes N multiples of 64 only (N = 200 stays on fp8_gemv).
 @pytest.mark.parametrize("lead,kind", [((5,), None), ((1,), "rmsnorm"), ((3,), "swiglu"),
                                        ((1,), None)])
 def test_mgpu_gemv_dispatch(monkeypatch, lead, kind):
