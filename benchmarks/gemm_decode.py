@@ -99,8 +99,9 @@ def main():
                    help="activations the W8A16 sweep runs on at M > 1: bf16 rows, or bf16 rows "
                    "staged into f16 by stage_f16_rows (staging timed), as jfp8.matmul runs them")
     p.add_argument("--tag", default="", help="suffix for the output files (a side sweep)")
-    p.add_argument("--mgpu", default="", help="also time pallas_kernels.fp8_gemv_mgpu (Mosaic GPU, "
-                   "staged rows, staging timed) at M <= 16 in these configs: "
+    p.add_argument("--mgpu", default="", help="also time pallas_kernels.fp8_gemv_mgpu (Mosaic GPU; "
+                   "M = 1 on the bf16 row, else on staged rows, staging timed) at M <= 16 in these "
+                   "configs: "
                    "'tile_n,stages,ctas_per_sm[,split_k[,p]];...' (p: L2-prefetch the next "
                    "weight), or 'default' for MGPU_SWEEP")
     args = p.parse_args()
@@ -252,15 +253,17 @@ def main():
     dump(args, dev, ceiling, interpret, rows, final=True)
 
 
-# The Mosaic GPU decode kernel's first sweep (not yet timed anywhere): pipeline depth, two
-# wgmma tiles per CTA, and the L2 prefetch (CTAs per SM: add e.g. "64,4,8" by hand).
-MGPU_SWEEP = "64,4,4;64,2,4;64,6,4;128,4,4;64,4,4,0,p"
+# The Mosaic GPU decode kernel's first sweep (not yet timed anywhere): the split-K rule against
+# one split (the M = 1 dispatch default: the kernel then ends the matmul itself), pipeline depth,
+# two 64-row tiles per CTA, and the L2 prefetch (CTAs per SM: add e.g. "64,4,8" by hand).
+MGPU_SWEEP = "64,4,4;64,6,4,1;64,2,4;128,4,4;64,4,4,0,p"
 
 
 def time_mgpu(row, spec, a, w8, ws_block, fp8_bytes, rec, interpret):
-    """Rows `mgpu_<tile_n>_<stages>_<ctas>[_s<split>][_p]` of `row`: fp8_gemv_mgpu on `a` staged
-    by stage_f16_rows (timed with it), every weight in `w8` back to back in one jit; with p, each
-    call prefetches the next weight of the list into L2. Errors are recorded, not raised."""
+    """Rows `mgpu_<tile_n>_<stages>_<ctas>[_s<split>][_p]` of `row`: fp8_gemv_mgpu, every weight
+    in `w8` back to back in one jit: at M = 1 its FMA kernel on the bf16 row, else its wgmma
+    kernel on `a` staged by stage_f16_rows (timed with it); with p, each call prefetches the
+    next weight of the list into L2. Errors are recorded, not raised."""
     from pallas_kernels import fp8_gemv_mgpu as MG
     n, k = w8[0].shape
     ref = G.fp8_gemv_reference(a, w8[0], None, ws_block, layout="block", out_dtype=jnp.float32)
@@ -274,17 +277,14 @@ def time_mgpu(row, spec, a, w8, ws_block, fp8_bytes, rec, interpret):
             cfg = MG.MgpuGemvConfig(tile_n=tile_n, max_concurrent_steps=stages, ctas_per_sm=ctas,
                                     split_k=split)
 
-            def op(a, w, s, nxt=None, cfg=cfg):
-                rows, scale = G.stage_f16_rows(a)
+            def op(a, w, s, nxt=None, cfg=cfg, out_dtype=jnp.bfloat16):
+                rows, scale = (a, None) if a.shape[0] == 1 else G.stage_f16_rows(a)
                 return MG.fp8_gemv_mgpu(rows, w, scale, s, layout="block", config=cfg,
-                                        prefetch=nxt, interpret=interpret)
+                                        prefetch=nxt, out_dtype=out_dtype, interpret=interpret)
             if not MG.supports(a.shape[0], n, k, config=cfg):
                 row[key] = dict(error=f"shape {n}x{k} at M={a.shape[0]} not taken")
                 continue
-            rows, scale = G.stage_f16_rows(a)
-            err = rel_err(MG.fp8_gemv_mgpu(rows, w8[0], scale, ws_block, layout="block",
-                                           out_dtype=jnp.float32, config=cfg, interpret=interpret),
-                          ref)
+            err = rel_err(op(a, w8[0], ws_block, out_dtype=jnp.float32), ref)
             if pref:
                 f = jax.jit(lambda a, ws, s: tuple(op(a, w, s, ws[(i + 1) % len(ws)])
                                                    for i, w in enumerate(ws)))
@@ -356,11 +356,12 @@ def write_markdown(result, path):
             f"{r.get('ratio_w8a16_vs_xla_bf16', '-')} | {r.get('ratio_w8a16_vs_xla_fp8_upcast', '-')} | {cfg_s} |")
     mgpu = sorted({key for r in result["rows"] for key in r if key.startswith("mgpu_")})
     if mgpu:
-        lines += ["", "## Mosaic GPU decode kernel (fp8_gemv_mgpu, staged rows, staging timed)", "",
-                  "Key: mgpu_<tile_n>_<pipeline stages>_<CTAs per SM>[_s<split-K>][_p = L2 prefetch "
-                  "of the next weight]. µs (GB/s, % copy) [split-K]; Triton staged = the best "
-                  "fp8_gemv config on the same staged rows.", "",
-                  "| weight | M | Triton staged µs | " + " | ".join(mgpu) + " |",
+        lines += ["", "## Mosaic GPU decode kernel (fp8_gemv_mgpu)", "",
+                  "M = 1: its FMA kernel on the bf16 row; M > 1: its wgmma kernel on staged rows, "
+                  "staging timed. Key: mgpu_<tile_n>_<pipeline stages>_<CTAs per SM>[_s<split-K>]"
+                  "[_p = L2 prefetch of the next weight]. µs (GB/s, % copy) [split-K]; Triton = "
+                  "the best fp8_gemv config on the same input (M > 1: staged rows).", "",
+                  "| weight | M | Triton µs | " + " | ".join(mgpu) + " |",
                   "|---|---|---|" + "---|" * len(mgpu)]
         for r in result["rows"]:
             if not any(key in r for key in mgpu):
