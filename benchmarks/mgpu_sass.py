@@ -3,7 +3,7 @@ spills, ptxas warnings (a serialised wgmma pipeline is reported there) and SASS 
 
     PYTHONPATH=$PWD python3 benchmarks/mgpu_sass.py --out $OUT \
         --configs "64,128,m,4,m,8;64,128,m,4,m,8,parts=2,lag=1;64,256,m,3,m,8,parts=4,lag=0"
-    PYTHONPATH=$PWD python3 benchmarks/mgpu_sass.py --kernel gemv --out $OUT --configs "64,4,4;128,4,4"
+    PYTHONPATH=$PWD python3 benchmarks/mgpu_sass.py --kernel gemv --out $OUT --configs "64,4,4;m1/64,6,4,1"
 
 Needs the GPU machine (Mosaic GPU compiles through the CUDA plugin). Each config is compiled and
 run once on a 1024 x 1024 x 1024 block-scaled problem (checked against the reference) with
@@ -68,8 +68,9 @@ def main():
     ap.add_argument("--module", default="", help="path of another copy of fp8_gemm_mgpu.py")
     ap.add_argument("--layout", default="block")
     ap.add_argument("--kernel", default="gemm", choices=("gemm", "gemv"),
-                    help="gemv: pallas_kernels.fp8_gemv_mgpu at M = 16 on a 4096 x 4096 weight, "
-                    "configs 'tile_n,stages,ctas_per_sm[,split_k]'")
+                    help="gemv: pallas_kernels.fp8_gemv_mgpu on a 4096 x 4096 weight, configs "
+                    "'[m1/]tile_n,stages,ctas_per_sm[,split_k]' (m1/: the one-row FMA kernel, "
+                    "else staged rows at M = 16)")
     args = ap.parse_args()
     if args.kernel == "gemv":
         return main_gemv(args)
@@ -123,7 +124,8 @@ def compile_and_dump(out_dir: str, name: str, ref, run) -> dict:
 
 
 def main_gemv(args):
-    """The same dumps for the Mosaic GPU decode kernel (staged rows, M = 16, 4096 x 4096)."""
+    """The same dumps for the Mosaic GPU decode kernel on a 4096 x 4096 weight: its wgmma kernel
+    (staged rows, M = 16), or with an `m1/` prefix on the config its FMA kernel (one bf16 row)."""
     import jax
     import jax.numpy as jnp
     from pallas_kernels import fp8_gemv as G
@@ -136,14 +138,19 @@ def main_gemv(args):
     rows_f16, row_scale = G.stage_f16_rows(x)
     ref = G.fp8_gemv_reference(x, w, None, ws, layout="block", out_dtype=jnp.float32)
     rows = []
+    ref1 = G.fp8_gemv_reference(x[:1], w, None, ws, layout="block", out_dtype=jnp.float32)
     for spec in filter(None, args.configs.split(";")):
-        vals = [int(v) for v in spec.split(",")]
+        one_row = spec.startswith("m1/")
+        vals = [int(v) for v in spec.removeprefix("m1/").split(",")]
         cfg = MG.MgpuGemvConfig(tile_n=vals[0], max_concurrent_steps=vals[1], ctas_per_sm=vals[2],
                                 split_k=vals[3] if len(vals) > 3 else 0)
-        rows.append(compile_and_dump(
-            args.out, "gemv " + spec, ref,
-            lambda cfg=cfg: MG.fp8_gemv_mgpu(rows_f16, w, row_scale, ws, layout="block",
-                                             out_dtype=jnp.float32, config=cfg)))
+        if one_row:
+            run = lambda cfg=cfg: MG.fp8_gemv_mgpu(x[:1], w, None, ws, layout="block",
+                                                   out_dtype=jnp.float32, config=cfg)
+        else:
+            run = lambda cfg=cfg: MG.fp8_gemv_mgpu(rows_f16, w, row_scale, ws, layout="block",
+                                                   out_dtype=jnp.float32, config=cfg)
+        rows.append(compile_and_dump(args.out, "gemv " + spec, ref1 if one_row else ref, run))
     report(args, rows)
 
 

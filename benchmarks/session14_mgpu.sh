@@ -11,7 +11,7 @@ if [ "$part" = gemv ]; then
   timeout 120 python3 -m pytest -q -m gpu tests/test_fp8_gemv_mgpu.py tests/test_ops_dispatch.py \
     tests/test_llama.py -k "mgpu" > $OUT/gpu_tests_mgpu.log 2>&1
   timeout 60 python3 benchmarks/mgpu_sass.py --kernel gemv --out /tmp/sass --configs \
-    "64,4,4;128,4,4;64,2,4" > $OUT/sass_gemv.log 2>&1   # registers, spills, HGMMA / F2FP / LDS
+    "64,4,4;128,4,4;m1/64,6,4,1;m1/128,6,4,1" > $OUT/sass_gemv.log 2>&1   # regs, spills, SASS
   timeout 390 python3 benchmarks/gemm_decode.py --out $OUT --quick --xla --sweep-act staged \
     --ms 1,16 --shapes qkv,o,gate_up,down --mgpu default --tag h100_s14_mgpu > $OUT/gemm_decode.log 2>&1
   echo "== gpu tests"; tail -3 $OUT/gpu_tests_mgpu.log
