@@ -134,15 +134,18 @@ def _interceptor(next_fun, args, kwargs, context):
     if isinstance(mod, FP8Dense) and context.method_name == "__call__" and \
             mod.has_variable("params", "kernel") and \
             not isinstance(mod.get_variable("params", "kernel"), jfp8.QArray):
-        x = args[0]
+        from pallas_kernels.fp8_gemv import add_residual
+        x = jfp8.materialize(args[0])
         prologue = kwargs.get("prologue", args[1] if len(args) > 1 else None)
+        residual = kwargs.get("residual", args[2] if len(args) > 2 else None)
         x = x if prologue is None else prologue(x)   # jfp8.RMSNorm / SwiGLU (models.llama)
         kernel = mod.get_variable("params", "kernel")
         dtype = mod.dtype or x.dtype
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         if mod.use_bias:
             y = y + mod.get_variable("params", "bias").astype(jnp.float32)
-        return y.astype(dtype)
+        # FP8Dense adds the skip connection it is given (models.llama._project): so does this
+        return add_residual(y.astype(dtype), jfp8.materialize(residual))
     return next_fun(*args, **kwargs)
 
 

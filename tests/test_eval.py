@@ -264,3 +264,24 @@ def test_cli_on_a_gguf(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows] == ["reference", "weights_only_channel", "w8a8_block+kv_tensor"]
     assert E.cli([str(tmp_path / "m.gguf"), "--text", str(text), "--recipe", "nope"]) == 2
+
+
+def test_fallback_interceptor_applies_prologue_and_residual():
+    """An FP8Dense left with a high-precision kernel runs as a plain dense under the eval's
+    interceptor, with what the layer was given: the prologue first, the skip connection after
+    (models.llama passes both to FP8Dense; dropping the residual would lose the skip)."""
+    from flax import linen as nn
+    from jfp8.nn import FP8Dense
+    ks = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(ks[0], (3, 64), jnp.float32)
+    r = jax.random.normal(ks[1], (3, 32), jnp.float32)
+    norm = jfp8.RMSNorm(jax.random.uniform(ks[2], (64,), jnp.float32, 0.5, 2.0), 1e-5)
+    layer = FP8Dense(32, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
+                     recipe=jfp8.Recipe.block128())
+    params = layer.init(ks[3], x)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)   # a non-zero bias
+    with nn.intercept_methods(E._interceptor):
+        got = layer.apply(params, x, prologue=norm, residual=r)
+    kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+    want = jnp.dot(norm(x), kernel, precision="highest") + bias + r
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
