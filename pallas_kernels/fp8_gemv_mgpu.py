@@ -1,34 +1,48 @@
 """Decode-shaped FP8 matmul (M <= 16) through Pallas Mosaic GPU (Hopper): TMA-streamed weights.
 
-Same contract as the staged W8A16 mode of `pallas_kernels.fp8_gemv.fp8_gemv` (Triton):
+Same contract as `pallas_kernels.fp8_gemv.fp8_gemv` (Triton) in its W8A16 modes:
 
-    C[m, n] = sum_k (rows[m, k] * row_scale[m]) * (W[n, k] * sw) + bias[n]   (+ residual)
+    C[m, n] = sum_k (P(a)[m, k] * sa[m]) * (W[n, k] * sw) + bias[n]   (+ residual)
 
-`rows: (M, K) float16` and `row_scale: (M, 1) float32` come from `fp8_gemv.stage_f16_rows(x)` of
-bf16 activations (exact down to amax * 2^-31); `w: (N, K) float8_e4m3fn` (out, in), K-major,
-with `w_scale` float32 in the layouts of `fp8_gemm`: "tensor" (1, 1), "row" (N, 1), "block"
-(ceil(N/128), ceil(K/128)). Reference: `fp8_gemv.fp8_gemv_reference` (the Triton module's).
+`w: (N, K) float8_e4m3fn` (out, in), K-major, with `w_scale` float32 in the layouts of
+`fp8_gemm`: "tensor" (1, 1), "row" (N, 1), "block" (ceil(N/128), ceil(K/128)). Two kernels,
+picked by the activations:
+- staged rows, 1 <= M <= 16: `a: (M, K) float16` with `a_scale: (M, 1) float32` from
+  `fp8_gemv.stage_f16_rows(x)` of bf16 activations (exact down to amax * 2^-31): the wgmma
+  kernel. P is the identity (the norm / SwiGLU staging kernels run before it).
+- one row, M == 1: `a: (1, K) bfloat16 | float16`, `a_scale` None: the FMA kernel, with P the
+  RMSNorm or SwiGLU prologue of `fp8_gemv` fused (same roundings) and, with block scales and one
+  split, the epilogue too (bias, cast, residual): one launch per matmul, as the Triton GEMV.
+Reference: `fp8_gemv.fp8_gemv_reference` (the Triton module's).
 
 Why a second backend. At M <= 16 the matmul reads its FP8 weight once and does almost no math,
 so its speed is the rate at which a kernel keeps HBM reads in flight. The Triton kernels hold
 their in-flight weight tiles in registers, which caps the bytes in flight per SM (the persistent
 chain of session 11, results/decode_e2e_notes.md: 0.7-1.7 TB/s); here the weight tiles travel
-by TMA into a `max_concurrent_steps`-deep ring of shared-memory stages (12 KB a stage at 64 rows,
-up to four CTAs per SM), so registers hold only the tile being multiplied.
+by TMA into a `max_concurrent_steps`-deep ring of shared-memory stages (8 KB of weight a stage
+at 64 rows, several CTAs per SM), so registers hold only the tile being multiplied.
 
 Technique. Grid (N / tile_n, split_k), one warpgroup per CTA; a CTA walks its K range in 128-wide
-steps through `plgpu.emit_pipeline` (TMA loads of the (tile_n, 128) weight tile and the
-(m_pad, 128) row tile, `max_concurrent_steps` in flight). Each step computes the transposed
-product on the tensor cores, swap-AB: the weight tile is loaded from shared memory into
-registers, upcast e4m3 -> f16 (exact; one instruction per pair, the only FP8 conversion Hopper
-has), and fed to wgmma as the register A operand (M = tile_n rows of W) against the f16 row tile
-as a transposed shared-memory B operand (N = m_pad, 8 or 16), f32 accumulation into a fresh
-accumulator per step, which is scaled by the step's weight-block scale and added to the running
-f32 sum (the DeepGEMM promotion; "block" layout only, "row" / "tensor" scales are applied once
-after the sum). The CTA stores its f32 (tile_n, m_pad) partial; XLA sums the split_k partials
-in split order, transposes, applies the rows' staging scales, per-row / per-tensor weight scales
-and bias, casts, and adds the residual (`fp8_gemv.add_residual`): one small fusion, as the Triton
-kernel's split-K epilogue.
+steps through `plgpu.emit_pipeline` (TMA loads of the (tile_n, 128) weight tile and of the
+step's activations, `max_concurrent_steps` in flight). Each step loads the weight tile from
+shared memory into registers and upcasts it e4m3 -> f16 (exact; one instruction per pair, the
+only FP8 conversion this Mosaic / ptxas offers; e4m3 -> bf16 is refused), then:
+- wgmma kernel: the transposed product on the tensor cores, swap-AB: the f16 weight tile is the
+  register A operand (M = tile_n rows of W), the f16 row tile a transposed shared-memory B
+  operand (N = m_pad, 8 or 16), f32 accumulation into a fresh accumulator per step;
+- FMA kernel: f32 multiply-add of the tile with the step's activations (after the prologue)
+  broadcast over its rows, reduced along K: a (tile_n,) partial, a slice of the output row.
+The step's partial is scaled by its weight-block scale and added to the running f32 sum (the
+DeepGEMM promotion; "block" layout; "row" / "tensor" scales are applied once after the sum).
+The FMA kernel with block scales and one split then adds the bias, casts, adds the residual
+(`fp8_gemv.add_residual`) and writes its slice of the (1, N) output. Otherwise the CTA stores an
+f32 partial, (tile_n,) or (tile_n, m_pad), and XLA sums the split_k partials in split order,
+transposes, applies the rows' staging scales, per-row / per-tensor weight scales and bias,
+casts, and adds the residual: one small fusion, as the Triton kernel's split-K epilogue (the
+wgmma kernel's (tile_n, M) tile cannot be stored transposed: Mosaic refuses the strided store).
+Prologues: "rmsnorm" brings the row and the norm weight, (K / 128, 128) each, into shared memory
+first and reduces 1 / rms from them (K <= MAX_RMS_K); "swiglu" takes the gate and up slices of
+each step.
 
 `prefetch` (optional): a second FP8 weight (N2, K2), the next matmul's; each CTA, once its own
 K range is done, asks TMA to bring `prefetch_rows` rows of it into L2
@@ -42,9 +56,11 @@ the Triton kernel otherwise. K <= 32768 (one TMA box holds a weight-block row's 
 
 Runs only on Hopper with jax >= 0.10 (developed against jax 0.10.2 / 0.11.2); importing this
 module never fails (guarded imports). `interpret=True` runs the kernel in Pallas' Mosaic GPU
-interpreter on the CPU (TMA pipeline, barriers, shared memory, indexing and scales simulated),
-with the one wgmma replaced by an f32 `jnp.dot` of the same operands: the interpreter's wgmma
-takes its A operand from shared memory only. The GPU tests check the real wgmma.
+interpreter on the CPU (TMA pipeline, barriers, shared memory, indexing, scales, prologues and
+epilogue simulated) with two substitutions: the wgmma becomes an f32 `jnp.dot` of the same
+operands (the interpreter's wgmma takes A from shared memory only), and register-layout hints
+(`plgpu.layout_cast`, which the interpreter lacks) are skipped. Not yet timed on a GPU (session
+14 had no device); the gpu-marked tests check the real kernels.
 """
 from __future__ import annotations
 
