@@ -269,3 +269,26 @@ def test_gpu_matches_reference(m, layout):
     ref = G.fp8_gemv_reference(x, w, None, w_scale, layout=layout, residual=residual,
                                out_dtype=jnp.float32)
     assert rel_err(out, ref) < GPU_TOL[jnp.dtype(jnp.float32)], cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prologue,n,k", [(None, 4096, 4096), ("rmsnorm", 6144, 4096),
+                                          ("swiglu", 4096, 14336)])
+def test_gpu_fma_row_matches_reference(prologue, n, k):
+  # The batch-1 kernel at 8B shapes (o with its skip connection, qkv after the norm, down after
+  # the SwiGLU), ending in the kernel (one split) and through XLA (split 4).
+  if not MG.available():
+    pytest.skip(MG.unavailable_reason())
+  width = 2 * k if prologue == "swiglu" else k
+  _, w, w_scale, bias, residual = make(1, n, k, "block", seed=k)
+  x = (jax.random.normal(jax.random.key(n), (1, width)) * 2).astype(jnp.bfloat16)
+  kw = dict(layout="block", bias=bias, residual=residual, prologue=prologue)
+  if prologue == "rmsnorm":
+    kw.update(norm_weight=jax.random.uniform(jax.random.key(3), (k,), jnp.float32, 0.5, 2.0
+                                             ).astype(jnp.bfloat16), eps=1e-5)
+  for cfg in (Cfg(split_k=1, max_concurrent_steps=6), Cfg(split_k=4)):
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+      out = MG.fp8_gemv_mgpu(x, w, None, w_scale, out_dtype=out_dtype, config=cfg, **kw)
+      ref = G.fp8_gemv_reference(x, w, None, w_scale, out_dtype=out_dtype, **kw)
+      tol = PROLOGUE_TOL if prologue else GPU_TOL
+      assert rel_err(out, ref) < tol[jnp.dtype(out_dtype)], (cfg, out_dtype)
