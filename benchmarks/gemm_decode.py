@@ -41,6 +41,8 @@ SHAPES = [(6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"),
 # them. Their grids are small for 132 SMs under the 8B-tuned classes (128-192 programs at M = 16).
 SHAPES_1B = [(3072, 2048, "qkv_1b"), (2048, 2048, "o_1b"), (16384, 2048, "gate_up_1b"),
              (2048, 8192, "down_1b")]
+#: Row order of the results: the shapes above, then the smoke shapes.
+SHAPE_ORDER = [s[2] for s in SHAPES + SHAPES_1B] + ["odd", "odd64"]
 MS = [1, 8, 16, 32, 64]
 # Configs are swept at these M; M = 8 and 32 reuse the best config of M = 16 and 64 (same kernel
 # tile, fewer compiles on a scarce device).
@@ -309,7 +311,7 @@ def parse_config(text: str, m: int) -> G.GemvConfig:
 
 
 def dump(args, dev, ceiling, interpret, rows, final=False):
-    rows = sorted(rows, key=lambda r: ([s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd"), (0, 0, "odd64")]].index(r["name"]), r["M"]))
+    rows = sorted(rows, key=lambda r: (SHAPE_ORDER.index(r["name"]), r["M"]))
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   host=platform.node(), copy_ceiling_GBs=round(ceiling, 1), interpret=interpret,
@@ -391,7 +393,7 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names = sorted({r["name"] for r in result["rows"]}, key=[s[2] for s in SHAPES + SHAPES_1B + [(0, 0, "odd"), (0, 0, "odd64")]].index)
+    names = sorted({r["name"] for r in result["rows"]}, key=SHAPE_ORDER.index)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         rs = [r for r in result["rows"] if r["name"] == name]

@@ -162,8 +162,7 @@ def _mgpu_takes(a, a_scale, wq: QArray, w_layout: str, interpret: bool, prologue
     one_row = m == 1 and a_scale is None and jnp.dtype(a.dtype) in fp8_gemv.ACT_DTYPES
     return ((staged or one_row) and wq.data.ndim == 2
             and jnp.dtype(wq.dtype) == _E4M3 and w_layout is not None
-            and fp8_gemv_mgpu.supports(m, n, k)
-            and (prologue != "rmsnorm" or k <= fp8_gemv_mgpu.MAX_RMS_K)
+            and fp8_gemv_mgpu.supports(m, n, k, prologue=prologue)
             and (fp8_gemv_mgpu._INTERPRET_ERROR is None if interpret
                  else fp8_gemv_mgpu.available()))
 

@@ -170,11 +170,13 @@ def available() -> bool:
   return unavailable_reason() is None
 
 
-def supports(m: int, n: int, k: int, *, config: MgpuGemvConfig | None = None) -> bool:
+def supports(m: int, n: int, k: int, *, config: MgpuGemvConfig | None = None,
+             prologue: str | None = None) -> bool:
   """Whether this kernel takes the shape as it is (no weight padding): 1 <= M <= 16, N a
-  multiple of the tile, K a multiple of 128 up to MAX_K."""
+  multiple of the tile, K a multiple of 128 up to MAX_K (MAX_RMS_K with the rmsnorm prologue)."""
   cfg = config or config_for(max(m, 1), max(n, 1), max(k, 1))
-  return 1 <= m <= MAX_M and n > 0 and n % cfg.tile_n == 0 and 0 < k <= MAX_K and k % TILE_K == 0
+  max_k = MAX_RMS_K if prologue == "rmsnorm" else MAX_K
+  return 1 <= m <= MAX_M and n > 0 and n % cfg.tile_n == 0 and 0 < k <= max_k and k % TILE_K == 0
 
 
 def _transforms(row_bytes: int, itemsize: int):
@@ -309,9 +311,8 @@ def _kernel(a_g, w_g, *rest, scale_smem, bias_smem, res_smem, row_smem, norm_sme
   if has_bias:
     acc = acc + hint(bias_smem.at[0][...], row_layout)
   y = acc.astype(out_dtype)
-  if has_residual:   # fp8_gemv.add_residual: the rounded output plus the residual in f32
-    res = hint(res_smem.at[0][...], row_layout).astype(jnp.float32)
-    y = (y.astype(jnp.float32) + res).astype(out_dtype)
+  if has_residual:   # the rounded output plus the residual in f32, as fp8_gemv's epilogue
+    y = add_residual(y, hint(res_smem.at[0][...], row_layout))
   out_g.at[0][pl.ds(n0, tile_n)] = y
 
 
